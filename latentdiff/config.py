@@ -1,0 +1,524 @@
+"""Typed configuration: dataclasses, YAML layers and ``key=value`` overrides.
+
+A run's configuration is built in layers, later ones winning:
+
+1. the dataclass defaults below;
+2. the named model preset (``model.preset``, see :data:`latentdiff.models.MODEL_PRESETS`);
+3. each YAML file given with ``--config``, in order;
+4. dotted ``key=value`` overrides from the command line (``train.max_steps=20 output_dir=runs/x``).
+
+Every key is checked against the dataclasses: an unknown key or a value of the wrong type is a
+:class:`ConfigError` that names the key and what was expected. The fully resolved configuration is
+written next to the run's outputs (:func:`save_config`) and can be read back with
+:func:`load_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+SchedulerName = Literal["ddpm", "ddim", "dpm", "euler", "euler_a", "pndm"]
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value has the wrong type."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAEConfig:
+    """The autoencoder (``diffusers.AutoencoderKL``): built from these fields, or loaded."""
+
+    pretrained: str | None = None
+    """Folder or Hub id of a trained ``AutoencoderKL`` (a pipeline folder works: see ``subfolder``)."""
+    subfolder: str | None = None
+    """Subfolder of ``pretrained`` holding the VAE, e.g. ``vae`` for a pipeline folder or repo."""
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    """Channels per resolution; ``len - 1`` downsamplings, so the latent is ``2**(len-1)`` times smaller."""
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    scaling_factor: float = 1.0
+    """Latent scale (1 / std of the latents). Stage 1 measures it on the data and stores it."""
+
+
+@dataclass
+class UNetConfig:
+    """The denoiser (``diffusers.UNet2DConditionModel``): built from these fields, or loaded."""
+
+    pretrained: str | None = None
+    subfolder: str | None = None
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    """Channels per attention head (Diffusers' historical name; ``num_attention_heads`` follows)."""
+    transformer_layers_per_block: int = 1
+    norm_num_groups: int = 32
+
+
+@dataclass
+class TextEncoderConfig:
+    """The text encoder: a ``transformers.CLIPTextModel`` or an OpenCLIP text tower."""
+
+    kind: Literal["clip", "open_clip"] = "clip"
+    pretrained: str | None = None
+    """Folder or Hub id of a trained text encoder. For ``kind: open_clip``, a folder saved by
+    latentdiff or an OpenCLIP checkpoint file read with ``open_clip_model``."""
+    subfolder: str | None = None
+    open_clip_model: str | None = None
+    """OpenCLIP architecture name (e.g. ``ViT-H-14``) when ``pretrained`` is an OpenCLIP checkpoint."""
+    train: bool = True
+    """Train the text encoder together with the U-Net (from scratch); false keeps it frozen."""
+    hidden_size: int = 128
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+
+
+@dataclass
+class ModelConfig:
+    """Component architectures. ``preset`` fills every field first; the rest override it."""
+
+    preset: str = "small"
+    pixel_space: bool = False
+    """No autoencoder: the U-Net denoises pixels, as in the classic DDPM (Ho et al. 2020)."""
+    tokenizer: str | None = None
+    """Folder or Hub id of a CLIP tokenizer; ``None`` builds OpenAI CLIP's tokenizer offline."""
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShapesConfig:
+    """Options of the built-in captioned-shapes data (:mod:`latentdiff.data.shapes`)."""
+
+    num_samples: int = 20000
+    seed: int = 0
+    min_objects: int = 1
+    max_objects: int = 3
+    holdout: tuple[str, ...] = ()
+    """Attribute combinations never shown in training, e.g. ``["purple triangle", "large blue"]``."""
+
+
+@dataclass
+class DataConfig:
+    """Where training images and captions come from, and how they are prepared."""
+
+    source: Literal["shapes", "hub", "imagefolder", "webdataset"] = "shapes"
+    name: str | None = None
+    """Hub dataset name (``hub``), a local folder (``imagefolder``) or a shard glob (``webdataset``)."""
+    dataset_config_name: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str | None = "text"
+    """Column of captions (a string or a list of strings, one picked at random per step)."""
+    label_column: str | None = None
+    """Column of class labels, for class-labelled data without captions (MNIST)."""
+    caption_template: str = "{}"
+    """Caption of a class-labelled image: ``{}`` is replaced by the class name."""
+    class_names: tuple[str, ...] = ()
+    """Class names by label id; empty takes the dataset's own ``ClassLabel`` names."""
+    resolution: int = 64
+    center_crop: bool = True
+    random_flip: bool = False
+    """Horizontal flips. Off by default: a flip swaps left and right in a caption's meaning."""
+    streaming: bool = False
+    max_samples: int | None = None
+    num_workers: int = 0
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and the training objective (:mod:`latentdiff.diffusion`)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    rescale_betas_zero_snr: bool = False
+    """Rescale the schedule to zero terminal SNR (Lin et al. 2024); use with ``v_prediction``."""
+    prediction_type: PredictionType = "epsilon"
+    snr_gamma: float | None = None
+    """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice. None: off."""
+    noise_offset: float = 0.0
+    """Offset noise (Guttenberg 2023): add ``noise_offset * N(0, 1)`` per channel to the noise."""
+
+
+@dataclass
+class OptimizerConfig:
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    lr_scheduler: str = "constant_with_warmup"
+    """Any name ``diffusers.optimization.get_scheduler`` takes (constant, cosine, linear, ...)."""
+    lr_warmup_steps: int = 0
+    fused: bool = False
+    """Fused AdamW kernel (CUDA only)."""
+
+
+@dataclass
+class VAETrainConfig:
+    """Stage 1: the autoencoder (``training/train_vae.py``)."""
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    """Images per optimizer step, over all processes and accumulation steps."""
+    gradient_accumulation_steps: int = 1
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0
+    """LPIPS weight; needs ``lpips_weights`` (a local file), so it stays off offline."""
+    lpips_weights: str | None = None
+    adversarial_weight: float = 0.0
+    """Patch-discriminator (hinge loss) weight, as in Esser et al. 2021; off by default."""
+    adversarial_start_step: int = 0
+    scaling_samples: int = 1024
+    """Images encoded to measure the latent scaling factor (1 / std of the latents)."""
+    mixed_precision: MixedPrecision = "no"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2
+    log_every: int = 10
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2: the text-conditional U-Net (``training/train_ldm.py``)."""
+
+    max_steps: int = 2000
+    batch_size: int = 64
+    """Images per optimizer step, over all processes and accumulation steps."""
+    gradient_accumulation_steps: int = 1
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mixed_precision: MixedPrecision = "no"
+    caption_dropout: float = 0.1
+    """Probability of an empty caption, for classifier-free guidance (Ho & Salimans 2022)."""
+    use_ema: bool = True
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    """EMA decay warm-up (``EMAModel(use_ema_warmup=True)``): short runs average fewer early weights."""
+    cache: bool = False
+    """Encode every image with the frozen VAE once, before training (and the captions, when the
+    text encoder is frozen). Random crops and flips are then fixed per image."""
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2
+    validation_steps: int = 500
+    log_every: int = 10
+    """Read the loss back from the device every N steps (a host-device synchronisation)."""
+    report_to: str = "tensorboard"
+    """Accelerate tracker: tensorboard, wandb, all or none."""
+    scale_lr: bool = False
+    allow_tf32: bool = True
+    channels_last: bool = False
+    compile: bool = False
+    """``torch.compile`` the U-Net."""
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SampleConfig:
+    """Sampling for validation grids and the final sample grid."""
+
+    prompts: tuple[str, ...] = (
+        "a red circle",
+        "a blue square",
+        "a green triangle",
+        "a yellow circle at the top left",
+        "a large purple square in the center",
+        "a small orange triangle at the bottom right",
+        "two blue circles",
+        "a red square to the left of a green circle",
+    )
+    images_per_prompt: int = 4
+    num_inference_steps: int = 25
+    guidance_scale: float = 4.0
+    scheduler: SchedulerName = "dpm"
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as ``config.yaml`` in ``output_dir``."""
+
+    output_dir: str = "runs/shapes"
+    seed: int = 0
+    resume: str | None = None
+    """``latest`` continues the newest complete checkpoint; or the path of one checkpoint."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+# --------------------------------------------------------------------------------------------
+
+CONFIG_FILE_NAME = "config.yaml"
+
+
+def load_config(
+    config_files: str | os.PathLike | list[str | os.PathLike] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Resolve a :class:`Config` from YAML files and dotted overrides.
+
+    Args:
+        config_files: YAML file(s), applied in order over the defaults.
+        overrides: ``["train.max_steps=20", "output_dir=runs/x"]`` or ``{"train.max_steps": 20}``.
+            String values are parsed as YAML scalars / lists (``20``, ``true``, ``null``,
+            ``[32, 64]``); string fields keep the text as written.
+
+    Raises:
+        ConfigError: a key that does not exist or a value of the wrong type; the message names
+            the dotted key and the expected type.
+    """
+    if config_files is None:
+        config_files = []
+    elif isinstance(config_files, (str, os.PathLike)):
+        config_files = [config_files]
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for path in config_files:
+        with open(path, encoding="utf-8") as file:
+            data = yaml.safe_load(file) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+        layers.append((str(path), data))
+    if overrides:
+        layers.append(("command line", _overrides_to_tree(overrides)))
+
+    merged: dict[str, Any] = {}
+    for source, data in layers:
+        _check_keys(data, Config, prefix="", source=source)
+        _deep_merge(merged, data)
+
+    # The model preset fills the model section first; explicit model keys then override it.
+    preset_name = merged.get("model", {}).get("preset", ModelConfig.preset)
+    model_tree = _deep_merge(_preset_tree(preset_name), merged.get("model", {}))
+    merged["model"] = model_tree
+    return _build(Config, merged, prefix="")
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> Config:
+    """Parse ``--config FILE [--config FILE ...] [key=value ...]`` from the command line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=description,
+        epilog="Overrides are dotted keys, e.g. train.max_steps=20 model.preset=tiny output_dir=runs/x.",
+    )
+    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable).")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="Dotted config overrides.")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain Python data (tuples become lists), ready for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(config)
+
+
+def save_config(config: Config, folder: str | os.PathLike, name: str = CONFIG_FILE_NAME) -> str:
+    """Write the resolved config as YAML into ``folder`` (atomically); return the file path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        yaml.safe_dump(config_to_dict(config), file, sort_keys=False)
+    os.replace(temporary, path)
+    return path
+
+
+def _overrides_to_tree(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    items: list[tuple[str, Any]] = []
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        for text in overrides:
+            key, separator, value = text.partition("=")
+            if not separator or not key:
+                raise ConfigError(f"override {text!r} is not of the form key=value (e.g. train.max_steps=20)")
+            items.append((key.strip(), _RawText(value)))
+    tree: dict[str, Any] = {}
+    for key, value in items:
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r} conflicts with an earlier override of {part!r}")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+class _RawText(str):
+    """A command-line value, still text: parsed as YAML unless the field is a string."""
+
+
+def _preset_tree(name: str) -> dict[str, Any]:
+    from .models import MODEL_PRESETS
+
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; expected one of {sorted(MODEL_PRESETS)}")
+    tree = config_to_dict(MODEL_PRESETS[name])
+    tree["preset"] = name
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _check_keys(data: dict[str, Any], cls: type, prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown config key {dotted!r}{hint}; known keys here: {', '.join(hints)}"
+            )
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted!r} is a section; expected a mapping of its keys, got {value!r}")
+            _check_keys(value, hints[key], prefix=f"{dotted}.", source=source)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, default: Any = None) -> Any:
+    """Build ``cls`` from ``data``; fields not in ``data`` keep their value in ``default``."""
+    hints = typing.get_type_hints(cls)
+    default = cls() if default is None else default
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        annotation, dotted = hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(annotation):
+            section = data.get(f.name, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"config key {dotted!r}: expected a mapping of its keys, got {section!r}")
+            kwargs[f.name] = _build(annotation, section, f"{dotted}.", getattr(default, f.name))
+        elif f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], annotation, dotted)
+        else:
+            kwargs[f.name] = getattr(default, f.name)
+    return cls(**kwargs)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if isinstance(value, _RawText):
+        if annotation is str or (origin in (Union, types.UnionType) and str in typing.get_args(annotation)):
+            # A string field keeps the text as typed, except "null"/"none" for an optional one.
+            if value.strip().lower() in ("null", "none", "~") and type(None) in typing.get_args(annotation):
+                return None
+            return str(value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config key {key!r}: cannot parse {str(value)!r}: {error}") from None
+
+    expected = _type_name(annotation)
+    if origin in (Union, types.UnionType):
+        arguments = typing.get_args(annotation)
+        if value is None and type(None) in arguments:
+            return None
+        for argument in arguments:
+            if argument is type(None):
+                continue
+            try:
+                return _coerce(value, argument, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(annotation):
+            raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_coerce(item, item_type, f"{key}[{index}]") for index, item in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key {key!r}: unsupported type {annotation!r}")  # pragma: no cover

@@ -1,0 +1,1 @@
+"""Evaluation: the shapes prompt-adherence judge, the prompt suite, FID and CLIP score."""

@@ -1,0 +1,18 @@
+import os
+
+# Nothing in the test suite may reach the network: weights, tokenizers and data are all made locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_components():
+    """Seeded tiny random components: vae, unet, text_encoder, tokenizer, scheduler (DDIM)."""
+    from latentdiff.testing import tiny_components as build
+
+    return build(seed=0)
