@@ -29,10 +29,16 @@ _LAZY = {
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
+# Not public API: pipeline folders record custom components under their public path, e.g.
+# ["latentdiff", "OpenCLIPTextModel"] in model_index.json, and Diffusers' loader then looks up the base
+# classes it knows (``ModelMixin``) in this module to decide how to load them.
+_FOR_DIFFUSERS_LOADER = {"ModelMixin": "diffusers"}
+
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+    module = _LAZY.get(name) or _FOR_DIFFUSERS_LOADER.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'latentdiff' has no attribute {name!r}")

@@ -25,7 +25,7 @@ import torch
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .config import ConfigError, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from .tokenizer import CONTEXT_LENGTH, clip_tokenizer
 
 __all__ = [
@@ -86,7 +86,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
             norm_num_groups=32,
         ),
         text_encoder=TextEncoderConfig(
-            kind="open_clip", train=False, hidden_size=1024, num_hidden_layers=23, num_attention_heads=16,
+            # OpenCLIP ViT-H/14's 24 blocks, read at the penultimate one (Diffusers' converted
+            # CLIPTextModel of SD 2 has 23: the last block already dropped).
+            kind="open_clip", train=False, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
             intermediate_size=4096, hidden_act="gelu",
         ),
     ),
@@ -151,13 +153,13 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
     if len(unet.down_block_types) != len(unet.block_out_channels) or len(unet.up_block_types) != len(
         unet.block_out_channels
     ):
-        raise ValueError(
+        raise ConfigError(
             "model.unet: down_block_types, up_block_types and block_out_channels must have the same length, "
             f"got {len(unet.down_block_types)}, {len(unet.up_block_types)} and {len(unet.block_out_channels)}"
         )
     for channels in unet.block_out_channels:
         if channels % unet.attention_head_dim or channels % unet.norm_num_groups:
-            raise ValueError(
+            raise ConfigError(
                 f"model.unet.block_out_channels: {channels} is not divisible by attention_head_dim "
                 f"({unet.attention_head_dim}) and norm_num_groups ({unet.norm_num_groups})"
             )
@@ -179,6 +181,11 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
 
 
 def _text_hidden_size(text_encoder: TextEncoderConfig) -> int:
+    """The text encoder's width, which is the U-Net's cross-attention width."""
+    if text_encoder.kind == "open_clip" and text_encoder.open_clip_model:
+        from .text_encoders import open_clip_text_config
+
+        return int(open_clip_text_config(text_encoder.open_clip_model)["width"])
     if text_encoder.pretrained:
         config_path = os.path.join(text_encoder.pretrained, text_encoder.subfolder or "", "config.json")
         if os.path.isfile(config_path):
@@ -196,7 +203,7 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
     if text.kind == "open_clip":
         from .text_encoders import OpenCLIPTextModel
 
-        if text.pretrained and text.open_clip_model:
+        if text.open_clip_model:  # an OpenCLIP architecture, with weights from a checkpoint file if given
             return OpenCLIPTextModel.from_open_clip(text.open_clip_model, pretrained=text.pretrained)
         if text.pretrained:
             return _from_pretrained(OpenCLIPTextModel, text.pretrained, text.subfolder, "model.text_encoder.pretrained")
@@ -252,7 +259,7 @@ def build_components(config: ModelConfig, resolution: int) -> dict[str, object]:
     else:
         vae = build_vae(config)
     if resolution % factor:
-        raise ValueError(
+        raise ConfigError(
             f"data.resolution={resolution} is not divisible by the autoencoder's downsampling factor {factor}; "
             f"use a multiple of {factor}"
         )

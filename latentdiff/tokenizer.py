@@ -83,7 +83,8 @@ def _build_clip_tokenizer(bpe_path: str) -> CLIPTokenizer:
         model_max_length=CONTEXT_LENGTH,
         # "!" is both the padding token and ordinary punctuation. Without this flag the tokenizer
         # would cut every "!" in a caption out as a special token ("wow!!" -> "wow", "!", "!"),
-        # where CLIP's BPE has the single token "!!</w>". OpenCLIP matches no special tokens in text.
+        # where CLIP's BPE has the single token "!!</w>". With the flag, special-token text in a
+        # caption stays ordinary characters, so no caption can end itself early.
         split_special_tokens=True,
     )
 
