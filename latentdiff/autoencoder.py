@@ -1,0 +1,143 @@
+"""Losses for training the autoencoder (stage 1) and the latent scale it hands to stage 2.
+
+The objective follows Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion
+Models", Sec. 3 and App. G) and Esser et al. 2021 ("Taming Transformers", Sec. 3.2):
+
+    L = |x - D(E(x))|_1 + w_kl * KL(q(z|x) || N(0, I)) [+ w_p * L_perceptual] [+ w_adv * L_GAN]
+
+The reconstruction and KL terms always apply. The perceptual term needs VGG16 weights and the
+adversarial term a discriminator trained alongside; both are options that stay off by default (no
+weights can be downloaded here). Diffusers ships the autoencoder but none of these losses, so they
+are written here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError
+
+
+def reconstruction_loss(images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error, the L1 reconstruction term."""
+    return (images.float() - reconstructions.float()).abs().mean()
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) || N(0, I)) of a diagonal Gaussian posterior, averaged per latent element.
+
+    Kingma & Welling 2014, "Auto-Encoding Variational Bayes", App. B:
+    ``KL = 1/2 * sum(mu^2 + sigma^2 - 1 - log sigma^2)``.
+    """
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+
+
+class AutoencoderForTraining(nn.Module):
+    """Encode, sample ``z ~ q(z|x)`` and decode in one ``forward``, returning what the losses need.
+
+    ``AutoencoderKL.forward`` returns only the reconstruction; the KL term also needs the posterior.
+    Going through one ``forward`` (instead of calling ``encode`` and ``decode`` on the unwrapped model)
+    keeps DistributedDataParallel's gradient synchronisation in the loop.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        posterior = self.vae.encode(images).latent_dist
+        reconstructions = self.vae.decode(posterior.sample(generator=generator)).sample
+        return reconstructions, posterior.mean, posterior.logvar
+
+
+class VGGPerceptualLoss(nn.Module):
+    """Distance between VGG16 features of two images (Johnson et al. 2016; Zhang et al. 2018 without the
+    learned linear heads of LPIPS). Needs torchvision's ``vgg16`` weights from a local file."""
+
+    LAYERS = (3, 8, 15, 22)  # relu1_2, relu2_2, relu3_3, relu4_3
+
+    def __init__(self, weights_path: str):
+        super().__init__()
+        if not weights_path or not os.path.isfile(weights_path):
+            raise ConfigError(
+                f"vae_train.lpips_weights={weights_path!r}: the perceptual loss needs torchvision VGG16 weights "
+                "from a local file (.pth or .safetensors); set vae_train.perceptual_weight=0 to train without it"
+            )
+        from torchvision.models import vgg16
+
+        network = vgg16()
+        if weights_path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(weights_path)
+        else:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+        self.features = network.features[: self.LAYERS[-1] + 1].eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+        x = ((images.float() + 1) / 2 - self.mean) / self.std
+        y = ((reconstructions.float() + 1) / 2 - self.mean) / self.std
+        loss = torch.zeros((), device=images.device)
+        for index, layer in enumerate(self.features):
+            x, y = layer(x), layer(y)
+            if index in self.LAYERS:
+                loss = loss + F.mse_loss(F.normalize(x, dim=1), F.normalize(y, dim=1))
+        return loss
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (Isola et al. 2017, "pix2pix", Sec. 3.2.2), as used for the autoencoders of
+    Esser et al. 2021 and Rombach et al. 2022: one real/fake logit per image patch."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = channels
+        for index in range(1, layers + 1):
+            previous, width = width, channels * min(2**index, 8)
+            stride = 2 if index < layers else 1
+            blocks += [nn.Conv2d(previous, width, 4, stride, 1, bias=False), nn.GroupNorm(min(32, width // 4), width), nn.LeakyReLU(0.2)]
+        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.network = nn.Sequential(*blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator (Lim & Ye 2017; Esser et al. 2021, eq. 5 with the hinge form)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """The autoencoder's adversarial term: make the discriminator score reconstructions as real."""
+    return -logits_fake.mean()
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae, batches, generator: torch.Generator | None = None) -> float:
+    """``1 / std`` of latents sampled from ``q(z|x)`` over the given image batches.
+
+    Rombach et al. 2022, Sec. 4.3.2 / App. G: rescaling the latents to unit variance before diffusion
+    ("we rescale the latents component-wise by 1/sigma, estimated from the first batch of data");
+    Stable Diffusion's 0.18215 was found this way. Here it is measured over several batches.
+    """
+    total, total_sq, count = 0.0, 0.0, 0
+    for pixel_values in batches:
+        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator).double()
+        total += latents.sum().item()
+        total_sq += (latents**2).sum().item()
+        count += latents.numel()
+    if count == 0:
+        raise ValueError("no images to measure the latent scaling factor on")
+    mean = total / count
+    std = max(total_sq / count - mean**2, 1e-12) ** 0.5
+    return 1.0 / std

@@ -1,0 +1,153 @@
+"""Latents and text embeddings computed once instead of every step.
+
+With a frozen autoencoder, encoding the same image again every epoch is wasted work: the latent cache
+stores each image's posterior ``q(z|x) = N(mean, std^2)`` once and the training step samples
+``z = mean + std * eps`` from it, so the autoencoder's sampling noise is kept and only the encoder
+pass is saved. The images' random crops and flips are those of epoch 0; captions are still drawn
+per (seed, epoch, index). The cache is a safetensors file under ``<output_dir>/cache/``, named by a
+hash of what determines its content (the data config and the VAE's config and weights), written by
+the main process and read by the others; a resumed or repeated run reuses it.
+
+With a frozen text encoder, :class:`TextEmbeddingCache` keeps the embedding of every distinct
+caption the first time it is seen (captions repeat across epochs; the empty caption of classifier-free
+guidance repeats every step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import DataConfig, config_to_dict
+from .data.loading import ImageTextDataset
+
+
+def cache_key(data: DataConfig, vae) -> str:
+    """A short hash of the data config and the autoencoder (config and weights)."""
+    digest = hashlib.sha256(json.dumps(config_to_dict(data), sort_keys=True).encode())
+    digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in vae.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, dataset: ImageTextDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return index, self.dataset[index]
+
+
+def _collate_indexed(items):
+    kept = [(index, item) for index, item in items if item is not None]
+    return {
+        "index": torch.tensor([index for index, _ in kept], dtype=torch.int64),
+        "pixel_values": torch.stack([item["pixel_values"] for _, item in kept]) if kept else torch.empty(0),
+    }
+
+
+@torch.no_grad()
+def encode_posteriors(dataset: ImageTextDataset, vae, batch_size: int, device, num_workers: int = 0) -> dict[str, torch.Tensor]:
+    """Posterior mean and std (scaled as training latents are) of every decodable image, by index."""
+    from .train_utils import latent_scale_and_shift
+
+    scale, shift = latent_scale_and_shift(vae)
+    dataset.set_epoch(0)
+    loader = torch.utils.data.DataLoader(
+        _Indexed(dataset), batch_size=batch_size, shuffle=False, collate_fn=_collate_indexed, num_workers=num_workers
+    )
+    means, stds, indices = [], [], []
+    for batch in tqdm(loader, desc="caching latents"):
+        if batch["index"].numel() == 0:
+            continue
+        posterior = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist
+        means.append(((posterior.mean - shift) * scale).float().cpu())
+        stds.append((posterior.std * scale).float().cpu())
+        indices.append(batch["index"])
+    if not indices:
+        raise ValueError("no image of the dataset could be decoded: nothing to cache")
+    return {"mean": torch.cat(means), "std": torch.cat(stds), "index": torch.cat(indices)}
+
+
+def load_or_build_latent_cache(
+    dataset: ImageTextDataset, vae, accelerator, data: DataConfig, output_dir: str, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """The latent cache for this data and autoencoder: read from ``output_dir/cache``, or built there."""
+    if not isinstance(dataset, ImageTextDataset):
+        raise ValueError(
+            "train.cache=true needs a map-style dataset (a streamed source cannot be cached); "
+            "set data.streaming=false or train.cache=false"
+        )
+    path = os.path.join(output_dir, "cache", f"latents-{cache_key(data, vae)}.safetensors")
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not os.path.isfile(path):
+            tensors = encode_posteriors(dataset, vae, batch_size, accelerator.device)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_file(tensors, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return load_file(path)
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """Items ``{"latent_mean", "latent_std", "caption"}`` from a latent cache and its dataset's captions."""
+
+    def __init__(self, cache: dict[str, torch.Tensor], dataset: ImageTextDataset):
+        self.mean, self.std, self.index = cache["mean"], cache["std"], cache["index"]
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, position: int) -> dict[str, Any] | None:
+        caption = self.dataset.caption(int(self.index[position]))
+        if caption is None:
+            return None
+        return {"latent_mean": self.mean[position], "latent_std": self.std[position], "caption": caption}
+
+
+def collate_latents(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """Batch :class:`CachedLatentDataset` items (same keys as ``collate_image_text`` plus the latents)."""
+    kept = [example for example in examples if example is not None]
+    return {
+        "latent_mean": torch.stack([e["latent_mean"] for e in kept]) if kept else torch.empty(0),
+        "latent_std": torch.stack([e["latent_std"] for e in kept]) if kept else torch.empty(0),
+        "captions": [e["caption"] for e in kept],
+        "num_skipped": len(examples) - len(kept),
+    }
+
+
+class TextEmbeddingCache:
+    """Embeddings of a frozen text encoder, computed once per distinct caption."""
+
+    def __init__(self, text_encoder, tokenizer, device, max_entries: int = 100_000):
+        self.text_encoder, self.tokenizer, self.device = text_encoder, tokenizer, device
+        self.max_entries = max_entries
+        self.embeddings: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        from .train_utils import tokenize
+
+        missing = sorted({caption for caption in captions if caption not in self.embeddings})
+        if missing:
+            hidden = self.text_encoder(tokenize(self.tokenizer, missing).to(self.device))[0]
+            if len(self.embeddings) + len(missing) <= self.max_entries:
+                self.embeddings.update(zip(missing, hidden))
+            else:  # more distinct captions than fit: compute this batch without keeping it
+                fresh = dict(zip(missing, hidden))
+                return torch.stack([self.embeddings.get(c, fresh.get(c)) for c in captions])
+        return torch.stack([self.embeddings[caption] for caption in captions])

@@ -1,0 +1,226 @@
+"""Pieces the training scripts share: Accelerate set-up, batch arithmetic, the training RNG,
+image encoding, caption dropout, image grids and the checks made before training starts.
+
+The training loops themselves stay in ``training/train_vae.py`` and ``training/train_ldm.py`` and
+read top to bottom; what lives here is what both need, or what would hide the loop's shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration
+from PIL import Image
+
+from .config import Config, ConfigError, MixedPrecision
+
+logger = logging.getLogger("latentdiff")
+
+
+def make_accelerator(
+    config: Config,
+    mixed_precision: MixedPrecision,
+    gradient_accumulation_steps: int,
+    report_to: str | None,
+    logging_subdir: str,
+) -> Accelerator:
+    """An ``Accelerator`` with a seedable data order (the same shuffle on resume) and trackers."""
+    log_with = None if report_to in (None, "none") else report_to
+    # Several processes on a machine without a GPU: Accelerate's MULTI_GPU launcher starts them, but
+    # without a CUDA device each would fall back to a lone, non-distributed process. cpu=True makes
+    # them one process group on the gloo backend (MULTI_CPU), as torchrun-launched CPU runs expect.
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=several_processes and not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs", logging_subdir)
+        ),
+        # Shuffle with seed + epoch, so the order of an epoch does not depend on when the run started.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def per_process_batch_size(batch_size: int, num_processes: int, gradient_accumulation_steps: int, key: str) -> int:
+    """Images each process feeds per forward pass, from the images per optimizer step.
+
+    Raises:
+        ValueError: ``batch_size`` does not divide evenly among processes and accumulation steps.
+    """
+    share = num_processes * gradient_accumulation_steps
+    if batch_size < 1 or batch_size % share:
+        raise ConfigError(
+            f"{key}={batch_size} does not divide among {num_processes} process(es) x {gradient_accumulation_steps} "
+            f"gradient accumulation step(s); use a multiple of {share} (e.g. {max(share, batch_size - batch_size % share)})"
+        )
+    return batch_size // share
+
+
+class TrainingRNG:
+    """The one random generator of a training process: noise, timesteps, latent samples, caption dropout.
+
+    A dedicated generator, not torch's global one, because code outside the loop draws from the global
+    generator at moments that differ between an uninterrupted run and a resumed one (creating a
+    DataLoader iterator draws a worker seed from it, for instance). Each process seeds its own
+    (``seed + process index``) and its state is saved with every checkpoint, one file per process.
+    """
+
+    def __init__(self, seed: int, accelerator: Accelerator):
+        self.process_index = accelerator.process_index
+        self.generator = torch.Generator(device=accelerator.device).manual_seed(seed + self.process_index)
+
+    def file_name(self) -> str:
+        return f"training_rng_{self.process_index}.pt"
+
+    def save(self, folder: str) -> None:
+        torch.save(self.generator.get_state(), os.path.join(folder, self.file_name()))
+
+    def load(self, folder: str) -> None:
+        path = os.path.join(folder, self.file_name())
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"checkpoint {folder!r} has no random-generator state for process {self.process_index} ({path}); "
+                "was it written by a run with fewer processes? Resume with the same number of processes."
+            )
+        self.generator.set_state(torch.load(path, weights_only=True))
+
+
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by ``""`` with ``probability``, for classifier-free guidance.
+
+    Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Alg. 1: the unconditional model is the
+    same network trained on the empty prompt ``p_uncond`` of the time.
+    """
+    if probability <= 0:
+        return list(captions)
+    keep = torch.rand(len(captions), generator=generator, device=generator.device) >= probability
+    return [caption if kept else "" for caption, kept in zip(captions, keep.tolist())]
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids padded / truncated to the tokenizer's context (77 for CLIP), as the pipelines do."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def latent_scale_and_shift(vae) -> tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` of a VAE config; latents are ``(z - shift) * scale``."""
+    scale = float(vae.config.scaling_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return scale, float(shift)
+
+
+@torch.no_grad()
+def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Scaled latents ``z ~ q(z | x)`` of images in [-1, 1] (Rombach et al. 2022, Sec. 3 and App. G).
+
+    ``vae=None`` is a pixel-space model: the images are the "latents".
+    """
+    if vae is None:
+        return pixel_values
+    scale, shift = latent_scale_and_shift(vae)
+    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator=generator)
+    return (latents - shift) * scale
+
+
+def image_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
+    """Paste ``rows * cols`` equally sized images into one grid, row by row."""
+    from diffusers.utils import make_image_grid
+
+    return make_image_grid(images, rows=rows, cols=cols)
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images in [-1, 1], shape (N, C, H, W), as PIL images."""
+    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(image)) for image in array]
+
+
+def log_images(accelerator: Accelerator, tag: str, grid: Image.Image, step: int) -> None:
+    """Send an image grid to every active tracker (tensorboard, wandb)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(grid)]}, step=step)
+
+
+def steps_per_epoch(num_batches: int | None, gradient_accumulation_steps: int) -> int | None:
+    """Optimizer steps in one pass over a data loader of ``num_batches`` batches (None: a stream)."""
+    if num_batches is None:
+        return None
+    return max(1, math.floor(num_batches / gradient_accumulation_steps))
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    """INFO logs on the main process only; libraries' warnings stay visible."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if accelerator.is_main_process else logging.ERROR,
+    )
+    import datasets
+    import diffusers
+    import transformers
+
+    if accelerator.is_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def make_train_dataloader(dataset, batch_size: int, collate_fn, num_workers: int, accelerator: Accelerator):
+    """The training DataLoader, prepared by Accelerate for map-style data.
+
+    A streamed dataset (:class:`~latentdiff.data.loading.IterableImageTextDataset`) already splits its
+    examples among processes and workers itself, so Accelerate must not shard it again: its loader is
+    returned unprepared, and :func:`epoch_batches` moves its batches to the device.
+    """
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=not streaming,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        drop_last=True,
+    )
+    return loader if streaming else accelerator.prepare(loader)
+
+
+def epoch_batches(accelerator: Accelerator, loader, dataset, epoch: int, skip_batches: int = 0):
+    """The batches of ``epoch``, on the device, after the first ``skip_batches`` (to resume mid-epoch).
+
+    The data order and every random choice in the data depend only on (seed, epoch, position), so the
+    batches after a resume are those an uninterrupted run would have seen.
+    """
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset.set_epoch(epoch, start_batch=skip_batches)  # skips without decoding
+        for batch in loader:
+            yield {key: value.to(accelerator.device, non_blocking=True) if torch.is_tensor(value) else value
+                   for key, value in batch.items()}
+        return
+    loader.set_epoch(epoch)
+    dataset.set_epoch(epoch)  # Accelerate sets the sampler's epoch only, not the dataset's
+    yield from accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+
+
+def batch_size_of(batch: dict) -> int:
+    return len(batch["captions"])

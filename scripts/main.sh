@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The main job on the built-in default: train the autoencoder (stage 1) and the text-conditional
+# latent U-Net (stage 2) on the captioned shapes data, then write a grid of samples.
+#   bash scripts/main.sh [key=value ...]        e.g. bash scripts/main.sh output_dir=runs/mine
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/env.sh"
+cd "$root"
+config="${LATENTDIFF_CONFIG:-configs/shapes.yaml}"
+output_dir="$(python -m latentdiff.cli config --config "$config" "$@" | python -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["output_dir"])')"
+start=$(date +%s)
+accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  training/train_vae.py --config "$config" "$@"
+accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  training/train_ldm.py --config "$config" "$@"
+end=$(date +%s)
+echo
+echo "[latentdiff] done in $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
+echo "[latentdiff] samples:  $output_dir/pipeline/samples.png"
+echo "[latentdiff] pipeline: $output_dir/pipeline   (LatentPipeline.from_pretrained(\"$output_dir/pipeline\"))"

@@ -1,0 +1,299 @@
+#!/usr/bin/env python
+"""Stage 2: train a text-conditional U-Net on the latents of a frozen autoencoder.
+
+    accelerate launch training/train_ldm.py --config configs/shapes.yaml [key=value ...]
+
+Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion
+Models"): images are encoded once per step by the frozen VAE of stage 1 (or a pretrained one), a CLIP
+text encoder embeds the captions (trained from scratch with the U-Net, or pretrained and frozen), and
+the U-Net learns to denoise the latents conditioned on the text through cross-attention. With
+``model.pixel_space=true`` there is no autoencoder and the U-Net works on pixels, as in DDPM.
+
+Outputs under ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoints/checkpoint-<step>``
+(``resume=latest`` continues the newest), ``validation/step-<step>.png``, ``logs/`` (tensorboard) and
+``pipeline/``: a Diffusers folder (EMA weights, safetensors) with ``samples.png`` and a model card.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from latentdiff.checkpointing import (
+    TrainingState,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from latentdiff.config import Config, ConfigError, parse_args, save_config
+from latentdiff.data.loading import collate_image_text, make_training_dataset
+from latentdiff.diffusion import diffusion_loss, make_noise_scheduler
+from latentdiff.latent_cache import (
+    CachedLatentDataset,
+    TextEmbeddingCache,
+    collate_latents,
+    load_or_build_latent_cache,
+)
+from latentdiff.models import build_components
+from latentdiff.sampling import export_pipeline, make_pipeline, sample_grid
+from latentdiff.train_utils import (
+    TrainingRNG,
+    batch_size_of,
+    drop_captions,
+    encode_images,
+    epoch_batches,
+    log_images,
+    make_accelerator,
+    make_train_dataloader,
+    per_process_batch_size,
+    setup_logging,
+    tokenize,
+)
+
+logger = logging.getLogger("latentdiff.train_ldm")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config: Config = parse_args(argv, description=__doc__.split("\n\n")[0])
+    train = config.train
+    accelerator = make_accelerator(
+        config, train.mixed_precision, train.gradient_accumulation_steps, train.report_to, "ldm"
+    )
+    setup_logging(accelerator)
+
+    # 1. Check the configuration against the machine before any heavy work.
+    batch_per_process = per_process_batch_size(
+        train.batch_size, accelerator.num_processes, train.gradient_accumulation_steps, "train.batch_size"
+    )
+    if not config.model.pixel_space and not config.model.vae.pretrained:
+        stage1_vae = os.path.join(config.output_dir, "vae")
+        if not os.path.isfile(os.path.join(stage1_vae, "config.json")):
+            raise ConfigError(
+                f"no autoencoder: model.vae.pretrained is not set and stage 1's output {stage1_vae!r} does not exist. "
+                "Run training/train_vae.py with the same config first, or set model.vae.pretrained to a VAE folder or "
+                "Hub id (or model.pixel_space=true for a pixel-space model)."
+            )
+        config.model.vae.pretrained = stage1_vae
+    if accelerator.is_main_process:
+        save_config(config, config.output_dir)
+    set_seed(config.seed)
+    rng = TrainingRNG(config.seed, accelerator)
+
+    # 2. Components: frozen VAE, text encoder (trained or frozen), U-Net, noise schedule.
+    components = build_components(config.model, config.data.resolution)
+    vae, unet, text_encoder, tokenizer = (components[k] for k in ("vae", "unet", "text_encoder", "tokenizer"))
+    noise_scheduler = make_noise_scheduler(config.diffusion)
+    train_text_encoder = config.model.text_encoder.train
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if vae is not None:
+        vae.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+    text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
+    if train_text_encoder and hasattr(text_encoder, "freeze_pooling_only_parameters"):
+        text_encoder.freeze_pooling_only_parameters()  # the OpenCLIP tower: see its docstring
+    if not train_text_encoder:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    unet.train()
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if train.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    trained_modules = [unet, text_encoder] if train_text_encoder else [unet]
+    trained_parameters = [p for module in trained_modules for p in module.parameters() if p.requires_grad]
+
+    # 3. Data: images and captions, or latents cached once by the frozen VAE.
+    dataset = make_training_dataset(
+        config.data, seed=config.seed, batch_size=batch_per_process,
+        num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+    )
+    collate_fn = collate_image_text
+    text_embeddings = None
+    if train.cache:
+        if vae is not None:
+            cache = load_or_build_latent_cache(dataset, vae, accelerator, config.data, config.output_dir, batch_per_process)
+            dataset, collate_fn = CachedLatentDataset(cache, dataset), collate_latents
+        if not train_text_encoder:
+            text_embeddings = TextEmbeddingCache(text_encoder, tokenizer, accelerator.device)
+    dataloader = make_train_dataloader(dataset, batch_per_process, collate_fn, config.data.num_workers, accelerator)
+
+    # 4. Optimizer, learning-rate schedule, EMA of the weights.
+    optimizer_config = train.optimizer
+    learning_rate = optimizer_config.learning_rate
+    if train.scale_lr:
+        learning_rate *= train.batch_size
+    optimizer = torch.optim.AdamW(
+        trained_parameters,
+        lr=learning_rate,
+        betas=(optimizer_config.adam_beta1, optimizer_config.adam_beta2),
+        weight_decay=optimizer_config.adam_weight_decay,
+        eps=optimizer_config.adam_epsilon,
+        fused=optimizer_config.fused or None,
+    )
+    lr_scheduler = get_scheduler(
+        optimizer_config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=optimizer_config.lr_warmup_steps,
+        num_training_steps=train.max_steps,
+    )
+    ema = None
+    if train.use_ema:
+        ema = EMAModel(trained_parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup, power=3 / 4)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    prepared = accelerator.prepare(*trained_modules, optimizer, lr_scheduler)
+    unet = prepared[0]
+    if train_text_encoder:
+        text_encoder = prepared[1]
+    optimizer, lr_scheduler = prepared[-2:]
+    if train.compile:
+        unet = torch.compile(unet)
+
+    # 5. Resume: weights, optimizer, EMA, RNG states and the position in the data.
+    state = TrainingState()
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(config.output_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_resume(config.output_dir, config.resume)
+    if checkpoint:
+        state = load_checkpoint(accelerator, checkpoint, rng)
+        logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("latentdiff-ldm", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
+
+    def validate(step: int) -> None:
+        """Sample the fixed validation prompts with the EMA weights; save and log the grid."""
+        if ema is not None:
+            ema.store(trained_parameters)
+            ema.copy_to(trained_parameters)
+        if accelerator.is_main_process:
+            pipeline = make_pipeline(
+                vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet), noise_scheduler
+            )
+            grid = sample_grid(pipeline, config.sample, device=accelerator.device)
+            os.makedirs(os.path.join(config.output_dir, "validation"), exist_ok=True)
+            grid.save(os.path.join(config.output_dir, "validation", f"step-{step:06d}.png"))
+            log_images(accelerator, "validation", grid, step)
+        if ema is not None:
+            ema.restore(trained_parameters)
+        unet.train()
+        text_encoder.train(train_text_encoder)
+
+    # 6. The training loop.
+    progress = tqdm(
+        total=train.max_steps, initial=state.global_step, desc="train", disable=not accelerator.is_local_main_process
+    )
+    logger.info(
+        "training %d steps, %d images per step (%d per process per forward), %d process(es) on %s",
+        train.max_steps, train.batch_size, batch_per_process, accelerator.num_processes, accelerator.device,
+    )
+    loss_sum = torch.zeros((), device=accelerator.device)
+    loss_count, last_batch = 0, None
+    interval_start, interval_images = time.perf_counter(), 0
+    while state.global_step < train.max_steps:
+        for batch in epoch_batches(accelerator, dataloader, dataset, state.epoch, state.epoch_batches):
+            state.epoch_batches += 1
+            state.skipped_images += int(batch["num_skipped"])
+            # A batch whose every image failed to decode still takes part in the step, with weight 0,
+            # so that all processes run the same collective operations.
+            loss_weight = 1.0 if batch_size_of(batch) else 0.0
+            batch = batch if loss_weight else last_batch
+            if batch is None:
+                continue
+            last_batch = batch
+            with accelerator.accumulate(*trained_modules):
+                if "latent_mean" in batch:  # cached posterior: z = mean + std * eps
+                    noise = torch.randn(batch["latent_mean"].shape, generator=rng.generator, device=rng.generator.device)
+                    latents = batch["latent_mean"] + batch["latent_std"] * noise.to(accelerator.device)
+                else:
+                    latents = encode_images(vae, batch["pixel_values"].to(weight_dtype), rng.generator).float()
+                captions = drop_captions(batch["captions"], train.caption_dropout, rng.generator)
+                if text_embeddings is not None:
+                    encoder_hidden_states = text_embeddings(captions)
+                else:
+                    with torch.set_grad_enabled(train_text_encoder):
+                        encoder_hidden_states = text_encoder(tokenize(tokenizer, captions).to(accelerator.device))[0]
+                output = diffusion_loss(
+                    lambda x, t, c: unet(x, t, c).sample,
+                    noise_scheduler,
+                    latents,
+                    encoder_hidden_states,
+                    snr_gamma=config.diffusion.snr_gamma,
+                    noise_offset=config.diffusion.noise_offset,
+                    generator=rng.generator,
+                )
+                accelerator.backward(output.loss * loss_weight)
+                if accelerator.sync_gradients and train.optimizer.max_grad_norm:
+                    accelerator.clip_grad_norm_(trained_parameters, train.optimizer.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += output.loss.detach()
+            loss_count += 1
+            interval_images += latents.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            # One optimizer step done.
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(trained_parameters)
+            state.global_step += 1
+            state.images_seen += train.batch_size
+            progress.update(1)
+            if state.global_step % train.log_every == 0 or state.global_step == train.max_steps:
+                loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()  # syncs
+                images_per_second = interval_images / (time.perf_counter() - interval_start)
+                logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+                progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
+                accelerator.log({**logs, "skipped_images": state.skipped_images}, step=state.global_step)
+                loss_sum.zero_()
+                loss_count = 0
+                interval_start, interval_images = time.perf_counter(), 0
+            if state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps:
+                save_checkpoint(accelerator, config.output_dir, state, train.checkpoints_total_limit, rng)
+            if train.validation_steps and state.global_step % train.validation_steps == 0:
+                validate(state.global_step)
+            if state.global_step >= train.max_steps:
+                break
+        else:  # the epoch ran out before max_steps
+            if state.epoch_batches == 0:
+                raise ConfigError(
+                    f"the dataset yields no batch of {batch_per_process} images per process; "
+                    "lower train.batch_size or add data"
+                )
+            state.epoch, state.epoch_batches = state.epoch + 1, 0
+    progress.close()
+    if state.skipped_images:
+        logger.warning("skipped %d images that failed to decode", state.skipped_images)
+
+    # 7. Export: the Diffusers pipeline folder with the EMA weights, a sample grid and a model card.
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(trained_parameters)
+    if accelerator.is_main_process:
+        pipeline = make_pipeline(
+            vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet), noise_scheduler
+        )
+        folder = export_pipeline(pipeline, config, state, device=accelerator.device)
+        logger.info("pipeline saved to %s", folder)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as error:
+        # Bad input is reported in one line before training starts, not as a traceback.
+        print(f"train_ldm.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Stage 1: train the autoencoder (``diffusers.AutoencoderKL``) that maps images to latents.
+
+    accelerate launch training/train_vae.py --config configs/shapes.yaml [key=value ...]
+
+Reconstruction (L1) + KL loss, with optional perceptual and adversarial terms
+(:mod:`latentdiff.autoencoder`). After training, the latent scaling factor (1 / std of the latents,
+Rombach et al. 2022, App. G) is measured on the data and stored in the VAE's config, so stage 2 and
+every pipeline scale latents the same way.
+
+Outputs under ``output_dir``: ``vae/`` (Diffusers format, safetensors), ``vae_reconstructions.png``
+(originals above their reconstructions), ``vae_checkpoints/checkpoint-<step>`` and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import sys
+import time
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from latentdiff.autoencoder import (
+    AutoencoderForTraining,
+    PatchDiscriminator,
+    VGGPerceptualLoss,
+    generator_adversarial_loss,
+    hinge_discriminator_loss,
+    kl_loss,
+    measure_scaling_factor,
+    reconstruction_loss,
+)
+from latentdiff.checkpointing import TrainingState, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
+from latentdiff.config import Config, ConfigError, parse_args, save_config
+from latentdiff.data.loading import collate_image_text, make_training_dataset
+from latentdiff.models import build_vae
+from latentdiff.train_utils import (
+    TrainingRNG,
+    batch_size_of,
+    epoch_batches,
+    image_grid,
+    log_images,
+    make_accelerator,
+    make_train_dataloader,
+    per_process_batch_size,
+    setup_logging,
+    tensor_to_pil,
+)
+
+logger = logging.getLogger("latentdiff.train_vae")
+
+VAE_DIR = "vae"
+# Stage 1 keeps its checkpoints apart from stage 2's, in the same output_dir.
+STAGE_DIR = "vae_stage"
+
+
+def main(argv: list[str] | None = None) -> None:
+    config: Config = parse_args(argv, description=__doc__.split("\n\n")[0])
+    train = config.vae_train
+    stage_dir = os.path.join(config.output_dir, STAGE_DIR)
+    accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, "tensorboard", "vae")
+    setup_logging(accelerator)
+
+    # 1. Check the configuration before any heavy work.
+    if config.model.pixel_space:
+        raise ConfigError("model.pixel_space=true has no autoencoder to train; run training/train_ldm.py directly")
+    if config.model.vae.pretrained:
+        raise ConfigError(
+            f"model.vae.pretrained={config.model.vae.pretrained!r}: the autoencoder is already trained; "
+            "stage 1 trains one from scratch (unset model.vae.pretrained to train a new one)"
+        )
+    batch_per_process = per_process_batch_size(
+        train.batch_size, accelerator.num_processes, train.gradient_accumulation_steps, "vae_train.batch_size"
+    )
+    factor = 2 ** (len(config.model.vae.block_out_channels) - 1)
+    if config.data.resolution % factor:
+        raise ConfigError(
+            f"data.resolution={config.data.resolution} is not divisible by the autoencoder's downsampling factor "
+            f"{factor} (from model.vae.block_out_channels); use a multiple of {factor}"
+        )
+    perceptual = VGGPerceptualLoss(train.lpips_weights) if train.perceptual_weight > 0 else None
+    if accelerator.is_main_process:
+        save_config(config, config.output_dir, name="config_vae.yaml")
+    set_seed(config.seed)
+    rng = TrainingRNG(config.seed, accelerator)
+
+    # 2. Model, data, optimizers.
+    vae = build_vae(config.model)
+    autoencoder = AutoencoderForTraining(vae).train()
+    discriminator = PatchDiscriminator() if train.adversarial_weight > 0 else None
+    dataset = make_training_dataset(
+        config.data, seed=config.seed, batch_size=batch_per_process,
+        num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+    )
+    dataloader = make_train_dataloader(dataset, batch_per_process, collate_image_text, config.data.num_workers, accelerator)
+    optimizer_config = train.optimizer
+    adam = dict(
+        lr=optimizer_config.learning_rate,
+        betas=(optimizer_config.adam_beta1, optimizer_config.adam_beta2),
+        weight_decay=optimizer_config.adam_weight_decay,
+        eps=optimizer_config.adam_epsilon,
+    )
+    optimizer = torch.optim.AdamW(autoencoder.parameters(), **adam)
+    lr_scheduler = get_scheduler(
+        optimizer_config.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=optimizer_config.lr_warmup_steps, num_training_steps=train.max_steps,
+    )
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
+    if discriminator is not None:
+        discriminator_optimizer = torch.optim.AdamW(discriminator.parameters(), **adam)
+        autoencoder, discriminator, optimizer, discriminator_optimizer, lr_scheduler = accelerator.prepare(
+            autoencoder, discriminator, optimizer, discriminator_optimizer, lr_scheduler
+        )
+    else:
+        autoencoder, optimizer, lr_scheduler = accelerator.prepare(autoencoder, optimizer, lr_scheduler)
+
+    # 3. Resume.
+    state = TrainingState()
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(stage_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_resume(stage_dir, config.resume)
+    if checkpoint:
+        state = load_checkpoint(accelerator, checkpoint, rng)
+        logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("latentdiff-vae", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
+
+    # 4. The training loop.
+    progress = tqdm(total=train.max_steps, initial=state.global_step, desc="train vae",
+                    disable=not accelerator.is_local_main_process)
+    log_sums: dict[str, torch.Tensor] = {}
+    log_count, last_batch = 0, None
+    interval_start, interval_images = time.perf_counter(), 0
+    while state.global_step < train.max_steps:
+        for batch in epoch_batches(accelerator, dataloader, dataset, state.epoch, state.epoch_batches):
+            state.epoch_batches += 1
+            state.skipped_images += int(batch["num_skipped"])
+            # A batch whose every image failed to decode still takes part, with weight 0 (see train_ldm.py).
+            loss_weight = 1.0 if batch_size_of(batch) else 0.0
+            batch = batch if loss_weight else last_batch
+            if batch is None:
+                continue
+            last_batch = batch
+            images = batch["pixel_values"]
+            use_adversarial = discriminator is not None and state.global_step >= train.adversarial_start_step
+            with accelerator.accumulate(autoencoder):
+                reconstructions, posterior_mean, posterior_logvar = autoencoder(images, rng.generator)
+                terms = {
+                    "reconstruction": reconstruction_loss(images, reconstructions),
+                    "kl": kl_loss(posterior_mean, posterior_logvar),
+                }
+                loss = terms["reconstruction"] + train.kl_weight * terms["kl"]
+                if perceptual is not None:
+                    terms["perceptual"] = perceptual(images, reconstructions)
+                    loss = loss + train.perceptual_weight * terms["perceptual"]
+                if use_adversarial:
+                    terms["generator_adversarial"] = generator_adversarial_loss(discriminator(reconstructions))
+                    loss = loss + train.adversarial_weight * terms["generator_adversarial"]
+                accelerator.backward(loss * loss_weight)
+                if accelerator.sync_gradients and optimizer_config.max_grad_norm:
+                    accelerator.clip_grad_norm_(autoencoder.parameters(), optimizer_config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if use_adversarial:
+                with accelerator.accumulate(discriminator):
+                    # The generator's backward also left gradients on the discriminator: drop them.
+                    discriminator_optimizer.zero_grad(set_to_none=True)
+                    # Real and fake in one forward: DistributedDataParallel expects one forward per backward.
+                    logits_real, logits_fake = discriminator(torch.cat([images, reconstructions.detach()])).chunk(2)
+                    terms["discriminator"] = hinge_discriminator_loss(logits_real, logits_fake)
+                    accelerator.backward(terms["discriminator"] * loss_weight)
+                    discriminator_optimizer.step()
+                    discriminator_optimizer.zero_grad(set_to_none=True)
+            for name, value in itertools.chain(terms.items(), [("loss", loss)]):
+                log_sums[name] = log_sums.get(name, 0.0) + value.detach()
+            log_count += 1
+            interval_images += images.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            lr_scheduler.step()
+            state.global_step += 1
+            state.images_seen += train.batch_size
+            progress.update(1)
+            if state.global_step % train.log_every == 0 or state.global_step == train.max_steps:
+                logs = {name: accelerator.reduce(total / log_count, reduction="mean").item() for name, total in log_sums.items()}
+                logs["images_per_s"] = interval_images / (time.perf_counter() - interval_start)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}")
+                accelerator.log(logs, step=state.global_step)
+                log_sums.clear()
+                log_count = 0
+                interval_start, interval_images = time.perf_counter(), 0
+            if state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps:
+                save_checkpoint(accelerator, stage_dir, state, train.checkpoints_total_limit, rng)
+            if state.global_step >= train.max_steps:
+                break
+        else:  # the epoch ran out before max_steps
+            if state.epoch_batches == 0:
+                raise ConfigError(
+                    f"the dataset yields no batch of {batch_per_process} images per process; "
+                    "lower vae_train.batch_size or add data"
+                )
+            state.epoch, state.epoch_batches = state.epoch + 1, 0
+    progress.close()
+
+    # 5. Measure the latent scale on the data, save the VAE and a grid of reconstructions.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        vae = accelerator.unwrap_model(autoencoder).vae.eval()
+        dataset.set_epoch(0)
+        measure_loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_per_process, shuffle=False, collate_fn=collate_image_text
+        )
+        images = (batch["pixel_values"] for batch in measure_loader if batch_size_of(batch))
+        batches = itertools.islice(images, -(-train.scaling_samples // batch_per_process))
+        scaling_factor = measure_scaling_factor(vae, batches, generator=rng.generator)
+        vae.register_to_config(scaling_factor=scaling_factor)
+        logger.info("latent scaling factor (1 / std of latents): %.5f", scaling_factor)
+
+        folder = os.path.join(config.output_dir, VAE_DIR)
+        partial = folder + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        vae.save_pretrained(partial, safe_serialization=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+
+        originals = next(b["pixel_values"] for b in measure_loader if batch_size_of(b))[:8].to(accelerator.device)
+        with torch.no_grad():
+            reconstructed = vae.decode(vae.encode(originals).latent_dist.mode()).sample
+        grid = image_grid(tensor_to_pil(torch.cat([originals, reconstructed])), rows=2, cols=originals.shape[0])
+        grid.save(os.path.join(config.output_dir, "vae_reconstructions.png"))
+        log_images(accelerator, "reconstructions", grid, state.global_step)
+        logger.info("autoencoder saved to %s", folder)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as error:
+        # Bad input is reported in one line before training starts, not as a traceback.
+        print(f"train_vae.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
