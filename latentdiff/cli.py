@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-SCHEDULER_CHOICES = ("ddim", "dpm", "euler", "euler_a", "ddpm", "pndm")
+from .schedulers import SCHEDULER_NAMES as SCHEDULER_CHOICES
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -133,16 +133,102 @@ def _cmd_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slug(text: str, max_length: int = 48) -> str:
+    """A file-name-safe form of a prompt: lowercase words joined by dashes."""
+    import re
+
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_length].rstrip("-")
+    return slug or "prompt"
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Write ``OUT/<index>-<slug>.png`` per image (image ``index`` drawn with seed ``--seed + index``) and
+    ``OUT/grid.png`` (one row per prompt)."""
+    import os
+
+    import torch
+    from diffusers.utils import make_image_grid
+
+    from .pipelines import LatentPipeline
+    from .schedulers import scheduler_from_name
+
+    # Cheap checks first: loading the model is the slow part.
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    pipe = LatentPipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+    pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe = pipe.to(device)
+    height, width = args.size if args.size else pipe.default_height_width()
+    guidance = args.guidance if args.guidance is not None else pipe.sampling_defaults.get("guidance_scale", 7.5)
+
+    digits = max(3, len(str(len(args.prompt) * args.num_images - 1)))
+    images = []
+    for prompt_index, prompt in enumerate(args.prompt):
+        first = prompt_index * args.num_images
+        seeds = range(args.seed + first, args.seed + first + args.num_images)
+        result = pipe(
+            prompt,
+            negative_prompt=args.negative_prompt,
+            height=height,
+            width=width,
+            num_inference_steps=args.steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=args.num_images,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        )
+        os.makedirs(args.out, exist_ok=True)
+        for offset, image in enumerate(result.images):
+            path = os.path.join(args.out, f"{first + offset:0{digits}d}-{_slug(prompt)}.png")
+            image.save(path)
+            print(f"{path}  (seed {args.seed + first + offset})")
+        images += result.images
+    grid_path = os.path.join(args.out, "grid.png")
+    make_image_grid(images, rows=len(args.prompt), cols=args.num_images).save(grid_path)
+    print(f"{grid_path}  ({len(args.prompt)} prompts x {args.num_images} images, guidance {guidance}, "
+          f"{args.steps} {args.scheduler} steps)")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    """Upload a pipeline folder with its model card; ``--dry-run`` lists the files and sends nothing."""
+    import os
+
+    from .hub import push_folder_to_hub
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"MODEL must be a local pipeline folder; no folder at {args.model!r}")
+    result = push_folder_to_hub(
+        args.model,
+        args.repo_id,
+        private=args.private,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+    )
+    if args.dry_run:
+        print(f"dry run: would upload {len(result.files)} files to {args.repo_id}:")
+        for name in result.files:
+            print(f"  {name}")
+        for path in result.left_out:
+            print(f"  (left out: {path})")
+    else:
+        print(f"uploaded {args.model} to {result}")
+    return 0
+
+
 def _not_ready(args: argparse.Namespace) -> int:
     raise NotImplementedError(f"`latentdiff {args.command}` is not implemented yet")
 
 
 _HANDLERS = {
-    "generate": _not_ready,
+    "generate": _cmd_generate,
     "inpaint": _not_ready,
     "outpaint": _not_ready,
     "eval": _not_ready,
-    "push": _not_ready,
+    "push": _cmd_push,
     "shapes": _cmd_shapes,
     "config": _cmd_config,
 }

@@ -1,4 +1,36 @@
 """Diffusers pipelines of latentdiff, one self-contained file each (Diffusers' single-file policy).
 
-Installed as ``latentdiff.pipelines``.
+Installed as ``latentdiff.pipelines``. A pipeline module is imported on first use of its name, so
+importing this package stays light.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> module of this package that defines it; add a pipeline with one line here.
+_PIPELINES = {
+    "LatentPipeline": "pipeline_latent",
+    "LatentPipelineOutput": "pipeline_latent",
+    "LatentImg2ImgPipeline": "pipeline_latent_img2img",
+}
+
+__all__ = sorted(_PIPELINES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PIPELINES:
+        value = getattr(importlib.import_module(f".{_PIPELINES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline_latent import LatentPipeline, LatentPipelineOutput
+    from .pipeline_latent_img2img import LatentImg2ImgPipeline

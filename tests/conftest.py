@@ -8,6 +8,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads, and the suite runs in parallel workers (pytest -n 2)
+# on small machines, where two threads per worker oversubscribe the cores and slow every test down.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
