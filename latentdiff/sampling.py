@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import Config, SampleConfig
+from .hub import write_model_card
 
 PIPELINE_DIR = "pipeline"
 SAMPLES_FILE = "samples.png"
@@ -118,12 +119,7 @@ def export_pipeline(pipeline, config: Config, training_state=None, device: torch
     pipeline.save_pretrained(partial, safe_serialization=True)
     grid = sample_grid(pipeline, config.sample, device)
     grid.save(os.path.join(partial, SAMPLES_FILE))
-    try:
-        from .hub import write_model_card
-    except ImportError:  # the model card arrives with latentdiff.hub
-        write_model_card = None
-    if write_model_card is not None:
-        write_model_card(partial, config=config, training_state=training_state, sample_grid=SAMPLES_FILE)
+    write_model_card(partial, config=config, training_state=training_state, sample_grid=SAMPLES_FILE)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder

@@ -210,3 +210,37 @@ def test_stage2_without_a_vae_says_what_to_do(tmp_path):
     result = run_script(TRAIN_LDM, f"output_dir={tmp_path}", check=False)
     assert result.returncode == 2
     assert "Run training/train_vae.py with the same config first" in result.stderr
+
+
+def test_pixel_space_training_with_the_mnist_config(tmp_path):
+    """configs/mnist.yaml (no autoencoder, class-name captions) on a local repo laid out as
+    ylecun/mnist on the Hub: the same Hub loading code, the same trainer, a pipeline with vae=None."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from latentdiff import LatentPipeline
+
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("0123456789"))})
+    rows = {
+        "image": [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8), mode="L") for _ in range(32)],
+        "label": [i % 10 for i in range(32)],
+    }
+    repo = tmp_path / "mnist"
+    (repo / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, TRAIN_LDM, "--config", str(ROOT / "configs" / "mnist.yaml"),
+        f"output_dir={output_dir}", f"data.name={repo}", "model.preset=tiny",
+        "train.max_steps=3", "train.batch_size=8", "train.checkpointing_steps=3", "train.validation_steps=0",
+        "train.report_to=none", "sample.images_per_prompt=1", "sample.num_inference_steps=2",
+    ]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    pipe = LatentPipeline.from_pretrained(output_dir / "pipeline")
+    assert pipe.vae is None and pipe.unet.config.in_channels == 3
+    image = pipe("a handwritten digit seven", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
