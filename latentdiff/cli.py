@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     for side in ("left", "right", "top", "bottom"):
         outpaint.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
     outpaint.add_argument("--fill", choices=("noise", "edge", "blur"), default="edge", help="initial fill of the new area")
+    outpaint.add_argument(
+        "--strength", type=float, default=1.0, help="in (0, 1]: below 1 the new area starts from the fill (default 1)"
+    )
+    outpaint.add_argument("--repaint-jumps", type=int, default=1, help="RePaint jump length (1 = plain blending)")
+    outpaint.add_argument("--repaint-samples", type=int, default=1, help="RePaint resamplings per jump (1 = off)")
     outpaint.add_argument("-n", "--num-images", type=int, default=1)
     outpaint.add_argument("--out", default="outpainted")
     _add_sampling_arguments(outpaint)
@@ -219,14 +224,116 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inpainting_pipeline(pipeline_class, args: argparse.Namespace):
+    """Check the shared arguments, then load ``args.model`` as ``pipeline_class`` with the chosen sampler."""
+    import torch
+
+    from .schedulers import scheduler_from_name
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
+    pipe = pipeline_class.from_pretrained(args.model, allow_pickle=args.allow_pickle)
+    pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _guidance(args: argparse.Namespace, pipe) -> float:
+    """``--guidance``, else the model's own default (``latentdiff.json``), else 7.5."""
+    return args.guidance if args.guidance is not None else pipe.sampling_defaults.get("guidance_scale", 7.5)
+
+
+def _open_image(path: str, what: str):
+    import os
+
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no image file at {path!r}")
+    return Image.open(path)
+
+
+def _save_images(images, out: str, prompt: str, seed: int) -> None:
+    """``OUT/<index>-<slug>.png``, image ``index`` drawn with seed ``seed + index``."""
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    for index, image in enumerate(images):
+        path = os.path.join(out, f"{index:03d}-{_slug(prompt)}.png")
+        image.save(path)
+        print(f"{path}  (seed {seed + index})")
+
+
+def _cmd_inpaint(args: argparse.Namespace) -> int:
+    """Repaint the white part of MASK in IMAGE (RePaint resampling with ``--repaint-samples`` > 1)."""
+    import torch
+
+    from .pipelines import LatentInpaintPipeline
+
+    image = _open_image(args.image, "IMAGE").convert("RGB")
+    mask = _open_image(args.mask, "MASK")
+    pipe = _inpainting_pipeline(LatentInpaintPipeline, args)
+    result = pipe(
+        args.prompt,
+        image=image,
+        mask_image=mask,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=_guidance(args, pipe),
+        jump_length=args.repaint_jumps,
+        jump_n_sample=args.repaint_samples,
+        feather=args.feather,
+        num_images_per_prompt=args.num_images,
+        generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
+    )
+    _save_images(result.images, args.out, args.prompt, args.seed)
+    return 0
+
+
+def _cmd_outpaint(args: argparse.Namespace) -> int:
+    """Extend IMAGE by ``--left/--right/--top/--bottom`` pixels and paint the new area."""
+    import torch
+
+    from .pipelines import LatentOutpaintPipeline
+
+    for side in ("left", "right", "top", "bottom"):
+        if getattr(args, side) < 0:
+            raise ValueError(f"--{side} must be a non-negative number of pixels, got {getattr(args, side)}")
+    if not any(getattr(args, side) for side in ("left", "right", "top", "bottom")):
+        raise ValueError("nothing to outpaint: give --left, --right, --top or --bottom (pixels to add)")
+    image = _open_image(args.image, "IMAGE").convert("RGB")
+    pipe = _inpainting_pipeline(LatentOutpaintPipeline, args)
+    result = pipe(
+        args.prompt,
+        image=image,
+        left=args.left,
+        right=args.right,
+        top=args.top,
+        bottom=args.bottom,
+        fill=args.fill,
+        strength=args.strength,
+        jump_length=args.repaint_jumps,
+        jump_n_sample=args.repaint_samples,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=_guidance(args, pipe),
+        num_images_per_prompt=args.num_images,
+        generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
+    )
+    _save_images(result.images, args.out, args.prompt, args.seed)
+    return 0
+
+
 def _not_ready(args: argparse.Namespace) -> int:
     raise NotImplementedError(f"`latentdiff {args.command}` is not implemented yet")
 
 
 _HANDLERS = {
     "generate": _cmd_generate,
-    "inpaint": _not_ready,
-    "outpaint": _not_ready,
+    "inpaint": _cmd_inpaint,
+    "outpaint": _cmd_outpaint,
     "eval": _not_ready,
     "push": _cmd_push,
     "shapes": _cmd_shapes,

@@ -14,6 +14,8 @@ _PIPELINES = {
     "LatentPipeline": "pipeline_latent",
     "LatentPipelineOutput": "pipeline_latent",
     "LatentImg2ImgPipeline": "pipeline_latent_img2img",
+    "LatentInpaintPipeline": "pipeline_latent_inpaint",
+    "LatentOutpaintPipeline": "pipeline_latent_outpaint",
 }
 
 __all__ = sorted(_PIPELINES)
@@ -34,3 +36,5 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline_latent import LatentPipeline, LatentPipelineOutput
     from .pipeline_latent_img2img import LatentImg2ImgPipeline
+    from .pipeline_latent_inpaint import LatentInpaintPipeline
+    from .pipeline_latent_outpaint import LatentOutpaintPipeline
