@@ -224,3 +224,24 @@ def epoch_batches(accelerator: Accelerator, loader, dataset, epoch: int, skip_ba
 
 def batch_size_of(batch: dict) -> int:
     return len(batch["captions"])
+
+
+def full_model(accelerator: Accelerator, model):
+    """``model`` with its full weights, on the main process, for sampling and saving (else ``None``).
+
+    Under FSDP each process holds a shard of every weight: the full state dict is gathered (a
+    collective call: every process must call this) into a fresh, unsharded copy. Otherwise the
+    unwrapped model already holds the full weights and is returned as is.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.unwrap_model(model) if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    sharded = accelerator.unwrap_model(model)
+    config = sharded.config
+    plain = type(sharded).from_config(config) if hasattr(type(sharded), "from_config") else type(sharded)(config)
+    plain.load_state_dict(state)
+    return plain.to(accelerator.device)

@@ -244,3 +244,15 @@ def test_pixel_space_training_with_the_mnist_config(tmp_path):
     assert pipe.vae is None and pipe.unet.config.in_channels == 3
     image = pipe("a handwritten digit seven", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_bf16_mixed_precision_run_exports_float32_weights(stage1, tmp_path):
+    """bf16 autocast on the CPU: the run completes and the pipeline is saved in float32 (the frozen
+    autoencoder ran in bf16 but is saved as it was loaded)."""
+    run_script(
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+        "train.mixed_precision=bf16", "train.max_steps=2", "train.checkpointing_steps=2",
+    )
+    for part in ("unet", "vae", "text_encoder"):
+        for file in (tmp_path / "pipeline" / part).glob("*.safetensors"):
+            assert {tensor.dtype for tensor in load_file(file).values()} == {torch.float32}, part

@@ -43,7 +43,7 @@ from latentdiff.latent_cache import (
     collate_latents,
     load_or_build_latent_cache,
 )
-from latentdiff.models import build_components
+from latentdiff.models import build_components, build_text_encoder, build_vae
 from latentdiff.sampling import export_pipeline, make_pipeline, sample_grid
 from latentdiff.train_utils import (
     TrainingRNG,
@@ -51,6 +51,7 @@ from latentdiff.train_utils import (
     drop_captions,
     encode_images,
     epoch_batches,
+    full_model,
     log_images,
     make_accelerator,
     make_train_dataloader,
@@ -177,11 +178,13 @@ def main(argv: list[str] | None = None) -> None:
         if ema is not None:
             ema.store(trained_parameters)
             ema.copy_to(trained_parameters)
+        unet.eval()
+        text_encoder.eval()
+        sampled_unet, sampled_text_encoder = full_model(accelerator, unet), full_model(accelerator, text_encoder)
         if accelerator.is_main_process:
-            pipeline = make_pipeline(
-                vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet), noise_scheduler
-            )
-            grid = sample_grid(pipeline, config.sample, device=accelerator.device)
+            pipeline = make_pipeline(vae, sampled_text_encoder, tokenizer, sampled_unet, noise_scheduler)
+            with accelerator.autocast():
+                grid = sample_grid(pipeline, config.sample, device=accelerator.device)
             os.makedirs(os.path.join(config.output_dir, "validation"), exist_ok=True)
             grid.save(os.path.join(config.output_dir, "validation", f"step-{step:06d}.png"))
             log_images(accelerator, "validation", grid, step)
@@ -281,10 +284,16 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     if ema is not None:
         ema.copy_to(trained_parameters)
+    unet.eval()
+    text_encoder.eval()
+    exported_unet, exported_text_encoder = full_model(accelerator, unet), full_model(accelerator, text_encoder)
+    if accelerator.is_main_process and weight_dtype != torch.float32:
+        # The frozen parts ran in half precision; save them as they were loaded (float32).
+        vae = build_vae(config.model)
+        if not train_text_encoder:
+            exported_text_encoder = build_text_encoder(config.model)
     if accelerator.is_main_process:
-        pipeline = make_pipeline(
-            vae, accelerator.unwrap_model(text_encoder), tokenizer, accelerator.unwrap_model(unet), noise_scheduler
-        )
+        pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, exported_unet, noise_scheduler)
         folder = export_pipeline(pipeline, config, state, device=accelerator.device)
         logger.info("pipeline saved to %s", folder)
     accelerator.end_training()
