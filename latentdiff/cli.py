@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images-per-prompt", type=int, default=4)
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per pipeline call")
     evaluate.add_argument("--out", default=None, help="folder for results.json and the grid (default MODEL/eval)")
+    evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default all)")
+    evaluate.add_argument("--max-prompts-per-task", type=int, default=None, metavar="N",
+                          help="only the first N prompts of each task (a quick check; default all)")
     _add_sampling_arguments(evaluate)
 
     push = commands.add_parser("push", help="upload a pipeline folder to the Hub with a model card")
@@ -326,6 +329,30 @@ def _cmd_outpaint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Run the shapes prompt suite on MODEL: print accuracy per task, write results.json and grid.png."""
+    from .eval.adherence import evaluate_model, format_report
+
+    results, paths = evaluate_model(
+        args.model,
+        args.out,
+        images_per_prompt=args.images_per_prompt,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        guidance=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        negative_prompt=args.negative_prompt,
+        tasks=args.tasks,
+        max_prompts_per_task=args.max_prompts_per_task,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+    )
+    print(format_report(results))
+    print(f"wrote {paths['results']} and {paths['grid']} ({results.wall_time_s:.0f} s)")
+    return 0
+
+
 def _not_ready(args: argparse.Namespace) -> int:
     raise NotImplementedError(f"`latentdiff {args.command}` is not implemented yet")
 
@@ -334,7 +361,7 @@ _HANDLERS = {
     "generate": _cmd_generate,
     "inpaint": _cmd_inpaint,
     "outpaint": _cmd_outpaint,
-    "eval": _not_ready,
+    "eval": _cmd_eval,
     "push": _cmd_push,
     "shapes": _cmd_shapes,
     "config": _cmd_config,

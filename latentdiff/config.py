@@ -199,6 +199,10 @@ class VAETrainConfig:
     """Images per optimizer step, over all processes and accumulation steps."""
     gradient_accumulation_steps: int = 1
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
+    crop_size: int | None = None
+    """Train on random square crops of this many pixels (Rombach et al. train their autoencoders on
+    crops too): the autoencoder is convolutional, so it then works at the full resolution, and a
+    step costs (crop / resolution)^2 as much. ``None``: whole images."""
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.0
     """LPIPS weight; needs ``lpips_weights`` (a local file), so it stays off offline."""

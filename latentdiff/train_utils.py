@@ -245,3 +245,11 @@ def full_model(accelerator: Accelerator, model):
     plain = type(sharded).from_config(config) if hasattr(type(sharded), "from_config") else type(sharded)(config)
     plain.load_state_dict(state)
     return plain.to(accelerator.device)
+
+
+def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop per image of a batch ``(N, C, H, W)``."""
+    batch, _, height, width = images.shape
+    top = torch.randint(0, height - size + 1, (batch,), generator=generator, device=generator.device).tolist()
+    left = torch.randint(0, width - size + 1, (batch,), generator=generator, device=generator.device).tolist()
+    return torch.stack([image[:, y : y + size, x : x + size] for image, y, x in zip(images, top, left)])

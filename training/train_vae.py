@@ -49,6 +49,7 @@ from latentdiff.train_utils import (
     make_accelerator,
     make_train_dataloader,
     per_process_batch_size,
+    random_crop,
     setup_logging,
     tensor_to_pil,
 )
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
         train.batch_size, accelerator.num_processes, train.gradient_accumulation_steps, "vae_train.batch_size"
     )
     factor = 2 ** (len(config.model.vae.block_out_channels) - 1)
+    if train.crop_size is not None and not (factor <= train.crop_size <= config.data.resolution and train.crop_size % factor == 0):
+        raise ConfigError(
+            f"vae_train.crop_size={train.crop_size} must be a multiple of the autoencoder's downsampling factor "
+            f"{factor} and at most data.resolution={config.data.resolution}"
+        )
     if config.data.resolution % factor:
         raise ConfigError(
             f"data.resolution={config.data.resolution} is not divisible by the autoencoder's downsampling factor "
@@ -150,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             last_batch = batch
             images = batch["pixel_values"]
+            if train.crop_size is not None and train.crop_size < images.shape[-1]:
+                images = random_crop(images, train.crop_size, rng.generator)
             use_adversarial = discriminator is not None and state.global_step >= train.adversarial_start_step
             with accelerator.accumulate(autoencoder):
                 reconstructions, posterior_mean, posterior_logvar = autoencoder(images, rng.generator)
