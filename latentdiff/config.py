@@ -187,7 +187,7 @@ class OptimizerConfig:
     """Any name ``diffusers.optimization.get_scheduler`` takes (constant, cosine, linear, ...)."""
     lr_warmup_steps: int = 0
     fused: bool = False
-    """Fused AdamW kernel (CUDA only)."""
+    """Fused AdamW kernel (one kernel per step instead of one per tensor; CUDA, and CPU since torch 2.4)."""
 
 
 @dataclass
@@ -200,9 +200,16 @@ class VAETrainConfig:
     gradient_accumulation_steps: int = 1
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
     crop_size: int | None = None
-    """Train on random square crops of this many pixels (Rombach et al. train their autoencoders on
-    crops too): the autoencoder is convolutional, so it then works at the full resolution, and a
-    step costs (crop / resolution)^2 as much. ``None``: whole images."""
+    """Train on random square crops of this many pixels for the first ``crop_steps`` steps, then on
+    whole images. Rombach et al. train their autoencoders on crops too: a crop step costs
+    (crop / resolution)^2 of a full one and the network is convolutional. The whole-image steps at
+    the end matter with GroupNorm, whose per-image statistics differ between a crop and a whole
+    image (a crop-trained model shifts the colors of large uniform backgrounds). ``None``: whole
+    images throughout."""
+    crop_steps: int | None = None
+    """Steps trained on crops before switching to whole images; ``None``: all of them."""
+    reconstruction_loss: Literal["l1", "mse"] = "l1"
+    """Pixel loss: L1 (Esser et al. 2021) or mean squared error."""
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.0
     """LPIPS weight; needs ``lpips_weights`` (a local file), so it stays off offline."""
@@ -214,6 +221,7 @@ class VAETrainConfig:
     """Images encoded to measure the latent scaling factor (1 / std of the latents)."""
     mixed_precision: MixedPrecision = "no"
     checkpointing_steps: int = 500
+    """Save a resumable checkpoint every N steps and at the end; 0: never."""
     checkpoints_total_limit: int | None = 2
     log_every: int = 10
 
@@ -238,8 +246,12 @@ class TrainConfig:
     """Encode every image with the frozen VAE once, before training (and the captions, when the
     text encoder is frozen). Random crops and flips are then fixed per image."""
     checkpointing_steps: int = 500
+    """Save a resumable checkpoint every N steps and at the end; 0: never."""
     checkpoints_total_limit: int | None = 2
     validation_steps: int = 500
+    """Sample ``sample.prompts`` every N steps into ``validation/step-N.png``; 0: never."""
+    export: bool = True
+    """Write the pipeline folder, its sample grid and model card at the end."""
     log_every: int = 10
     """Read the loss back from the device every N steps (a host-device synchronisation)."""
     report_to: str = "tensorboard"
@@ -474,9 +486,23 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _literal_strings(annotation: Any) -> set[str]:
+    """The string values a (possibly optional) ``Literal`` annotation allows."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return {v for v in typing.get_args(annotation) if isinstance(v, str)}
+    if origin in (Union, types.UnionType):
+        return set().union(*(_literal_strings(a) for a in typing.get_args(annotation)))
+    return set()
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if isinstance(value, _RawText):
+        # A command-line word that is one of a Literal's strings stays that string: YAML would read
+        # `mixed_precision=no` as the boolean false.
+        if str(value) in _literal_strings(annotation):
+            return str(value)
         if annotation is str or (origin in (Union, types.UnionType) and str in typing.get_args(annotation)):
             # A string field keeps the text as typed, except "null"/"none" for an optional one.
             if value.strip().lower() in ("null", "none", "~") and type(None) in typing.get_args(annotation):

@@ -77,7 +77,8 @@ def encode_posteriors(dataset: ImageTextDataset, vae, batch_size: int, device, n
         indices.append(batch["index"])
     if not indices:
         raise ValueError("no image of the dataset could be decoded: nothing to cache")
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "index": torch.cat(indices)}
+    # contiguous: the VAE may return channels-last tensors, which safetensors cannot save
+    return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "index": torch.cat(indices)}
 
 
 def load_or_build_latent_cache(

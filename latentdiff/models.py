@@ -57,7 +57,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
             hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
         ),
     ),
-    "small": ModelConfig(),  # the dataclass defaults are the shapes demo's model
+    "small": ModelConfig(  # the shapes demo's model (the dataclass defaults, with a lighter autoencoder)
+        vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16),
+    ),
     "sd15": ModelConfig(
         vae=VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
                       scaling_factor=0.18215),

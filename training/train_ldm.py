@@ -63,7 +63,8 @@ from latentdiff.train_utils import (
 logger = logging.getLogger("latentdiff.train_ldm")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Train; return ``{"global_step", "intervals": [(step, images_per_s, time), ...]}`` (for benchmarks)."""
     config: Config = parse_args(argv, description=__doc__.split("\n\n")[0])
     train = config.train
     accelerator = make_accelerator(
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ema = None
     if train.use_ema:
-        ema = EMAModel(trained_parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup, power=3 / 4)
+        ema = EMAModel(
+            trained_parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup, power=3 / 4, foreach=True
+        )
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         train.max_steps, train.batch_size, batch_per_process, accelerator.num_processes, accelerator.device,
     )
     loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count, last_batch = 0, None
+    loss_count, last_batch, intervals = 0, None, []
     interval_start, interval_images = time.perf_counter(), 0
     while state.global_step < train.max_steps:
         for batch in epoch_batches(accelerator, dataloader, dataset, state.epoch, state.epoch_batches):
@@ -260,10 +263,13 @@ def main(argv: list[str] | None = None) -> None:
                 logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
                 progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
                 accelerator.log({**logs, "skipped_images": state.skipped_images}, step=state.global_step)
+                intervals.append((state.global_step, images_per_second, time.time()))
                 loss_sum.zero_()
                 loss_count = 0
                 interval_start, interval_images = time.perf_counter(), 0
-            if state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps:
+            if train.checkpointing_steps and (
+                state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps
+            ):
                 save_checkpoint(accelerator, config.output_dir, state, train.checkpoints_total_limit, rng)
             if train.validation_steps and state.global_step % train.validation_steps == 0:
                 validate(state.global_step)
@@ -282,21 +288,23 @@ def main(argv: list[str] | None = None) -> None:
 
     # 7. Export: the Diffusers pipeline folder with the EMA weights, a sample grid and a model card.
     accelerator.wait_for_everyone()
-    if ema is not None:
-        ema.copy_to(trained_parameters)
-    unet.eval()
-    text_encoder.eval()
-    exported_unet, exported_text_encoder = full_model(accelerator, unet), full_model(accelerator, text_encoder)
-    if accelerator.is_main_process and weight_dtype != torch.float32:
-        # The frozen parts ran in half precision; save them as they were loaded (float32).
-        vae = build_vae(config.model)
-        if not train_text_encoder:
-            exported_text_encoder = build_text_encoder(config.model)
-    if accelerator.is_main_process:
-        pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, exported_unet, noise_scheduler)
-        folder = export_pipeline(pipeline, config, state, device=accelerator.device)
-        logger.info("pipeline saved to %s", folder)
+    if train.export:
+        if ema is not None:
+            ema.copy_to(trained_parameters)
+        unet.eval()
+        text_encoder.eval()
+        exported_unet, exported_text_encoder = full_model(accelerator, unet), full_model(accelerator, text_encoder)
+        if accelerator.is_main_process and weight_dtype != torch.float32:
+            # The frozen parts ran in half precision; save them as they were loaded (float32).
+            vae = build_vae(config.model)
+            if not train_text_encoder:
+                exported_text_encoder = build_text_encoder(config.model)
+        if accelerator.is_main_process:
+            pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, exported_unet, noise_scheduler)
+            folder = export_pipeline(pipeline, config, state, device=accelerator.device)
+            logger.info("pipeline saved to %s", folder)
     accelerator.end_training()
+    return {"global_step": state.global_step, "intervals": intervals}
 
 
 if __name__ == "__main__":

@@ -156,13 +156,14 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             last_batch = batch
             images = batch["pixel_values"]
-            if train.crop_size is not None and train.crop_size < images.shape[-1]:
+            cropping = train.crop_size is not None and (train.crop_steps is None or state.global_step < train.crop_steps)
+            if cropping and train.crop_size < images.shape[-1]:
                 images = random_crop(images, train.crop_size, rng.generator)
             use_adversarial = discriminator is not None and state.global_step >= train.adversarial_start_step
             with accelerator.accumulate(autoencoder):
                 reconstructions, posterior_mean, posterior_logvar = autoencoder(images, rng.generator)
                 terms = {
-                    "reconstruction": reconstruction_loss(images, reconstructions),
+                    "reconstruction": reconstruction_loss(images, reconstructions, train.reconstruction_loss),
                     "kl": kl_loss(posterior_mean, posterior_logvar),
                 }
                 loss = terms["reconstruction"] + train.kl_weight * terms["kl"]
@@ -206,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
                 log_sums.clear()
                 log_count = 0
                 interval_start, interval_images = time.perf_counter(), 0
-            if state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps:
+            if train.checkpointing_steps and (
+                state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps
+            ):
                 save_checkpoint(accelerator, stage_dir, state, train.checkpoints_total_limit, rng)
             if state.global_step >= train.max_steps:
                 break

@@ -1,0 +1,387 @@
+"""Helpers the benchmark scripts share: machine and commit description, peak memory, FLOP counting,
+medians and ratios, worker subprocesses, and the Markdown sections written to ``bench/RESULTS.md``.
+
+Benchmarks are scripts, never timed tests: they compare our code (A) with Diffusers' own recipe (B)
+side by side in one run, A and B interleaved (A B, B A, A B, ...), and report the ratio A / B of the medians.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The repository root (the parent of ``bench/``)."""
+
+DEFAULT_RESULTS_FILE = os.path.join(REPO_ROOT, "bench", "RESULTS.md")
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in FLOP/s. The H200 has
+# the H100 SXM's compute (it differs in memory), so both are taken as 989 TFLOP/s. Matched in order
+# against `torch.cuda.get_device_name()`: the more specific names first.
+BF16_DENSE_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The machine, the commit, the command
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``platform.processor()``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """What the figures depend on: CPU, cores, load, library versions, the accelerator."""
+    import diffusers
+    import torch
+
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": tuple(round(x, 2) for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line: ``Intel Xeon ..., 2 cores (2 torch threads), load 1.8/2.4/2.0, torch 2.x, device cpu``."""
+    load = "/".join(f"{x:.2f}" for x in info["load_average"])
+    text = (
+        f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), load average {load} at start; "
+        f"Python {info['python']}, torch {info['torch']}, diffusers {info['diffusers']}; device {info['device']}"
+    )
+    if "gpu" in info:
+        text += f" ({info['gpu']}, CUDA {info['cuda']})"
+    return text
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` of the repository, with a note when the working tree differs."""
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        status = [line for line in git("status", "--porcelain").splitlines() if line]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    if not status:
+        return commit
+    modified = sum(1 for line in status if not line.startswith("??"))
+    untracked = len(status) - modified
+    return f"{commit} + uncommitted changes ({modified} modified, {untracked} untracked paths)"
+
+
+def command_line() -> str:
+    """The command that is running, as it could be typed again from the repository root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT)
+    return shlex.join(["python", script, *sys.argv[1:]])
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak memory of this process while it is "open": resident set size, or CUDA's allocator peak.
+
+    On CPU a thread samples the resident set size (``psutil``) every ``interval`` seconds, because
+    ``ru_maxrss`` is a lifetime maximum and cannot leave out the start-up or the end of a run; a
+    sample can be kept or dropped by its time stamp (:meth:`peak_until`). On CUDA the figure is
+    ``torch.cuda.max_memory_allocated`` since :meth:`start` (tensors only, not the CUDA context).
+    """
+
+    def __init__(self, device: str, interval: float = 0.05):
+        self.device = device
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def kind(self) -> str:
+        return "CUDA max_memory_allocated" if self.device.startswith("cuda") else "peak RSS"
+
+    def start(self) -> "PeakMemory":
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(torch.device(self.device))
+            return self
+        import psutil
+
+        process = psutil.Process()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.samples.append((time.time(), process.memory_info().rss))
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, name="peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def peak_until(self, wall_time: float | None = None) -> int:
+        """Peak bytes; on CPU only the samples taken before ``wall_time`` (``time.time()``) count."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.max_memory_allocated(torch.device(self.device)))
+        kept = [rss for stamp, rss in self.samples if wall_time is None or stamp <= wall_time]
+        return max(kept) if kept else 0
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a clock reading means something."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(torch.device(device))
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs and MFU
+# --------------------------------------------------------------------------------------------
+
+
+def unet_forward_flops(model_config, sample_size: int, batch_size: int) -> int:
+    """FLOPs of one U-Net forward pass on ``batch_size`` latents, counted on the meta device.
+
+    ``torch.utils.flop_counter.FlopCounterMode`` counts matrix multiplications and convolutions
+    (2 FLOPs per multiply-add; attention through its batched matmuls) and nothing elementwise, the
+    usual convention for model FLOPs (Chowdhery et al. 2022, "PaLM", App. B). On the meta device
+    no memory is allocated and nothing is computed, so an SD-sized U-Net is counted in seconds.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latentdiff.models import build_unet
+
+    with torch.device("meta"):
+        unet = build_unet(model_config, sample_size=sample_size)
+        latents = torch.zeros(batch_size, unet.config.in_channels, sample_size, sample_size)
+        timesteps = torch.zeros(batch_size, dtype=torch.long)
+        text = torch.zeros(
+            batch_size, model_config.text_encoder.max_position_embeddings, unet.config.cross_attention_dim
+        )
+        with FlopCounterMode(display=False) as counter:
+            unet(latents, timesteps, text)
+    return int(counter.get_total_flops())
+
+
+TRAINING_FLOPS_PER_FORWARD = 3
+"""A training step costs about 3 forward passes: the forward, and a backward of twice its FLOPs
+(gradients with respect to activations and to weights; Kaplan et al. 2020, Sec. 2.1)."""
+
+
+def bf16_peak_flops(device: str, override_tflops: float | None = None) -> float | None:
+    """The device's dense bf16 peak in FLOP/s: ``override_tflops`` if given, else from the GPU name
+    (:data:`BF16_DENSE_PEAK_FLOPS`); ``None`` on CPU or for an unknown GPU (MFU is then n/a)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peak in BF16_DENSE_PEAK_FLOPS:
+        if key in name:
+            return peak
+    return None
+
+
+def format_flops(flops_per_second: float) -> str:
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if flops_per_second >= scale:
+            return f"{flops_per_second / scale:.2f} {unit}"
+    return f"{flops_per_second / 1e6:.2f} MFLOP/s"
+
+
+def format_bytes(num_bytes: int | None) -> str:
+    if not num_bytes:
+        return "n/a"
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("no measurement to take the median of")
+    return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> str:
+    """``min-max`` of the per-round figures, to show the noise next to a median."""
+    return f"{min(values):.3g}-{max(values):.3g}" if values else "n/a"
+
+
+def ratio(ours: float, theirs: float) -> float:
+    return ours / theirs if theirs > 0 else float("nan")
+
+
+def paired_ratios(ours: Sequence[float], theirs: Sequence[float]) -> list[float]:
+    """``ours[i] / theirs[i]``: the ratio within each round, whose two runs were back to back.
+
+    On a machine whose load changes from minute to minute, the median of these is steadier than
+    the ratio of the two medians, which may come from different rounds.
+    """
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} figures for our side but {len(theirs)} for the other")
+    return [ratio(a, b) for a, b in zip(ours, theirs)]
+
+
+def interleaved(rounds: int, sides: Sequence[str] = ("ours", "recipe")) -> list[tuple[int, str]]:
+    """The run order ``[(0, A), (0, B), (1, B), (1, A), (2, A), (2, B), ...]``.
+
+    A and B alternate, so that a change in the machine's load during the run falls on both sides
+    alike, and the side that goes first alternates from round to round (A B B A A B ...), so that
+    neither side always runs right after the other (warm caches, a just-freed allocator).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    order = list(sides)
+    return [(index, side) for index in range(rounds) for side in (order if index % 2 == 0 else order[::-1])]
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes
+# --------------------------------------------------------------------------------------------
+
+
+def run_worker(script: str, role: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``python <script> --worker <role> --spec <file>`` and return the JSON it writes.
+
+    One fresh process per measurement: each side's peak memory is its own, and neither inherits the
+    other's allocator state or warm caches.
+
+    Raises:
+        RuntimeError: the worker failed; the message holds the end of its output.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as folder:
+        spec_path, result_path = os.path.join(folder, "spec.json"), os.path.join(folder, "result.json")
+        with open(spec_path, "w", encoding="utf-8") as file:
+            json.dump({**spec, "result_path": result_path}, file)
+        process = subprocess.run(
+            [sys.executable, script, "--worker", role, "--spec", spec_path],
+            cwd=REPO_ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if process.returncode != 0 or not os.path.isfile(result_path):
+            tail = "\n".join(process.stdout.splitlines()[-40:])
+            raise RuntimeError(f"the {role!r} worker failed (exit code {process.returncode}):\n{tail}")
+        with open(result_path, encoding="utf-8") as file:
+            return json.load(file)
+
+
+def write_worker_result(spec: dict[str, Any], result: dict[str, Any]) -> None:
+    with open(spec["result_path"], "w", encoding="utf-8") as file:
+        json.dump(result, file)
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """One benchmark run, printed to the terminal and optionally appended to ``bench/RESULTS.md``."""
+
+    title: str
+    machine: dict[str, Any]
+    commit: str
+    command: str
+    settings: list[tuple[str, str]]
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+    date: str = field(default_factory=lambda: datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
+
+    def markdown(self) -> str:
+        lines = [
+            f"### {self.title} ({self.date})",
+            "",
+            f"- Machine: {describe_machine(self.machine)}",
+            f"- Commit: `{self.commit}`",
+            f"- Command: `{self.command}`",
+        ]
+        lines += [f"- {name}: {value}" for name, value in self.settings]
+        lines += ["", "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.notes:
+            lines += [""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def print(self) -> None:
+        print()
+        print(self.markdown())
+
+    def append_to(self, path: str) -> None:
+        """Append this run as a section of ``path`` (which must exist: it holds the format's header)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--record: no results file at {path!r}; create it with its header first")
+        with open(path, "a", encoding="utf-8") as file:
+            file.write("\n" + self.markdown())
+
+
+def check_device(device: str) -> str:
+    """``cpu`` or ``cuda[:N]``, checked against the machine before any heavy work."""
+    import torch
+
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: no CUDA device on this machine; use --device cpu (or --preset small)")
+        return device
+    raise SystemExit(f"--device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
+

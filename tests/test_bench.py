@@ -1,0 +1,155 @@
+"""Smoke tests of the benchmark scripts (bench/): each runs end to end in ``--quick`` mode and reports
+a ratio. Nothing here is timed: the figures of a quick run mean nothing, only that they exist and
+are consistent with each other."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO_ROOT, "bench")
+
+
+def _load(name: str):
+    """A bench script as a module (bench/ is a folder of scripts, not a package)."""
+    sys.path.insert(0, BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCH)
+
+
+def _run(script: str, *arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, os.path.join(BENCH, script), *arguments],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+
+
+def _results_file(tmp_path) -> str:
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_train_throughput_quick_reports_a_ratio(tmp_path):
+    results, figures = _results_file(tmp_path), tmp_path / "train.json"
+    process = _run("train_throughput.py", "--quick", "--json", str(figures), "--record", results)
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    assert "ratio (ours / recipe):" in process.stdout
+
+    summary = json.loads(figures.read_text())
+    ours, recipe = summary["ours"]["images_per_s"], summary["recipe"]["images_per_s"]
+    assert ours > 0 and recipe > 0
+    assert math.isclose(summary["ratio"], ours / recipe, rel_tol=1e-9)
+    assert len(summary["per_round_ratios"]) == 1 and math.isclose(summary["per_round_ratios"][0], ours / recipe)
+    assert summary["settings"]["model"] == "tiny"
+    # The U-Net's training FLOPs are 3 forward passes; FLOP/s follow from images/s.
+    assert summary["unet_training_flops_per_image"] > 0
+    assert math.isclose(summary["ours"]["flops_per_s"], ours * summary["unet_training_flops_per_image"], rel_tol=1e-9)
+    assert summary["ours"]["mfu"] is None  # no bf16 peak on a CPU
+    assert "latent cache" in summary["sides"]["ours"] and "VAE encode every step" in summary["sides"]["recipe"]
+
+    recorded = open(results, encoding="utf-8").read()
+    assert recorded.startswith("# Results\n")
+    assert "### train_throughput, preset quick (tiny)" in recorded and "| ratio ours / recipe |" in recorded
+    assert "- Commit: `" in recorded and "- Command: `python bench/train_throughput.py --quick" in recorded
+
+
+@pytest.mark.slow
+def test_train_throughput_with_a_frozen_text_encoder_caches_its_embeddings(tmp_path):
+    figures = tmp_path / "train.json"
+    process = _run("train_throughput.py", "--quick", "--override", "model.text_encoder.train=false", "--json", str(figures))
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    summary = json.loads(figures.read_text())
+    assert summary["ours"]["images_per_s"] > 0 and summary["recipe"]["images_per_s"] > 0
+    assert "text-embedding cache" in summary["sides"]["ours"] and "text encoder frozen" in summary["sides"]["ours"]
+    assert "run every step (no_grad)" in summary["sides"]["recipe"]
+
+
+@pytest.mark.slow
+def test_sample_throughput_quick_reports_a_ratio(tmp_path):
+    figures = tmp_path / "sample.json"
+    process = _run("sample_throughput.py", "--quick", "--json", str(figures))
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    assert "ratio (ours / diffusers):" in process.stdout
+
+    summary = json.loads(figures.read_text())
+    for side in ("ours", "diffusers"):
+        assert summary[side]["unet_it_per_s"] > 0 and summary[side]["images_per_s"] > 0
+    assert math.isclose(
+        summary["ratio_unet_it_per_s"], summary["ours"]["unet_it_per_s"] / summary["diffusers"]["unet_it_per_s"],
+        rel_tol=1e-9,
+    )
+    # Same components, scheduler, seed and steps: both pipelines draw the same images.
+    assert summary["max_abs_pixel_difference"] < 1e-4
+
+
+def test_runs_alternate_between_the_two_sides():
+    common = _load("common")
+    assert common.interleaved(3) == [
+        (0, "ours"), (0, "recipe"), (1, "recipe"), (1, "ours"), (2, "ours"), (2, "recipe")
+    ]
+    with pytest.raises(ValueError, match="rounds"):
+        common.interleaved(0)
+
+
+def test_ratios_are_also_taken_within_each_round():
+    common = _load("common")
+    assert common.paired_ratios([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+    with pytest.raises(ValueError, match="2 figures for our side but 1"):
+        common.paired_ratios([2.0, 3.0], [1.0])
+
+
+def test_unet_flops_are_counted_without_running_the_model():
+    common = _load("common")
+    from latentdiff.config import load_config
+
+    model = load_config(overrides={"model.preset": "tiny"}).model
+    one, two = common.unet_forward_flops(model, 16, 1), common.unet_forward_flops(model, 16, 2)
+    assert one > 0 and two == 2 * one  # linear in the batch
+
+
+def test_gpu_peak_is_known_for_h100_and_h200_only_by_name():
+    common = _load("common")
+    assert common.bf16_peak_flops("cpu") is None
+    assert common.bf16_peak_flops("cpu", override_tflops=989) == 989e12
+    names = dict(common.BF16_DENSE_PEAK_FLOPS)
+    assert names["H100"] == names["H200"] == 989e12
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--steps", "3", "--log-every", "2"], "multiples of --log-every"),
+        (["--warmup-steps", "0"], "--warmup-steps must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--num-samples", "8", "--batch-size", "16"], "--num-samples"),
+    ],
+)
+def test_train_benchmark_rejects_bad_settings_before_any_work(arguments, message):
+    train = _load("train_throughput")
+    with pytest.raises(SystemExit, match=message):
+        train.resolve_settings(train.parse_args(arguments))
+
+
+def test_sample_benchmark_rejects_bad_settings_before_any_work():
+    sample = _load("sample_throughput")
+    with pytest.raises(SystemExit, match="--steps must be at least 2"):
+        sample.resolve_settings(sample.parse_args(["--steps", "1"]))
+    with pytest.raises(SystemExit, match="--scheduler must be one of"):
+        sample.resolve_settings(sample.parse_args(["--scheduler", "heun"]))

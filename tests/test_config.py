@@ -1,0 +1,120 @@
+"""Typed configuration: defaults, presets, YAML layers, dotted overrides, errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from latentdiff.config import Config, ConfigError, load_config, save_config
+from latentdiff.models import MODEL_PRESETS
+
+
+def write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_layers_apply_in_order(tmp_path):
+    base = write(tmp_path, "base.yaml", "output_dir: runs/a\ntrain:\n  max_steps: 100\n  batch_size: 32\n")
+    top = write(tmp_path, "top.yaml", "train:\n  max_steps: 200\n")
+    config = load_config([base, top], ["train.batch_size=16", "output_dir=runs/x"])
+    assert isinstance(config, Config)
+    assert config.train.max_steps == 200  # the later file wins
+    assert config.train.batch_size == 16  # the command line wins over both
+    assert config.output_dir == "runs/x"
+    assert config.train.caption_dropout == Config().train.caption_dropout  # untouched keys keep defaults
+
+
+def test_a_nested_override_keeps_its_sections_other_defaults():
+    # stage 1's optimizer defaults to lr 1e-3 (not OptimizerConfig's 1e-4): overriding beta1 must not reset it
+    config = load_config(overrides=["vae_train.optimizer.adam_beta1=0.8"])
+    assert config.vae_train.optimizer.adam_beta1 == 0.8
+    assert config.vae_train.optimizer.learning_rate == 1e-3
+
+
+def test_the_model_preset_fills_the_model_section_and_explicit_keys_override_it(tmp_path):
+    config = load_config(overrides=["model.preset=tiny"])
+    assert config.model.unet == MODEL_PRESETS["tiny"].unet
+    assert config.model.preset == "tiny"
+    path = write(tmp_path, "c.yaml", "model:\n  preset: tiny\n  unet:\n    layers_per_block: 2\n")
+    config = load_config(path)
+    assert config.model.unet.layers_per_block == 2
+    assert config.model.unet.block_out_channels == MODEL_PRESETS["tiny"].unet.block_out_channels
+
+
+def test_command_line_values_are_typed():
+    config = load_config(
+        overrides=[
+            "model.unet.block_out_channels=[32, 64]",
+            "train.use_ema=false",
+            "diffusion.snr_gamma=5",
+            "diffusion.snr_gamma=null",
+            "train.mixed_precision=no",  # YAML alone would read "no" as false
+            "model.vae.pretrained=runs/x/vae",
+            "sample.prompts=[a red circle, two blue squares]",
+        ]
+    )
+    assert config.model.unet.block_out_channels == (32, 64)
+    assert config.train.use_ema is False
+    assert config.diffusion.snr_gamma is None
+    assert config.train.mixed_precision == "no"
+    assert config.model.vae.pretrained == "runs/x/vae"
+    assert config.sample.prompts == ("a red circle", "two blue squares")
+    assert load_config(overrides=["diffusion.snr_gamma=5"]).diffusion.snr_gamma == 5.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_stepz=3"], "unknown config key 'train.max_stepz' (did you mean 'train.max_steps'?)"),
+        (["trian.max_steps=3"], "unknown config key 'trian'"),
+        (["train.max_steps=abc"], "config key 'train.max_steps': expected an integer, got 'abc'"),
+        (["train.max_steps=2.5"], "config key 'train.max_steps': expected an integer, got 2.5"),
+        (["train.use_ema=maybe"], "config key 'train.use_ema': expected true or false"),
+        (["diffusion.prediction_type=noise"], "config key 'diffusion.prediction_type': expected one of 'epsilon'"),
+        (["model.preset=huge"], "model.preset: unknown preset 'huge'"),
+        (["model.unet.block_out_channels=64"], "config key 'model.unet.block_out_channels': expected a list of int"),
+        (["train=3"], "'train' is a section"),
+        (["max_steps"], "is not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=overrides)
+    assert message in str(error.value)
+
+
+def test_bad_yaml_files_name_the_key_and_the_file(tmp_path):
+    misspelled = write(tmp_path, "misspelled.yaml", "train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"misspelled.yaml: unknown config key 'train.learning_rate'"):
+        load_config(misspelled)
+    wrong_type = write(tmp_path, "wrong.yaml", "data:\n  resolution: sixty-four\n")
+    with pytest.raises(ConfigError, match=r"'data.resolution': expected an integer, got 'sixty-four'"):
+        load_config(wrong_type)
+    not_a_mapping = write(tmp_path, "list.yaml", "- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(not_a_mapping)
+
+
+def test_the_saved_config_reads_back_to_the_same_config(tmp_path):
+    config = load_config(overrides=["model.preset=tiny", "train.max_steps=7", "data.shapes.holdout=[purple triangle]"])
+    path = save_config(config, tmp_path)
+    assert load_config(path) == config
+
+
+def test_every_shipped_config_resolves():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_the_config_command_prints_the_resolved_config_or_one_line_error():
+    ok = subprocess.run([sys.executable, "-m", "latentdiff.cli", "config", "train.max_steps=3"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "max_steps: 3" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "latentdiff.cli", "config", "train.max_stepz=3"], capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "unknown config key 'train.max_stepz'" in bad.stderr and "Traceback" not in bad.stderr
