@@ -8,11 +8,13 @@ source "$root/scripts/env.sh"
 cd "$root"
 config="${LATENTDIFF_CONFIG:-configs/shapes.yaml}"
 output_dir="$(python -m latentdiff.cli config --config "$config" "$@" | python -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["output_dir"])')"
+# accelerate launch gives a single CPU process one thread unless told otherwise: use every core.
+threads="${OMP_NUM_THREADS:-$(nproc)}"
+launch=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+        --num_cpu_threads_per_process "$threads")
 start=$(date +%s)
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  training/train_vae.py --config "$config" "$@"
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  training/train_ldm.py --config "$config" "$@"
+"${launch[@]}" training/train_vae.py --config "$config" "$@"
+"${launch[@]}" training/train_ldm.py --config "$config" "$@"
 end=$(date +%s)
 echo
 echo "[latentdiff] done in $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
