@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -415,6 +416,9 @@ def _overrides_to_tree(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 class _RawText(str):
     """A command-line value, still text: parsed as YAML unless the field is a string."""
 
@@ -544,6 +548,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-3 as text: it wants a dot in the mantissa (1.0e-3).
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
         return float(value)

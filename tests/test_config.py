@@ -64,6 +64,15 @@ def test_command_line_values_are_typed():
     assert config.model.vae.pretrained == "runs/x/vae"
     assert config.sample.prompts == ("a red circle", "two blue squares")
     assert load_config(overrides=["diffusion.snr_gamma=5"]).diffusion.snr_gamma == 5.0
+    # YAML 1.1 reads 1e-3 (no dot) as text; a number field still takes it, on the command line and in files
+    assert load_config(overrides=["train.optimizer.learning_rate=1e-3"]).train.optimizer.learning_rate == 1e-3
+    assert load_config(overrides=["train.optimizer.learning_rate=-2.5E+2"]).train.optimizer.learning_rate == -250.0
+
+
+def test_a_number_without_a_dot_in_a_yaml_file_is_a_number(tmp_path):
+    path = tmp_path / "lr.yaml"
+    path.write_text("train:\n  optimizer:\n    learning_rate: 5e-4\n")
+    assert load_config(path).train.optimizer.learning_rate == 5e-4
 
 
 @pytest.mark.parametrize(
@@ -73,6 +82,7 @@ def test_command_line_values_are_typed():
         (["trian.max_steps=3"], "unknown config key 'trian'"),
         (["train.max_steps=abc"], "config key 'train.max_steps': expected an integer, got 'abc'"),
         (["train.max_steps=2.5"], "config key 'train.max_steps': expected an integer, got 2.5"),
+        (["train.optimizer.learning_rate=1e-3x"], "config key 'train.optimizer.learning_rate': expected a number"),
         (["train.use_ema=maybe"], "config key 'train.use_ema': expected true or false"),
         (["diffusion.prediction_type=noise"], "config key 'diffusion.prediction_type': expected one of 'epsilon'"),
         (["model.preset=huge"], "model.preset: unknown preset 'huge'"),
