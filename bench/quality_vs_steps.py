@@ -185,8 +185,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = feature_statistics(encode_images(reference_images))
 
     rows: list[dict[str, Any]] = []
+    base_scheduler = pipeline.scheduler
     for scheduler, steps in args.samplers:
         label = f"{SAMPLER_NAMES[scheduler]} {steps}"
+        # As many steps as training timesteps is the whole chain T-1 ... 0 (Ho et al. 2020, Algorithm 2):
+        # steps_offset=0, since an SD-style offset of 1 would start at timestep T (diffusers issue #10003).
+        full_chain = steps >= base_scheduler.config.num_train_timesteps
+        pipeline.scheduler = base_scheduler.__class__.from_config(base_scheduler.config, steps_offset=0) if (
+            full_chain) else base_scheduler
         print(f"{label}: {len(suite)} prompts x {args.images_per_prompt} images, then {args.sfd_images} for SFD",
               flush=True)
         started = time.perf_counter()

@@ -174,6 +174,21 @@ def test_bad_input_is_a_clear_error_before_any_model_runs(components, kwargs, ma
     assert calls == []
 
 
+def test_a_schedule_past_the_training_timesteps_is_a_clear_error(components):
+    """SD-style scheduler configs ("leading", steps_offset=1) reach timestep 1000 of 1000 at 1000 steps
+    (diffusers issue #10003); the pipeline names the cause instead of an IndexError in the scheduler."""
+    from diffusers import DDPMScheduler
+
+    pipe = make_pipe(components)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, steps_offset=1, timestep_spacing="leading")
+    steps = pipe.scheduler.config.num_train_timesteps
+    with pytest.raises(ValueError, match=r"reaches timestep 1000, past the model's 1000 training timesteps.*steps_offset=0"):
+        pipe(PROMPTS, num_inference_steps=steps)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, steps_offset=0)
+    pipe.scheduler.set_timesteps(steps)
+    assert int(pipe.scheduler.timesteps.max()) == steps - 1  # the whole chain, as bench/quality_vs_steps.py runs it
+
+
 def test_long_prompt_is_truncated_with_a_warning(components, caplog):
     pipe = make_pipe(components)
     long_prompt = " ".join(["red circle"] * 60)
