@@ -77,15 +77,16 @@ def main() -> int:
         extra = ("resume=latest",) if kill else ()
         process = subprocess.Popen(command(interrupted, *extra), env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        delay = rng.uniform(0.1, 0.9) * duration
+        # most of a short run's wall time is start-up (imports, data): aim the kills at its second half
+        delay = rng.uniform(0.45, 0.95) * duration
         time.sleep(delay)
         if process.poll() is not None:
             print(f"kill {kill + 1}: the run had already ended after {delay:.1f} s; not killed")
             break
         process.send_signal(signal.SIGKILL)
         process.wait()
-        checkpoints = sorted(p.name for p in (interrupted / "checkpoints").glob("*")) if (
-            interrupted / "checkpoints").is_dir() else []
+        folder = interrupted / ("vae_stage" if "train_vae" in args.script else "") / "checkpoints"
+        checkpoints = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
         print(f"kill {kill + 1}: SIGKILL after {delay:.1f} s; checkpoint folder holds {checkpoints}")
     subprocess.run(command(interrupted, "resume=latest"), env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
