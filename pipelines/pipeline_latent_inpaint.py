@@ -1062,13 +1062,15 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         # Diffusers' SD-style configs ("leading" spacing, steps_offset=1) give timestep 1000 of 1000 when
         # num_inference_steps equals the training steps (diffusers issue #10003); say so before it fails deep inside.
-        if len(self.scheduler.timesteps) and int(self.scheduler.timesteps.max()) >= self.scheduler.config.num_train_timesteps:
+        scheduler_config = self.scheduler.config
+        last_timestep = int(self.scheduler.timesteps.max()) if len(self.scheduler.timesteps) else 0
+        if last_timestep >= scheduler_config.num_train_timesteps:
             raise ValueError(
                 f"num_inference_steps={num_inference_steps} with this scheduler's timestep_spacing="
-                f"{self.scheduler.config.get('timestep_spacing')!r} and steps_offset={self.scheduler.config.get('steps_offset')} "
-                f"reaches timestep {int(self.scheduler.timesteps.max())}, past the model's "
-                f"{self.scheduler.config.num_train_timesteps} training timesteps; use fewer steps or a scheduler built "
-                "with steps_offset=0 or timestep_spacing='trailing' (Scheduler.from_config(config, steps_offset=0))"
+                f"{scheduler_config.get('timestep_spacing')!r} and steps_offset={scheduler_config.get('steps_offset')} "
+                f"reaches timestep {last_timestep}, past the model's {scheduler_config.num_train_timesteps} training "
+                "timesteps; use fewer steps or a scheduler built with steps_offset=0 or timestep_spacing='trailing' "
+                "(Scheduler.from_config(config, steps_offset=0))"
             )
         timesteps, num_steps = self.get_timesteps(num_inference_steps, strength, device)
         step_offset = len(self.scheduler.timesteps) - len(timesteps)
