@@ -372,6 +372,17 @@ class Report:
         with open(path, "a", encoding="utf-8") as file:
             file.write("\n" + self.markdown())
 
+    def publish(self, record: str | None, json_path: str | None, summary: dict[str, Any]) -> None:
+        """Print the report; append it to ``record`` (``--record``) and write ``summary`` to ``json_path``
+        (``--json``) when given."""
+        self.print()
+        if record:
+            self.append_to(record)
+            print(f"recorded in {record}")
+        if json_path:
+            with open(json_path, "w", encoding="utf-8") as file:
+                json.dump(summary, file, indent=2, default=str)
+
 
 def check_device(device: str) -> str:
     """``cpu`` or ``cuda[:N]``, checked against the machine before any heavy work."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -317,13 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows=rows,
         notes=list(args.note),
     )
-    report.print()
-    if args.record:
-        report.append_to(args.record)
-        print(f"recorded in {args.record}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump(summary, file, indent=2, default=str)
+    report.publish(args.record, args.json, summary)
     print(f"ratio (ours / diffusers): U-Net it/s {summary['ratio_unet_it_per_s']:.2f}x, "
           f"images/s {summary['ratio_images_per_s']:.2f}x")
     return summary

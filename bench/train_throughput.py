@@ -615,13 +615,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows=rows,
         notes=list(args.note),
     )
-    report.print()
-    if args.record:
-        report.append_to(args.record)
-        print(f"recorded in {args.record}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump(summary, file, indent=2, default=str)
+    report.publish(args.record, args.json, summary)
     print(f"ratio (ours / recipe): {summary['ratio']:.2f}x of the medians, "
           f"{summary['per_round_ratio_median']:.2f}x median of the per-round ratios")
     return summary
