@@ -7,7 +7,7 @@
 
 A (``ours``) is the real trainer, ``training/train_ldm.py``'s ``main(argv)``, run for a few steps
 with the latent cache on (``train.cache=true``: the frozen VAE encodes every image once, and a frozen
-text encoder's embeddings are cached too); its images/s are the ``images_per_s`` it logs every
+text encoder every caption of the data, both before the first step); its images/s are the ``images_per_s`` it logs every
 ``train.log_every`` steps (read back from its tensorboard events). B (``recipe``) is the training
 step of Diffusers' ``examples/text_to_image/train_text_to_image.py``, reimplemented minimally below:
 VAE encode and text encode every step, noise, ``add_noise``, U-Net forward, MSE, backward, gradient
@@ -502,7 +502,7 @@ def describe_sides(config, args: argparse.Namespace, settings: TrainPreset) -> d
     else:
         ours_data = "latent cache (VAE posterior cached once; z = mean + std * eps per step)"
         if not trained:
-            ours_data += " + text-embedding cache"
+            ours_data += " + text-embedding cache (every caption encoded once, before the first step)"
     switches = [name for name, on in (("channels_last", train.channels_last), ("torch.compile", train.compile),
                                       ("fused AdamW", train.optimizer.fused)) if on]
     return {

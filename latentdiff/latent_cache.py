@@ -9,14 +9,16 @@ hash of what determines its content (the data config and the VAE's config and we
 the main process and read by the others; a resumed or repeated run reuses it.
 
 With a frozen text encoder, :class:`TextEmbeddingCache` keeps the embedding of every distinct
-caption the first time it is seen (captions repeat across epochs; the empty caption of classifier-free
-guidance repeats every step).
+caption: the trainer encodes all captions of a map-style dataset before the first step, so that no
+step runs the text encoder; with streaming data, each caption is encoded the first time it is seen
+(captions repeat across epochs; the empty caption of classifier-free guidance repeats every step).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -26,6 +28,8 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig, config_to_dict
 from .data.loading import ImageTextDataset
+
+logger = logging.getLogger(__name__)
 
 
 def cache_key(data: DataConfig, vae) -> str:
@@ -132,23 +136,77 @@ def collate_latents(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]
 
 
 class TextEmbeddingCache:
-    """Embeddings of a frozen text encoder, computed once per distinct caption."""
+    """Embeddings of a frozen text encoder, each distinct caption encoded once.
 
-    def __init__(self, text_encoder, tokenizer, device, max_entries: int = 100_000):
+    :meth:`precompute` encodes a known list of captions up front (the trainer passes every caption of
+    a map-style dataset), so that the training steps never run the text encoder; a caption not seen
+    before is encoded when it first appears (streaming data). The embeddings kept are bounded by
+    ``max_bytes`` (at Stable Diffusion 1.5's 77 x 768 in bfloat16, 2 GiB hold about 18,000
+    captions); past the bound, new captions are encoded every time they appear.
+
+    The embeddings stay on ``device``. Precomputed ones come from the same batches (captions sorted
+    by text) in every run, so a resumed run uses the same values as an uninterrupted one.
+    """
+
+    def __init__(self, text_encoder, tokenizer, device, max_bytes: int = 2 * 2**30):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
         self.text_encoder, self.tokenizer, self.device = text_encoder, tokenizer, device
-        self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.embeddings: dict[str, torch.Tensor] = {}
+        self.bytes_per_caption: int | None = None
+        """Size of one embedding (known after the first encoding)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the kept embeddings."""
+        return len(self.embeddings) * (self.bytes_per_caption or 0)
 
     @torch.no_grad()
-    def __call__(self, captions: list[str]) -> torch.Tensor:
+    def _encode(self, captions: list[str]) -> torch.Tensor:
         from .train_utils import tokenize
 
+        hidden = self.text_encoder(tokenize(self.tokenizer, captions).to(self.device))[0]
+        self.bytes_per_caption = hidden[0].numel() * hidden.element_size()
+        return hidden
+
+    def _keep(self, captions: list[str], hidden: torch.Tensor) -> bool:
+        """Keep ``hidden`` (one row per caption) if it fits in ``max_bytes``; whether it was kept."""
+        if self.nbytes + len(captions) * self.bytes_per_caption > self.max_bytes:
+            return False
+        self.embeddings.update(zip(captions, hidden))
+        return True
+
+    def precompute(self, captions: Sequence[str], batch_size: int, show_progress: bool = True) -> bool:
+        """Encode every caption of ``captions`` not kept yet, ``batch_size`` at a time, with a progress bar.
+
+        Returns whether all of them are now kept. When they do not fit in ``max_bytes``, nothing is
+        encoded beyond the first caption (which measures an embedding's size) and the cache stays lazy.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        missing = sorted(set(captions) - self.embeddings.keys())
+        if not missing:
+            return True
+        first = self._encode(missing[:1])
+        if self.nbytes + len(missing) * self.bytes_per_caption > self.max_bytes:
+            logger.info(
+                "text-embedding cache: %d captions need %.2f GiB, more than max_bytes (%.2f GiB); "
+                "each is encoded when first seen instead",
+                len(missing), len(missing) * self.bytes_per_caption / 2**30, self.max_bytes / 2**30,
+            )
+            return False
+        self._keep(missing[:1], first)
+        for start in tqdm(range(1, len(missing), batch_size), desc="caching text embeddings", disable=not show_progress):
+            batch = missing[start : start + batch_size]
+            self._keep(batch, self._encode(batch))
+        return True
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
         missing = sorted({caption for caption in captions if caption not in self.embeddings})
         if missing:
-            hidden = self.text_encoder(tokenize(self.tokenizer, missing).to(self.device))[0]
-            if len(self.embeddings) + len(missing) <= self.max_entries:
-                self.embeddings.update(zip(missing, hidden))
-            else:  # more distinct captions than fit: compute this batch without keeping it
+            hidden = self._encode(missing)
+            if not self._keep(missing, hidden):  # the cache is full: use this batch's without keeping it
                 fresh = dict(zip(missing, hidden))
                 return torch.stack([self.embeddings.get(c, fresh.get(c)) for c in captions])
         return torch.stack([self.embeddings[caption] for caption in captions])

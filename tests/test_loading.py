@@ -208,6 +208,12 @@ def test_shapes_source_goes_through_the_same_path():
         assert item["pixel_values"].shape == (3, 32, 32)
         assert -1 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1
         assert item["caption"] in raw[index]["captions"]
+    # All captions of every row (a list column), sorted, each once: what the text-embedding cache encodes.
+    every_caption = {caption for row in raw for caption in row["captions"]}
+    assert dataset.distinct_captions() == sorted(every_caption)
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        assert {dataset.caption(index) for index in range(4)} <= every_caption
 
 
 def test_max_samples_takes_the_first_examples(tmp_path):
@@ -274,6 +280,9 @@ def test_class_labels_become_captions_from_classlabel_names_or_class_names(tmp_p
         config(source="imagefolder", name=str(root), label_column="label", class_names=("crimson", "navy")), seed=0
     )
     assert sorted(renamed[index]["caption"] for index in range(4)) == ["crimson", "crimson", "navy", "navy"]
+    # Every caption an item can get, for the text-embedding cache: the template, once per class.
+    assert dataset.distinct_captions() == ["a blue square", "a red square"]
+    assert renamed.distinct_captions() == ["crimson", "navy"]
 
     with pytest.raises(ValueError, match="caption_template"):
         load_image_text_dataset(

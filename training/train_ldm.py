@@ -35,7 +35,7 @@ from latentdiff.checkpointing import (
     save_checkpoint,
 )
 from latentdiff.config import Config, ConfigError, parse_args, save_config
-from latentdiff.data.loading import collate_image_text, make_training_dataset
+from latentdiff.data.loading import ImageTextDataset, collate_image_text, make_training_dataset
 from latentdiff.diffusion import diffusion_loss, make_noise_scheduler
 from latentdiff.latent_cache import (
     CachedLatentDataset,
@@ -114,19 +114,22 @@ def main(argv: list[str] | None = None) -> dict:
     trained_modules = [unet, text_encoder] if train_text_encoder else [unet]
     trained_parameters = [p for module in trained_modules for p in module.parameters() if p.requires_grad]
 
-    # 3. Data: images and captions, or latents cached once by the frozen VAE.
+    # 3. Data: images and captions, or latents (and text embeddings) cached once by the frozen encoders.
     dataset = make_training_dataset(
         config.data, seed=config.seed, batch_size=batch_per_process,
         num_processes=accelerator.num_processes, process_index=accelerator.process_index,
     )
     collate_fn = collate_image_text
     text_embeddings = None
-    if train.cache:
-        if vae is not None:
-            cache = load_or_build_latent_cache(dataset, vae, accelerator, config.data, config.output_dir, batch_per_process)
-            dataset, collate_fn = CachedLatentDataset(cache, dataset), collate_latents
-        if not train_text_encoder:
-            text_embeddings = TextEmbeddingCache(text_encoder, tokenizer, accelerator.device)
+    if train.cache and not train_text_encoder:
+        text_embeddings = TextEmbeddingCache(text_encoder, tokenizer, accelerator.device)
+        if isinstance(dataset, ImageTextDataset):  # map-style: every caption is known, encode them all now
+            text_embeddings.precompute(
+                ["", *dataset.distinct_captions()], batch_per_process, show_progress=accelerator.is_local_main_process
+            )
+    if train.cache and vae is not None:
+        cache = load_or_build_latent_cache(dataset, vae, accelerator, config.data, config.output_dir, batch_per_process)
+        dataset, collate_fn = CachedLatentDataset(cache, dataset), collate_latents
     dataloader = make_train_dataloader(dataset, batch_per_process, collate_fn, config.data.num_workers, accelerator)
 
     # 4. Optimizer, learning-rate schedule, EMA of the weights.

@@ -470,6 +470,28 @@ class ImageTextDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self._decoder.seed, self._epoch.get(), index, 1])
         return self._decoder._caption(self._caption_rows[index], rng)
 
+    def distinct_captions(self) -> list[str]:
+        """Every caption an item can get, sorted, without reading an image: each row's captions (all
+        of them, for a list column), or the class template filled with each label's name.
+
+        For encoding the captions once before training (a frozen text encoder's embedding cache).
+        """
+        decoder = self._decoder
+        if decoder.class_names is not None:
+            labels = self.dataset.unique(decoder.label_column)
+            return sorted({
+                decoder.caption_template.format(decoder.class_names[label])
+                for label in labels
+                if label is not None and 0 <= label < len(decoder.class_names)
+            })
+        captions: set[str] = set()
+        for value in self.dataset.select_columns([decoder.caption_column])[decoder.caption_column]:
+            if isinstance(value, (list, tuple)):
+                captions.update(value)
+            elif value is not None:
+                captions.add(value)
+        return sorted(captions)
+
 
 class IterableImageTextDataset(torch.utils.data.IterableDataset):
     """Streaming training data: yields ``{"pixel_values", "caption"}`` items, or ``None``, in order.
