@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -365,12 +366,32 @@ class Report:
         print()
         print(self.markdown())
 
-    def append_to(self, path: str) -> None:
-        """Append this run as a section of ``path`` (which must exist: it holds the format's header)."""
+    @property
+    def part(self) -> str:
+        """The part of ``bench/RESULTS.md`` this run belongs to: ``CPU`` or ``GPU`` (by its device)."""
+        return "GPU" if str(self.machine.get("device", "cpu")).startswith("cuda") else "CPU"
+
+    def append_to(self, path: str, part: str | None = None) -> None:
+        """Add this run as the last section of the part ``## <part>`` of ``path`` (default :attr:`part`;
+        a missing part is started at the end of the file). ``path`` must exist: it holds the format's
+        header. The file is rewritten atomically (a new file renamed over it)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--record: no results file at {path!r}; create it with its header first")
-        with open(path, "a", encoding="utf-8") as file:
-            file.write("\n" + self.markdown())
+        part = part or self.part
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+        section = "\n" + self.markdown()
+        heading = re.search(rf"^## {re.escape(part)}$", text, flags=re.MULTILINE)
+        if heading is None:
+            text = text.rstrip("\n") + f"\n\n## {part}\n" + section
+        else:
+            next_part = re.search(r"^## ", text[heading.end():], flags=re.MULTILINE)
+            end = len(text) if next_part is None else heading.end() + next_part.start()
+            text = text[:end].rstrip("\n") + "\n" + section + ("\n" + text[end:] if end < len(text) else "")
+        temporary = f"{path}.tmp-{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
 
     def publish(self, record: str | None, json_path: str | None, summary: dict[str, Any]) -> None:
         """Print the report; append it to ``record`` (``--record``) and write ``summary`` to ``json_path``

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         file.write(report.markdown())
     print(f"wrote {os.path.join(out, 'quality_vs_steps.json')} and quality_vs_steps.md")
     if args.record:
-        report.append_to(args.record)
+        report.append_to(args.record, part="Quality against sampling steps")
         print(f"appended to {args.record}")
     return result
 

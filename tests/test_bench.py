@@ -153,3 +153,29 @@ def test_sample_benchmark_rejects_bad_settings_before_any_work():
         sample.resolve_settings(sample.parse_args(["--steps", "1"]))
     with pytest.raises(SystemExit, match="--scheduler must be one of"):
         sample.resolve_settings(sample.parse_args(["--scheduler", "heun"]))
+
+
+def test_a_recorded_run_goes_to_the_end_of_its_part(tmp_path):
+    common = _load("common")
+
+    def report(name: str, device: str):
+        machine = {**common.machine_info("cpu"), "device": device}  # a GPU run, as far as the part goes
+        return common.Report(name, machine, "abc1234", "cmd", [], ["side"], [["ours"]], date="2026-01-01 00:00")
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nintro\n\n## CPU\n\n### old cpu run\n\ntext\n\n## GPU\n\nNo GPU runs yet.\n")
+    report("new cpu run", "cpu").append_to(str(path))
+    report("new gpu run", "cuda").append_to(str(path))
+    report("steps table", "cpu").append_to(str(path), part="Quality")
+    report("second cpu run", "cpu").append_to(str(path))
+    headings = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert headings == [
+        "# Results",
+        "## CPU", "### old cpu run", "### new cpu run (2026-01-01 00:00)", "### second cpu run (2026-01-01 00:00)",
+        "## GPU", "### new gpu run (2026-01-01 00:00)",
+        "## Quality", "### steps table (2026-01-01 00:00)",
+    ]
+    assert "No GPU runs yet.\n\n### new gpu run" in path.read_text()
+    assert not list(tmp_path.glob("*.tmp-*"))
+    with pytest.raises(FileNotFoundError, match="create it with its header first"):
+        report("x", "cpu").append_to(str(tmp_path / "missing.md"))
