@@ -14,8 +14,9 @@ VAE encode and text encode every step, noise, ``add_noise``, U-Net forward, MSE,
 clipping, AdamW, EMA, the loss read back every step. Both sides use the same components (built by
 ``latentdiff.models.build_components`` from one config, the VAE from one saved folder), the same
 data, batch, resolution, mixed precision and data-loader workers, and the same choice of training
-the text encoder or not (the ``small`` preset trains it from scratch; then neither side can cache
-text embeddings, and both run it forward and backward every step).
+the text encoder or not: frozen in every preset, as in the recipe; with
+``--override model.text_encoder.train=true`` (how the shapes model is trained, from scratch) both
+sides train it, neither can cache text embeddings, and both run it forward and backward every step.
 
 Each measurement is a fresh process (so each side's peak memory is its own), A and B interleaved
 (A B, B A, A B, ...); the first ``--warmup-steps`` of every run are discarded. Reported: each side's
@@ -87,14 +88,18 @@ class TrainPreset:
     num_workers: int
     threads: int | None = None
     """torch's CPU threads (``torch.set_num_threads`` and ``OMP_NUM_THREADS``); None: torch's default."""
+    overrides: tuple[str, ...] = ()
+    """Trainer config overrides of the preset, for both sides (``--override`` goes after them)."""
 
 
 PRESETS: dict[str, TrainPreset] = {
-    # The shapes demo's run (configs/shapes.yaml: its model, batch 64, min-SNR weighting, EMA) on a CPU.
+    # The shapes demo's run (configs/shapes.yaml: its model, batch 64, min-SNR weighting, EMA) on a CPU,
+    # with the text encoder frozen as the recipe has it (the shapes model trains its own from scratch:
+    # `--override model.text_encoder.train=true` measures that setting, on both sides).
     # One thread: on a CPU shared with other work, a second OpenMP thread that waits for a busy core
     # makes every operator wait (measured here: 0.6 s per U-Net step on 1 thread, 3.5-15 s on 2).
     "small": TrainPreset("configs/shapes.yaml", "small", 64, 64, "cpu", "no", 256, rounds=3, warmup_steps=1, steps=3,
-                         log_every=1, num_workers=0, threads=1),
+                         log_every=1, num_workers=0, threads=1, overrides=("model.text_encoder.train=false",)),
     # The Stable Diffusion 1.5 architecture on one GPU (pass --resolution 256 for the second figure).
     "sd15": TrainPreset(None, "sd15", 512, 16, "cuda", "bf16", 1024, rounds=3, warmup_steps=10, steps=30,
                         log_every=10, num_workers=8),
@@ -131,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     shared.add_argument("--warmup-steps", type=int, help="Steps discarded at the start of every run.")
     shared.add_argument("--steps", type=int, help="Timed steps per run.")
     shared.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="A trainer config override for both sides, e.g. model.text_encoder.train=false.")
+                        help="A trainer config override for both sides, after the preset's, e.g. model.text_encoder.train=true.")
     ours = parser.add_argument_group("our trainer's switches (recorded with the figures)")
     ours.add_argument("--no-cache", action="store_true", help="train.cache=false: encode with the VAE every step.")
     ours.add_argument("--log-every", type=int, help="train.log_every: read the loss back every N steps.")
@@ -204,6 +209,7 @@ def shared_overrides(settings: TrainPreset, vae_folder: str, extra: Sequence[str
         # Quoted: YAML reads a bare `no` as false.
         f"train.mixed_precision='{settings.mixed_precision}'",
         f"train.max_steps={settings.warmup_steps + settings.steps}",
+        *settings.overrides,
         *extra,
     ]
 
@@ -604,7 +610,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         f"{settings.mixed_precision}, {settings.num_samples} shapes images, {settings.rounds} rounds x "
                         f"({settings.warmup_steps} warm-up + {settings.steps} timed steps), A/B interleaved"
                         + (", in one process" if in_process else ", one process per run")
-                        + (f"; for both sides {' '.join(args.override)}" if args.override else "")),
+                        + (f"; for both sides {' '.join((*settings.overrides, *args.override))}"
+                           if settings.overrides or args.override else "")),
             ("ours", sides["ours"]),
             ("recipe", sides["recipe"]),
             ("FLOPs", f"U-Net forward {flops_per_image / TRAINING_FLOPS_PER_FORWARD / 1e9:.3g} GFLOP per image "

@@ -179,3 +179,18 @@ def test_a_recorded_run_goes_to_the_end_of_its_part(tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
     with pytest.raises(FileNotFoundError, match="create it with its header first"):
         report("x", "cpu").append_to(str(tmp_path / "missing.md"))
+
+
+def test_small_preset_freezes_the_text_encoder_as_the_recipe_does_unless_overridden():
+    bench = _load("train_throughput")
+    from latentdiff.config import load_config
+
+    settings = bench.PRESETS["small"]
+
+    def text_encoder_trained(*extra: str) -> bool:
+        overrides = bench.shared_overrides(settings, "/nonexistent/vae", extra)
+        return load_config(bench.config_files(settings), overrides).model.text_encoder.train
+
+    assert load_config(bench.config_files(settings)).model.text_encoder.train  # the shapes model trains it
+    assert not text_encoder_trained()
+    assert text_encoder_trained("model.text_encoder.train=true")
