@@ -6,15 +6,15 @@
     python bench/train_throughput.py --preset sd15 --resolution 256 --compile --channels-last --fused-adamw
 
 A (``ours``) is the real trainer, ``training/train_ldm.py``'s ``main(argv)``, run for a few steps
-with the latent cache on (``train.cache=true``: the frozen VAE encodes every image once, and a frozen
-text encoder every caption of the data, both before the first step); its images/s are the ``images_per_s`` it logs every
-``train.log_every`` steps (read back from its tensorboard events). B (``recipe``) is the training
-step of Diffusers' ``examples/text_to_image/train_text_to_image.py``, reimplemented minimally below:
-VAE encode and text encode every step, noise, ``add_noise``, U-Net forward, MSE, backward, gradient
-clipping, AdamW, EMA, the loss read back every step. Both sides use the same components (built by
-``latentdiff.models.build_components`` from one config, the VAE from one saved folder), the same
-data, batch, resolution, mixed precision and data-loader workers, and the same choice of training
-the text encoder or not: frozen in every preset, as in the recipe; with
+with the latent cache on (``train.cache=true``: the frozen VAE encodes every image once, and a
+frozen text encoder every caption of the data, both before the first step); its images/s are the
+``images_per_s`` it logs every ``train.log_every`` steps (read back from its tensorboard events). B
+(``recipe``) is the training step of Diffusers' ``examples/text_to_image/train_text_to_image.py``,
+reimplemented minimally below: VAE encode and text encode every step, noise, ``add_noise``, U-Net
+forward, MSE, backward, gradient clipping, AdamW, EMA, the loss read back every step. Both sides use
+the same components (built by ``latentdiff.models.build_components`` from one config, the VAE from
+one saved folder), the same data, batch, resolution, mixed precision and data-loader workers, and
+the same choice of training the text encoder or not: frozen in every preset, as in the recipe; with
 ``--override model.text_encoder.train=true`` (how the shapes model is trained, from scratch) both
 sides train it, neither can cache text embeddings, and both run it forward and backward every step.
 
