@@ -100,11 +100,18 @@ def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def test_resume_after_sigkill_is_exact(stage1, tmp_path):
+@pytest.mark.parametrize(
+    "variant",
+    [[], ["train.cache=true", "model.text_encoder.train=false"]],
+    ids=["text-encoder-trained", "latents-and-text-embeddings-cached"],
+)
+def test_resume_after_sigkill_is_exact(stage1, tmp_path, variant):
     """Killed with SIGKILL at a random moment and resumed with resume=latest, a run ends with the
     same weights as an uninterrupted one: the data position inside the epoch, every RNG, the EMA,
-    the optimizer and the LR schedule are all restored."""
+    the optimizer and the LR schedule are all restored (and, with the caches, the cached latents and
+    text embeddings are the same)."""
     common = [
+        *variant,
         f"model.vae.pretrained={stage1 / 'vae'}",
         "data.shapes.num_samples=48",  # 3 batches per epoch: the run crosses epochs and resumes mid-epoch
         "train.max_steps=10",
