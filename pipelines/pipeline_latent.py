@@ -418,6 +418,23 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
         latents = latents * self.scheduler.init_noise_sigma
         return latents
 
+    def check_timesteps(self, num_inference_steps: int) -> None:
+        """Raise a `ValueError` when the scheduler's timesteps (after `set_timesteps`) reach past the training ones.
+
+        Diffusers' SD-style configs ("leading" spacing, steps_offset=1) give timestep 1000 of 1000 when
+        `num_inference_steps` equals the training steps (diffusers issue #10003); say so before it fails deep inside.
+        """
+        scheduler_config = self.scheduler.config
+        last_timestep = int(self.scheduler.timesteps.max()) if len(self.scheduler.timesteps) else 0
+        if last_timestep >= scheduler_config.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} with this scheduler's timestep_spacing="
+                f"{scheduler_config.get('timestep_spacing')!r} and steps_offset={scheduler_config.get('steps_offset')} "
+                f"reaches timestep {last_timestep}, past the model's {scheduler_config.num_train_timesteps} training "
+                "timesteps; use fewer steps or a scheduler built with steps_offset=0 or timestep_spacing='trailing' "
+                "(Scheduler.from_config(config, steps_offset=0))"
+            )
+
     def decode_latents_to_image(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
         """Latents -> images in [-1, 1] (`B x 3 x H x W`): undo the latent scale and shift, then decode.
 
@@ -598,18 +615,7 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
 
         # 4. Prepare timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        # Diffusers' SD-style configs ("leading" spacing, steps_offset=1) give timestep 1000 of 1000 when
-        # num_inference_steps equals the training steps (diffusers issue #10003); say so before it fails deep inside.
-        scheduler_config = self.scheduler.config
-        last_timestep = int(self.scheduler.timesteps.max()) if len(self.scheduler.timesteps) else 0
-        if last_timestep >= scheduler_config.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} with this scheduler's timestep_spacing="
-                f"{scheduler_config.get('timestep_spacing')!r} and steps_offset={scheduler_config.get('steps_offset')} "
-                f"reaches timestep {last_timestep}, past the model's {scheduler_config.num_train_timesteps} training "
-                "timesteps; use fewer steps or a scheduler built with steps_offset=0 or timestep_spacing='trailing' "
-                "(Scheduler.from_config(config, steps_offset=0))"
-            )
+        self.check_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
 
         # 5. Prepare latent variables

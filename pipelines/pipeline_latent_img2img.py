@@ -398,6 +398,24 @@ class LatentImg2ImgPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
                 f" downsampling factor) but are {height} and {width}."
             )
 
+    # Copied from latentdiff.pipelines.pipeline_latent.LatentPipeline.check_timesteps
+    def check_timesteps(self, num_inference_steps: int) -> None:
+        """Raise a `ValueError` when the scheduler's timesteps (after `set_timesteps`) reach past the training ones.
+
+        Diffusers' SD-style configs ("leading" spacing, steps_offset=1) give timestep 1000 of 1000 when
+        `num_inference_steps` equals the training steps (diffusers issue #10003); say so before it fails deep inside.
+        """
+        scheduler_config = self.scheduler.config
+        last_timestep = int(self.scheduler.timesteps.max()) if len(self.scheduler.timesteps) else 0
+        if last_timestep >= scheduler_config.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} with this scheduler's timestep_spacing="
+                f"{scheduler_config.get('timestep_spacing')!r} and steps_offset={scheduler_config.get('steps_offset')} "
+                f"reaches timestep {last_timestep}, past the model's {scheduler_config.num_train_timesteps} training "
+                "timesteps; use fewer steps or a scheduler built with steps_offset=0 or timestep_spacing='trailing' "
+                "(Scheduler.from_config(config, steps_offset=0))"
+            )
+
     # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.StableDiffusionImg2ImgPipeline.get_timesteps
     def get_timesteps(self, num_inference_steps, strength, device):
         # get the original timestep using init_timestep
@@ -614,18 +632,7 @@ class LatentImg2ImgPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
 
         # 5. Set timesteps: the last `strength` part of the schedule
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        # Diffusers' SD-style configs ("leading" spacing, steps_offset=1) give timestep 1000 of 1000 when
-        # num_inference_steps equals the training steps (diffusers issue #10003); say so before it fails deep inside.
-        scheduler_config = self.scheduler.config
-        last_timestep = int(self.scheduler.timesteps.max()) if len(self.scheduler.timesteps) else 0
-        if last_timestep >= scheduler_config.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} with this scheduler's timestep_spacing="
-                f"{scheduler_config.get('timestep_spacing')!r} and steps_offset={scheduler_config.get('steps_offset')} "
-                f"reaches timestep {last_timestep}, past the model's {scheduler_config.num_train_timesteps} training "
-                "timesteps; use fewer steps or a scheduler built with steps_offset=0 or timestep_spacing='trailing' "
-                "(Scheduler.from_config(config, steps_offset=0))"
-            )
+        self.check_timesteps(num_inference_steps)
         timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
         # No step to run (strength ~ 0): the image is not noised, and comes back reconstructed.
         latent_timestep = timesteps[:1].repeat(batch_size * num_images_per_prompt) if len(timesteps) else None

@@ -782,6 +782,24 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
         latents = latents / self.vae.config.scaling_factor + shift_factor
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[0]
 
+    # Copied from latentdiff.pipelines.pipeline_latent.LatentPipeline.check_timesteps
+    def check_timesteps(self, num_inference_steps: int) -> None:
+        """Raise a `ValueError` when the scheduler's timesteps (after `set_timesteps`) reach past the training ones.
+
+        Diffusers' SD-style configs ("leading" spacing, steps_offset=1) give timestep 1000 of 1000 when
+        `num_inference_steps` equals the training steps (diffusers issue #10003); say so before it fails deep inside.
+        """
+        scheduler_config = self.scheduler.config
+        last_timestep = int(self.scheduler.timesteps.max()) if len(self.scheduler.timesteps) else 0
+        if last_timestep >= scheduler_config.num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} with this scheduler's timestep_spacing="
+                f"{scheduler_config.get('timestep_spacing')!r} and steps_offset={scheduler_config.get('steps_offset')} "
+                f"reaches timestep {last_timestep}, past the model's {scheduler_config.num_train_timesteps} training "
+                "timesteps; use fewer steps or a scheduler built with steps_offset=0 or timestep_spacing='trailing' "
+                "(Scheduler.from_config(config, steps_offset=0))"
+            )
+
     # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.StableDiffusionImg2ImgPipeline.get_timesteps
     def get_timesteps(self, num_inference_steps, strength, device):
         # get the original timestep using init_timestep
@@ -1060,18 +1078,7 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
 
         # 5. Set timesteps: the last `strength` part of the schedule, visited in RePaint's order
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        # Diffusers' SD-style configs ("leading" spacing, steps_offset=1) give timestep 1000 of 1000 when
-        # num_inference_steps equals the training steps (diffusers issue #10003); say so before it fails deep inside.
-        scheduler_config = self.scheduler.config
-        last_timestep = int(self.scheduler.timesteps.max()) if len(self.scheduler.timesteps) else 0
-        if last_timestep >= scheduler_config.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} with this scheduler's timestep_spacing="
-                f"{scheduler_config.get('timestep_spacing')!r} and steps_offset={scheduler_config.get('steps_offset')} "
-                f"reaches timestep {last_timestep}, past the model's {scheduler_config.num_train_timesteps} training "
-                "timesteps; use fewer steps or a scheduler built with steps_offset=0 or timestep_spacing='trailing' "
-                "(Scheduler.from_config(config, steps_offset=0))"
-            )
+        self.check_timesteps(num_inference_steps)
         timesteps, num_steps = self.get_timesteps(num_inference_steps, strength, device)
         step_offset = len(self.scheduler.timesteps) - len(timesteps)
         schedule = repaint_schedule(num_steps, jump_length, jump_n_sample)
