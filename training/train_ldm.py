@@ -63,8 +63,7 @@ from latentdiff.train_utils import (
 logger = logging.getLogger("latentdiff.train_ldm")
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train; return ``{"global_step", "intervals": [(step, images_per_s, time), ...]}`` (for benchmarks)."""
+def main(argv: list[str] | None = None) -> None:
     config: Config = parse_args(argv, description=__doc__.split("\n\n")[0])
     train = config.train
     accelerator = make_accelerator(
@@ -208,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         train.max_steps, train.batch_size, batch_per_process, accelerator.num_processes, accelerator.device,
     )
     loss_sum = torch.zeros((), device=accelerator.device)
-    loss_count, last_batch, intervals = 0, None, []
+    loss_count, last_batch = 0, None
     interval_start, interval_images = time.perf_counter(), 0
     while state.global_step < train.max_steps:
         for batch in epoch_batches(accelerator, dataloader, dataset, state.epoch, state.epoch_batches):
@@ -266,7 +265,6 @@ def main(argv: list[str] | None = None) -> dict:
                 logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
                 progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
                 accelerator.log({**logs, "skipped_images": state.skipped_images}, step=state.global_step)
-                intervals.append((state.global_step, images_per_second, time.time()))
                 loss_sum.zero_()
                 loss_count = 0
                 interval_start, interval_images = time.perf_counter(), 0
@@ -307,7 +305,6 @@ def main(argv: list[str] | None = None) -> dict:
             folder = export_pipeline(pipeline, config, state, device=accelerator.device)
             logger.info("pipeline saved to %s", folder)
     accelerator.end_training()
-    return {"global_step": state.global_step, "intervals": intervals}
 
 
 if __name__ == "__main__":
