@@ -1,11 +1,19 @@
-"""The frozen text encoder's embedding cache: encoded once, same values, bounded memory."""
+"""The latent cache keeps each latent with its own image's captions; the frozen text encoder's
+embedding cache encodes each caption once, gives the same values, and bounds its memory."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
+import datasets
 import pytest
 import torch
+from PIL import Image
 
-from latentdiff.latent_cache import TextEmbeddingCache
+from latentdiff.config import DataConfig
+from latentdiff.data.loading import make_training_dataset
+from latentdiff.latent_cache import CachedLatentDataset, TextEmbeddingCache, collate_latents, encode_posteriors
 from latentdiff.train_utils import tokenize
 
 CAPTIONS = ["a red circle", "a blue square", "two green triangles", "a red circle above a blue square", ""]
@@ -22,6 +30,51 @@ class CountingEncoder(torch.nn.Module):
     def forward(self, input_ids):
         self.captions_encoded += input_ids.shape[0]
         return self.text_encoder(input_ids)
+
+
+SOLID_COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
+
+
+class PixelsAsLatents:
+    """Stands in for an ``AutoencoderKL`` whose posterior mean is the image itself (std 0.5), so a
+    cached latent shows which image it came from."""
+
+    config = SimpleNamespace(scaling_factor=2.0, shift_factor=None)
+    dtype = torch.float32
+
+    def encode(self, pixel_values):
+        latent_dist = SimpleNamespace(mean=pixel_values, std=torch.full_like(pixel_values, 0.5))
+        return SimpleNamespace(latent_dist=latent_dist)
+
+
+def test_cached_latents_keep_their_own_captions(tmp_path, monkeypatch):
+    """A broken image early in the folder shifts every later latent's position in the cache against its
+    dataset index; each latent must still come with the captions of the image it was encoded from."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rows = []
+    for number, color in enumerate([*SOLID_COLORS, *SOLID_COLORS]):
+        if number == 1:
+            (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+            rows.append({"file_name": "broken.png", "captions": ["a broken picture"]})
+        Image.new("RGB", (8, 8), SOLID_COLORS[color]).save(folder / f"{number}.png")
+        rows.append({"file_name": f"{number}.png", "captions": [f"a {color} picture", f"{color} all over"]})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    data = DataConfig(source="imagefolder", name=str(folder), caption_column="captions", resolution=8)
+    dataset = make_training_dataset(data, seed=0)
+    cache = encode_posteriors(dataset, PixelsAsLatents(), batch_size=3, device="cpu")
+    assert len(cache["index"]) == 2 * len(SOLID_COLORS)  # the broken image is left out
+    cached = CachedLatentDataset(cache, dataset)
+    for epoch in range(2):
+        cached.set_epoch(epoch)
+        batch = collate_latents([cached[position] for position in range(len(cached))])
+        assert torch.equal(batch["latent_std"], torch.ones_like(batch["latent_std"]))  # 0.5 * scaling factor 2
+        for latent, caption in zip(batch["latent_mean"], batch["captions"]):
+            color = caption.split()[1] if caption.startswith("a ") else caption.split()[0]
+            expected = 2.0 * (torch.tensor(SOLID_COLORS[color], dtype=torch.float32) / 127.5 - 1)
+            assert torch.allclose(latent.mean(dim=(1, 2)), expected, atol=0.05), (caption, latent.mean(dim=(1, 2)))
 
 
 def direct(components, captions):
