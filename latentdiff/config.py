@@ -174,6 +174,12 @@ class DiffusionConfig:
     """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice. None: off."""
     noise_offset: float = 0.0
     """Offset noise (Guttenberg 2023): add ``noise_offset * N(0, 1)`` per channel to the noise."""
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    """How training draws ``t``: uniformly, or ``t = T * sigmoid(n)`` with ``n ~ N(timestep_mean,
+    timestep_std)`` (logit-normal, Esser et al. 2024, Sec. 3.1); a positive mean spends more steps at
+    high noise, where the caption decides the layout."""
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
 
 
 @dataclass
@@ -255,6 +261,13 @@ class TrainConfig:
     """Write the pipeline folder, its sample grid and model card at the end."""
     log_every: int = 10
     """Read the loss back from the device every N steps (a host-device synchronisation)."""
+    caption_gap_steps: int = 100
+    """Measure the caption gap (:mod:`latentdiff.probes`) every N steps and at the end; 0: never."""
+    caption_gap_images: int = 64
+    """Held images of the caption gap (a multiple of 4: four bands of t)."""
+    adherence_probe_prompts: int = 2
+    """At each validation, judge this many prompts per task of the shapes suite (shapes data only); 0: off."""
+    adherence_probe_steps: int = 10
     report_to: str = "tensorboard"
     """Accelerate tracker: tensorboard, wandb, all or none."""
     scale_lr: bool = False

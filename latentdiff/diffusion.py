@@ -89,6 +89,27 @@ def training_target(
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
 
 
+def predicted_clean_latents(
+    scheduler: DDPMScheduler, noisy_latents: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The network's estimate of ``x_0`` from its prediction of any type (DDPM eq. 15; for v,
+    ``x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v``, Salimans & Ho 2022, eq. 11 rearranged).
+
+    Errors in this space are comparable between prediction types: they are errors in the image.
+    """
+    alpha_bar = scheduler.alphas_cumprod.to(device=noisy_latents.device, dtype=torch.float32)[timesteps]
+    alpha_bar = alpha_bar.view(-1, *([1] * (noisy_latents.ndim - 1)))
+    x_t, prediction = noisy_latents.float(), prediction.float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (x_t - (1 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * prediction
+    if prediction_type == "sample":
+        return prediction
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
+
+
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, eq. 8 and Sec. 3.4).
 
@@ -105,6 +126,33 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     if prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped
+
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    """How training draws ``t``: ``uniform``, or ``logit_normal`` with ``mean`` and ``std`` of the logit."""
+
+    kind: str = "uniform"
+    mean: float = 0.0
+    std: float = 1.0
+
+
+def sample_timesteps(
+    num_train_timesteps: int,
+    batch_size: int,
+    sampling: TimestepSampling | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Training timesteps: ``U{0, ..., T-1}`` (DDPM), or logit-normal: ``t = floor(T * sigmoid(n))``,
+    ``n ~ N(mean, std^2)`` (Esser et al. 2024, "Scaling Rectified Flow Transformers", eq. 19), which
+    with ``mean > 0`` concentrates the steps at high noise."""
+    if sampling is None or sampling.kind == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
+    if sampling.kind == "logit_normal":
+        logits = torch.randn((batch_size,), generator=generator, device=device) * sampling.std + sampling.mean
+        return (torch.sigmoid(logits) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    raise ValueError(f"unknown timestep sampling {sampling.kind!r}; expected uniform or logit_normal")
 
 
 @dataclass
@@ -124,6 +172,7 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     generator: torch.Generator | None = None,
+    timestep_sampling: TimestepSampling | None = None,
 ) -> DiffusionLoss:
     """Monte-Carlo estimate of the denoising loss on a batch of clean latents ``x_0``.
 
@@ -133,8 +182,8 @@ def diffusion_loss(
     """
     batch_size = latents.shape[0]
     noise = sample_noise(latents, noise_offset, generator)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator, device=latents.device
+    timesteps = sample_timesteps(
+        scheduler.config.num_train_timesteps, batch_size, timestep_sampling, generator, latents.device
     )
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
@@ -143,3 +192,79 @@ def diffusion_loss(
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)
     return DiffusionLoss(loss=per_sample.mean(), timesteps=timesteps, per_sample=per_sample)
+
+
+@dataclass
+class CaptionGap:
+    """Error of the predicted clean latent with the true, the empty and a shuffled caption, by band of t.
+
+    A model that reads its text has ``true < empty < shuffled``; the bands where ``empty - true`` is
+    large are where the caption decides the image.
+    """
+
+    bands: list[tuple[int, int]]
+    true: list[float]
+    empty: list[float]
+    shuffled: list[float]
+
+    def logs(self, prefix: str = "caption_gap") -> dict[str, float]:
+        """Flat scalars for the trackers, e.g. ``caption_gap/t750-1000/empty``."""
+        logs = {}
+        for (low, high), true, empty, shuffled in zip(self.bands, self.true, self.empty, self.shuffled):
+            band = f"{prefix}/t{low}-{high}"
+            logs.update({f"{band}/true": true, f"{band}/empty": empty, f"{band}/shuffled": shuffled})
+        return logs
+
+    def summary(self) -> str:
+        """One line: ``t0-250 0.051/0.052/0.060 | ...`` (true / empty / shuffled)."""
+        return " | ".join(
+            f"t{low}-{high} {true:.4f}/{empty:.4f}/{shuffled:.4f}"
+            for (low, high), true, empty, shuffled in zip(self.bands, self.true, self.empty, self.shuffled)
+        )
+
+
+def caption_gap_timesteps(num_train_timesteps: int, num_bands: int, per_band: int) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """``num_bands`` equal bands of ``[0, T)`` and ``per_band`` evenly spread timesteps in each."""
+    edges = [round(i * num_train_timesteps / num_bands) for i in range(num_bands + 1)]
+    bands = list(zip(edges[:-1], edges[1:]))
+    timesteps = [
+        low + int((j + 0.5) * (high - low) / per_band) for low, high in bands for j in range(per_band)
+    ]
+    return bands, torch.tensor(timesteps, dtype=torch.long)
+
+
+@torch.no_grad()
+def caption_gap(
+    denoiser: DenoiserFn,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    true_states: torch.Tensor,
+    empty_states: torch.Tensor,
+    shuffled_states: torch.Tensor,
+    noise: torch.Tensor,
+    num_bands: int = 4,
+) -> CaptionGap:
+    """Measure how much the denoiser's ``x_0`` estimate depends on its caption, by noise level.
+
+    ``latents`` (``[N, C, H, W]``, N a multiple of ``num_bands``) and ``noise`` are a fixed held
+    batch; image ``i`` is noised at the ``i``-th timestep of :func:`caption_gap_timesteps`, so each
+    band sees ``N / num_bands`` images at evenly spread ``t``. The same noisy latents are denoised
+    three times, conditioned on ``true_states`` (each image's own caption), ``empty_states`` (the
+    unconditional prompt) and ``shuffled_states`` (another image's caption); the mean squared error
+    of :func:`predicted_clean_latents` against ``x_0`` is averaged per band.
+    """
+    num_images = latents.shape[0]
+    if num_images % num_bands:
+        raise ValueError(f"caption_gap needs a multiple of num_bands={num_bands} images, got {num_images}")
+    bands, timesteps = caption_gap_timesteps(
+        scheduler.config.num_train_timesteps, num_bands, num_images // num_bands
+    )
+    timesteps = timesteps.to(latents.device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    errors = {}
+    for name, states in (("true", true_states), ("empty", empty_states), ("shuffled", shuffled_states)):
+        prediction = denoiser(noisy_latents, timesteps, states)
+        clean = predicted_clean_latents(scheduler, noisy_latents, prediction, timesteps)
+        per_image = (clean - latents.float()).pow(2).mean(dim=(1, 2, 3))
+        errors[name] = per_image.view(num_bands, -1).mean(dim=1).tolist()
+    return CaptionGap(bands=bands, **errors)

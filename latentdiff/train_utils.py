@@ -120,15 +120,17 @@ def latent_scale_and_shift(vae) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Scaled latents ``z ~ q(z | x)`` of images in [-1, 1] (Rombach et al. 2022, Sec. 3 and App. G).
+def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None, mean: bool = False) -> torch.Tensor:
+    """Scaled latents ``z ~ q(z | x)`` of images in [-1, 1] (Rombach et al. 2022, Sec. 3 and App. G);
+    with ``mean=True`` the posterior mean instead of a sample.
 
     ``vae=None`` is a pixel-space model: the images are the "latents".
     """
     if vae is None:
         return pixel_values
     scale, shift = latent_scale_and_shift(vae)
-    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator=generator)
+    posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+    latents = posterior.mean if mean else posterior.sample(generator=generator)
     return (latents - shift) * scale
 
 

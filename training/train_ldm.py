@@ -16,6 +16,7 @@ Outputs under ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -36,7 +37,7 @@ from latentdiff.checkpointing import (
 )
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import ImageTextDataset, collate_image_text, make_training_dataset
-from latentdiff.diffusion import diffusion_loss, make_noise_scheduler
+from latentdiff.diffusion import CaptionGap, TimestepSampling, diffusion_loss, make_noise_scheduler
 from latentdiff.latent_cache import (
     CachedLatentDataset,
     TextEmbeddingCache,
@@ -44,6 +45,7 @@ from latentdiff.latent_cache import (
     load_or_build_latent_cache,
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
+from latentdiff.probes import CaptionGapProbe, adherence_probe, held_examples
 from latentdiff.sampling import export_pipeline, make_pipeline, sample_grid
 from latentdiff.train_utils import (
     TrainingRNG,
@@ -131,6 +133,17 @@ def main(argv: list[str] | None = None) -> None:
         dataset, collate_fn = CachedLatentDataset(cache, dataset), collate_latents
     dataloader = make_train_dataloader(dataset, batch_per_process, collate_fn, config.data.num_workers, accelerator)
 
+    def encode_text(captions: list[str]) -> torch.Tensor:
+        if text_embeddings is not None:
+            return text_embeddings(captions)
+        return text_encoder(tokenize(tokenizer, captions).to(accelerator.device))[0]
+
+    caption_gap_probe = None
+    if train.caption_gap_steps:
+        held_pixels, held_captions = held_examples(config.data, config.seed, train.caption_gap_images)
+        held_latents = encode_images(vae, held_pixels.to(accelerator.device, weight_dtype), None, mean=True).float()
+        caption_gap_probe = CaptionGapProbe(held_latents, held_captions, encode_text, seed=config.seed)
+
     # 4. Optimizer, learning-rate schedule, EMA of the weights.
     optimizer_config = train.optimizer
     learning_rate = optimizer_config.learning_rate
@@ -178,6 +191,15 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         accelerator.init_trackers("latentdiff-ldm", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
 
+    def measure_caption_gap(step: int) -> None:
+        """The caption gap of the weights being trained, on the held batch; logged per band."""
+        unet.eval()
+        text_encoder.eval()
+        gap = caption_gap_probe.measure(lambda x, t, c: unet(x, t, c).sample, noise_scheduler, step)
+        accelerator.log(gap.logs(), step=step)
+        unet.train()
+        text_encoder.train(train_text_encoder)
+
     def validate(step: int) -> None:
         """Sample the fixed validation prompts with the EMA weights; save and log the grid."""
         if ema is not None:
@@ -193,12 +215,25 @@ def main(argv: list[str] | None = None) -> None:
             os.makedirs(os.path.join(config.output_dir, "validation"), exist_ok=True)
             grid.save(os.path.join(config.output_dir, "validation", f"step-{step:06d}.png"))
             log_images(accelerator, "validation", grid, step)
+            if train.adherence_probe_prompts and config.data.source == "shapes":
+                with accelerator.autocast():
+                    probe = adherence_probe(
+                        pipeline, config.data.shapes.holdout, train.adherence_probe_prompts,
+                        train.adherence_probe_steps, config.sample.guidance_scale,
+                    )
+                accelerator.log(probe, step=step)
+                adherence_history.append({"step": step, **probe})
+                logger.info("adherence probe at step %d: %.3f overall", step, probe["adherence_probe/overall"])
         if ema is not None:
             ema.restore(trained_parameters)
         unet.train()
         text_encoder.train(train_text_encoder)
 
     # 6. The training loop.
+    adherence_history: list[dict] = []
+    timestep_sampling = TimestepSampling(
+        config.diffusion.timestep_sampling, config.diffusion.timestep_mean, config.diffusion.timestep_std
+    )
     progress = tqdm(
         total=train.max_steps, initial=state.global_step, desc="train", disable=not accelerator.is_local_main_process
     )
@@ -240,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                     snr_gamma=config.diffusion.snr_gamma,
                     noise_offset=config.diffusion.noise_offset,
                     generator=rng.generator,
+                    timestep_sampling=timestep_sampling,
                 )
                 accelerator.backward(output.loss * loss_weight)
                 if accelerator.sync_gradients and train.optimizer.max_grad_norm:
@@ -272,6 +308,10 @@ def main(argv: list[str] | None = None) -> None:
                 state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps
             ):
                 save_checkpoint(accelerator, config.output_dir, state, train.checkpoints_total_limit, rng)
+            if caption_gap_probe is not None and (
+                state.global_step % train.caption_gap_steps == 0 or state.global_step == train.max_steps
+            ):
+                measure_caption_gap(state.global_step)
             if train.validation_steps and state.global_step % train.validation_steps == 0:
                 validate(state.global_step)
             if state.global_step >= train.max_steps:
@@ -284,6 +324,17 @@ def main(argv: list[str] | None = None) -> None:
                 )
             state.epoch, state.epoch_batches = state.epoch + 1, 0
     progress.close()
+    if caption_gap_probe is not None and caption_gap_probe.history and accelerator.is_main_process:
+        last = caption_gap_probe.history[-1]
+        logger.info(
+            "caption gap at step %d (x0 error with the true / empty / shuffled caption): %s",
+            last["step"], CaptionGap(last["bands"], last["true"], last["empty"], last["shuffled"]).summary(),
+        )
+        with open(os.path.join(config.output_dir, "caption_gap.json"), "w", encoding="utf-8") as file:
+            json.dump(caption_gap_probe.history, file, indent=1)
+    if adherence_history and accelerator.is_main_process:
+        with open(os.path.join(config.output_dir, "adherence_probe.json"), "w", encoding="utf-8") as file:
+            json.dump(adherence_history, file, indent=1)
     if state.skipped_images:
         logger.warning("skipped %d images that failed to decode", state.skipped_images)
 
