@@ -98,8 +98,10 @@ def main() -> None:
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--note", default="", help="what the variant changes, in words")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing run again")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.overrides = overrides
 
     output_dir = os.path.join("runs", "ablation", args.name)
     overrides = [f"output_dir={output_dir}", f"model.vae.pretrained={args.vae}", "train.checkpointing_steps=0",

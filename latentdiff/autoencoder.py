@@ -150,3 +150,49 @@ def measure_scaling_factor(vae, batches, generator: torch.Generator | None = Non
     mean = total / count
     std = max(total_sq / count - mean**2, 1e-12) ** 0.5
     return 1.0 / std
+
+
+@torch.no_grad()
+def normalize_latents(vae, batches, generator: torch.Generator | None = None) -> tuple[list[float], list[float]]:
+    """Fold a per-channel standardization of the latents into the autoencoder itself.
+
+    Diffusion assumes zero-mean, unit-variance data, but an autoencoder trained from scratch gives
+    neither (the default's first one: channel means -0.05 to -0.94, stds 0.48 to 1.53 after the
+    single ``scaling_factor``). Rombach et al. 2022 (App. G) rescale by one global factor; here each
+    channel ``c`` is standardized, ``z' = (z - mu_c) / sigma_c``, measured on samples of ``q(z|x)``
+    over ``batches``, and written into the two 1x1 convolutions around the latent:
+
+    - ``quant_conv`` (moments): the mean half becomes ``(mean - mu) / sigma``, the log-variance
+      half ``logvar - 2 log sigma``, so ``q(z'|x)`` is exactly the standardized posterior;
+    - ``post_quant_conv``: its weights take ``sigma`` per input channel and its bias ``W @ mu``, so
+      decoding ``z'`` gives what decoding ``z`` gave.
+
+    ``scaling_factor`` becomes 1. A stock ``StableDiffusionPipeline`` (which only divides by
+    ``scaling_factor``) therefore still decodes correctly, and nothing else has to know.
+
+    Returns the measured ``(mu, sigma)`` per channel.
+    """
+    if vae.quant_conv is None or vae.post_quant_conv is None:
+        raise ValueError("normalize_latents needs an AutoencoderKL with quant_conv and post_quant_conv")
+    total, total_sq, count = None, None, 0
+    for pixel_values in batches:
+        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator).double()
+        sums, squares = latents.sum(dim=(0, 2, 3)), (latents**2).sum(dim=(0, 2, 3))
+        total = sums if total is None else total + sums
+        total_sq = squares if total_sq is None else total_sq + squares
+        count += latents.numel() // latents.shape[1]
+    if count == 0:
+        raise ValueError("no images to measure the latent statistics on")
+    mu = total / count
+    sigma = (total_sq / count - mu**2).clamp(min=1e-12).sqrt()
+    channels = mu.numel()
+    quant, post = vae.quant_conv, vae.post_quant_conv
+    mu_w, sigma_w = mu.to(quant.weight.dtype), sigma.to(quant.weight.dtype)
+    bias_mu, bias_sigma = mu.to(post.weight.dtype), sigma.to(post.weight.dtype)
+    quant.weight[:channels] /= sigma_w.view(-1, 1, 1, 1)
+    quant.bias[:channels] = (quant.bias[:channels] - mu_w) / sigma_w
+    quant.bias[channels:] -= 2 * sigma_w.log()
+    post.bias += post.weight[:, :, 0, 0] @ bias_mu
+    post.weight *= bias_sigma.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
+    return mu.tolist(), sigma.tolist()

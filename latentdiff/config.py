@@ -226,6 +226,10 @@ class VAETrainConfig:
     adversarial_start_step: int = 0
     scaling_samples: int = 1024
     """Images encoded to measure the latent scaling factor (1 / std of the latents)."""
+    normalize_latents: bool = False
+    """Standardize each latent channel (zero mean, unit variance) and fold it into the autoencoder's
+    ``quant_conv`` / ``post_quant_conv`` (:func:`latentdiff.autoencoder.normalize_latents`), instead of one
+    global scaling factor."""
     mixed_precision: MixedPrecision = "no"
     checkpointing_steps: int = 500
     """Save a resumable checkpoint every N steps and at the end; 0: never."""

@@ -242,8 +242,12 @@ def build_tokenizer(config: ModelConfig) -> CLIPTokenizer:
     if config.tokenizer:
         return _from_pretrained(CLIPTokenizer, config.tokenizer, None, "model.tokenizer")
     tokenizer = clip_tokenizer()
-    if tokenizer.model_max_length != CONTEXT_LENGTH:  # pragma: no cover - guarded by clip_tokenizer
-        raise AssertionError("the CLIP tokenizer's context is 77 tokens")
+    text = config.text_encoder
+    if not text.pretrained and text.max_position_embeddings < CONTEXT_LENGTH:
+        # A text encoder trained from scratch may have a shorter context than CLIP's 77 tokens (the
+        # shapes captions need at most 25): the tokenizer pads to it, and saves it in its
+        # tokenizer_config.json, so every pipeline, stock ones included, pads the same way.
+        tokenizer.model_max_length = text.max_position_embeddings
     return tokenizer
 
 

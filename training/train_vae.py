@@ -34,6 +34,7 @@ from latentdiff.autoencoder import (
     hinge_discriminator_loss,
     kl_loss,
     measure_scaling_factor,
+    normalize_latents,
     reconstruction_loss,
 )
 from latentdiff.checkpointing import TrainingState, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
@@ -232,9 +233,16 @@ def main(argv: list[str] | None = None) -> None:
         )
         images = (batch["pixel_values"] for batch in measure_loader if batch_size_of(batch))
         batches = itertools.islice(images, -(-train.scaling_samples // batch_per_process))
-        scaling_factor = measure_scaling_factor(vae, batches, generator=rng.generator)
-        vae.register_to_config(scaling_factor=scaling_factor)
-        logger.info("latent scaling factor (1 / std of latents): %.5f", scaling_factor)
+        if train.normalize_latents:
+            mean, std = normalize_latents(vae, batches, generator=rng.generator)
+            logger.info(
+                "latents standardized per channel inside the autoencoder (measured mean %s, std %s)",
+                [round(v, 3) for v in mean], [round(v, 3) for v in std],
+            )
+        else:
+            scaling_factor = measure_scaling_factor(vae, batches, generator=rng.generator)
+            vae.register_to_config(scaling_factor=scaling_factor)
+            logger.info("latent scaling factor (1 / std of latents): %.5f", scaling_factor)
 
         folder = os.path.join(config.output_dir, VAE_DIR)
         partial = folder + ".partial"

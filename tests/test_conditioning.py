@@ -1,0 +1,116 @@
+"""The instruments of the conditioning research: caption gap, timestep sampling, latent standardization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+
+from latentdiff.autoencoder import normalize_latents
+from latentdiff.diffusion import (
+    TimestepSampling,
+    caption_gap,
+    caption_gap_timesteps,
+    predicted_clean_latents,
+    sample_timesteps,
+    training_target,
+)
+
+
+def _scheduler(prediction_type: str, zero_snr: bool = False) -> DDPMScheduler:
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+
+
+@pytest.mark.parametrize("prediction_type, zero_snr", [("epsilon", False), ("v_prediction", True), ("sample", False)])
+def test_the_exact_target_gives_back_the_clean_latents(prediction_type, zero_snr):
+    scheduler = _scheduler(prediction_type, zero_snr)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(6, 4, 8, 8, generator=generator), torch.randn(6, 4, 8, 8, generator=generator)
+    # epsilon cannot recover x_0 at t = T - 1 of a schedule whose terminal SNR is ~0: stay below it there
+    timesteps = torch.tensor([0, 10, 250, 500, 900, 999 if zero_snr or prediction_type == "sample" else 990])
+    timesteps = timesteps[:6]
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = training_target(scheduler, latents, noise, timesteps)
+    torch.testing.assert_close(predicted_clean_latents(scheduler, noisy, target, timesteps), latents, rtol=1e-4, atol=1e-4)
+    # and a wrong prediction does not
+    assert (predicted_clean_latents(scheduler, noisy, target + 0.1, timesteps) - latents).abs().max() > 1e-3
+
+
+def test_caption_gap_is_zero_for_a_denoiser_that_ignores_its_text_and_positive_for_one_that_reads_it():
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    generator = torch.Generator().manual_seed(1)
+    latents = torch.randn(8, 4, 4, 4, generator=generator)
+    noise = torch.randn(8, 4, 4, 4, generator=generator)
+    # "text": each image's clean latent flattened, so a denoiser can read x_0 from its caption
+    true_states = latents.flatten(1)[:, None, :]
+    empty_states = torch.zeros_like(true_states)
+    shuffled_states = true_states.roll(1, dims=0)
+
+    def blind(x, t, states):
+        return torch.zeros_like(x)
+
+    gap = caption_gap(blind, scheduler, latents, true_states, empty_states, shuffled_states, noise)
+    assert gap.bands == [(0, 250), (250, 500), (500, 750), (750, 1000)]
+    assert gap.true == gap.empty == gap.shuffled
+
+    def reader(x, t, states):
+        # v that maps x_t to the x_0 written in the caption: v = (sqrt(ab) x_t - x_0) / sqrt(1 - ab)
+        alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        clean = states[:, 0, :].view_as(x)
+        return (alpha_bar.sqrt() * x - clean) / (1 - alpha_bar).sqrt()
+
+    gap = caption_gap(reader, scheduler, latents, true_states, empty_states, shuffled_states, noise)
+    for true, empty, shuffled in zip(gap.true, gap.empty, gap.shuffled):
+        assert true < 1e-8 < empty < shuffled
+    assert "t750-1000" in gap.summary() and set(gap.logs()) >= {"caption_gap/t0-250/true", "caption_gap/t750-1000/shuffled"}
+
+    with pytest.raises(ValueError, match="multiple of num_bands"):
+        caption_gap(blind, scheduler, latents[:6], true_states[:6], empty_states[:6], shuffled_states[:6], noise[:6])
+
+
+def test_caption_gap_timesteps_are_spread_inside_their_bands():
+    bands, timesteps = caption_gap_timesteps(1000, 4, 4)
+    assert bands == [(0, 250), (250, 500), (500, 750), (750, 1000)]
+    for index, (low, high) in enumerate(bands):
+        inside = timesteps[index * 4 : (index + 1) * 4]
+        assert ((inside >= low) & (inside < high)).all() and len(set(inside.tolist())) == 4
+
+
+def test_logit_normal_timesteps_lean_to_high_noise_and_stay_in_range():
+    generator = torch.Generator().manual_seed(0)
+    uniform = sample_timesteps(1000, 20000, None, generator)
+    shifted = sample_timesteps(1000, 20000, TimestepSampling("logit_normal", mean=1.0, std=1.0), generator)
+    assert 0 <= shifted.min() and shifted.max() <= 999 and shifted.dtype == torch.long
+    assert abs(uniform.float().median().item() - 500) < 20
+    # median of T * sigmoid(N(1, 1)) is T * sigmoid(1) = 731
+    assert abs(shifted.float().median().item() - 731) < 20
+    again = sample_timesteps(1000, 8, TimestepSampling("logit_normal", 1.0, 1.0), torch.Generator().manual_seed(3))
+    assert torch.equal(again, sample_timesteps(1000, 8, TimestepSampling("logit_normal", 1.0, 1.0), torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        sample_timesteps(1000, 8, TimestepSampling("cosine"), generator)
+
+
+def test_normalized_latents_are_standard_and_decode_as_before():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).eval()
+    # shift and stretch the latent channels, as an autoencoder trained from scratch does
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([2.0, -1.0, 0.5, -3.0])
+        vae.quant_conv.weight[:4] *= torch.tensor([3.0, 0.5, 1.0, 2.0]).view(-1, 1, 1, 1)
+    reference = AutoencoderKL.from_config(vae.config)
+    reference.load_state_dict(vae.state_dict())
+    images = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    mean, std = normalize_latents(vae, images.split(16), torch.Generator().manual_seed(2))
+    assert vae.config.scaling_factor == 1.0 and len(mean) == len(std) == 4
+    with torch.no_grad():
+        posterior, before = vae.encode(images).latent_dist, reference.encode(images).latent_dist
+        np.testing.assert_allclose(posterior.mean.mean(dim=(0, 2, 3)).numpy(), 0, atol=0.05)
+        np.testing.assert_allclose(posterior.sample(torch.Generator().manual_seed(3)).std(dim=(0, 2, 3)).numpy(), 1, atol=0.1)
+        # the same posterior, standardized: z' = (z - mu) / sigma, and decoding z' is decoding z
+        mu, sigma = torch.tensor(mean).view(1, -1, 1, 1).float(), torch.tensor(std).view(1, -1, 1, 1).float()
+        torch.testing.assert_close(posterior.mean, (before.mean - mu) / sigma, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(posterior.std, before.std / sigma, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(vae.decode(posterior.mean).sample, reference.decode(before.mean).sample, rtol=1e-4, atol=1e-4)
