@@ -56,8 +56,8 @@ def _oracle_eval(model: str, out: str, images_per_prompt: int) -> dict:
     from latentdiff.eval.adherence import evaluate_adherence, format_report, model_holdout, select_prompts
     from latentdiff.eval.suite import shapes_suite
     from latentdiff.pipelines import LatentPipeline
-    from latentdiff.schedulers import scheduler_from_name
-    from latentdiff.tokenizer import clip_tokenizer
+    from latentdiff.models.schedulers import scheduler_from_name
+    from latentdiff.models.tokenizer import clip_tokenizer
 
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae")

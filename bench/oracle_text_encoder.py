@@ -20,7 +20,7 @@ from diffusers.configuration_utils import register_to_config
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from latentdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, RELATION_PHRASES, SHAPES, SIZES
-from latentdiff.tokenizer import clip_tokenizer
+from latentdiff.models.tokenizer import clip_tokenizer
 
 _POSITIONS = sorted(POSITIONS, key=len, reverse=True)  # longest first: "at the top left" before "at the top"
 _NOUN_PHRASE = re.compile(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 
-from latentdiff.autoencoder import normalize_latents
+from latentdiff.trainer.autoencoder import normalize_latents
 from latentdiff.diffusion import (
     TimestepSampling,
     caption_gap,

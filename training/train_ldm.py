@@ -28,7 +28,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from latentdiff.checkpointing import (
+from latentdiff.trainer.checkpointing import (
     TrainingState,
     load_checkpoint,
     remove_partial_checkpoints,
@@ -38,16 +38,16 @@ from latentdiff.checkpointing import (
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import ImageTextDataset, collate_image_text, make_training_dataset
 from latentdiff.diffusion import CaptionGap, TimestepSampling, diffusion_loss, make_noise_scheduler
-from latentdiff.latent_cache import (
+from latentdiff.trainer.latent_cache import (
     CachedLatentDataset,
     TextEmbeddingCache,
     collate_latents,
     load_or_build_latent_cache,
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
-from latentdiff.probes import CaptionGapProbe, adherence_probe, held_examples
+from latentdiff.trainer.probes import CaptionGapProbe, adherence_probe, held_examples
 from latentdiff.sampling import export_pipeline, make_pipeline, sample_grid
-from latentdiff.train_utils import (
+from latentdiff.trainer.train_utils import (
     TrainingRNG,
     batch_size_of,
     drop_captions,

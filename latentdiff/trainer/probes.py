@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from .config import DataConfig
-from .diffusion import CaptionGap, caption_gap
+from ..config import DataConfig
+from ..diffusion import CaptionGap, caption_gap
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def held_examples(data: DataConfig, seed: int, num_images: int) -> tuple[torch.T
     source: the first ``num_images`` usable examples of the training data (the gap then also
     measures how well those were learned).
     """
-    from .data.loading import make_training_dataset
+    from ..data.loading import make_training_dataset
 
     if data.source == "shapes":
         shapes = dataclasses.replace(data.shapes, seed=data.shapes.seed + HELD_SCENES_SEED_OFFSET, num_samples=num_images)
@@ -103,8 +103,8 @@ class CaptionGapProbe:
 def adherence_probe(pipeline, holdout, prompts_per_task: int, steps: int, guidance: float, device=None) -> dict[str, float]:
     """Overall and per-task accuracy of ``pipeline`` on ``prompts_per_task`` prompts of each task of the
     shapes suite, one image each, ``steps`` DPM-Solver++ steps: a quick curve, not ``latentdiff eval``."""
-    from .eval.adherence import evaluate_adherence, select_prompts
-    from .eval.suite import shapes_suite
+    from ..eval.adherence import evaluate_adherence, select_prompts
+    from ..eval.suite import shapes_suite
 
     suite = select_prompts(shapes_suite(holdout), max_prompts_per_task=prompts_per_task)
     results = evaluate_adherence(
