@@ -82,7 +82,30 @@ def _oracle_eval(model: str, out: str, images_per_prompt: int) -> dict:
     return results.to_json()
 
 
+TASK_COLUMNS = ("single_object", "color", "shape", "position", "counting", "two_objects", "relation", "color_binding")
+
+
+def table(records_file: str = RECORDS) -> str:
+    """The records as one markdown table: adherence per task, caption gap in the top band, cost."""
+    header = ("| variant | overall | " + " | ".join(TASK_COLUMNS) + " | unseen | caption gap t750-1000 "
+              "(true / empty / shuffled) | images seen | stage-2 min |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    with open(records_file, encoding="utf-8") as file:
+        records = [json.loads(line) for line in file if line.strip()]
+    for record in records:
+        gap = record.get("caption_gap")
+        top = f"{gap['true'][-1]:.3f} / {gap['empty'][-1]:.3f} / {gap['shuffled'][-1]:.3f}" if gap else "-"
+        tasks = " | ".join(f"{record['tasks'].get(task, 0):.2f}" for task in TASK_COLUMNS)
+        unseen = f"{record['unseen']:.2f}" if record["unseen"] is not None else "-"
+        lines.append(f"| {record['name']} | **{record['overall']:.3f}** | {tasks} | {unseen} | {top} | "
+                     f"{record['images_seen']:,} | {record['stage2_minutes'] or '-'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--table":
+        print(table(sys.argv[2] if len(sys.argv) > 2 else RECORDS))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--_oracle-train":
         _oracle_main(sys.argv[2:])
         return

@@ -92,7 +92,11 @@ class TextEncoderConfig:
     num_attention_heads: int = 4
     intermediate_size: int = 512
     max_position_embeddings: int = 77
+    """Text positions: the context the tokenizer pads to (at most CLIP's 77; the shapes captions need 25)."""
     hidden_act: str = "quick_gelu"
+    contrastive_pretraining: bool = False
+    """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
+    (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
 
 
 @dataclass
@@ -238,6 +242,30 @@ class VAETrainConfig:
 
 
 @dataclass
+class TextTrainConfig:
+    """Contrastive pretraining of the text encoder (``training/train_text.py``), when
+    ``model.text_encoder.contrastive_pretraining`` is on: CLIP's objective (Radford et al. 2021) between
+    the captions and a small vision transformer over the training images, which is then discarded."""
+
+    max_steps: int = 300
+    batch_size: int = 256
+    """Image-caption pairs per step: the negatives of each pair are the other pairs of the batch."""
+    gradient_accumulation_steps: int = 1
+    optimizer: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=20,
+                                                adam_weight_decay=0.1)
+    )
+    image_encoder_width: int = 128
+    image_encoder_layers: int = 2
+    image_encoder_patch_size: int = 8
+    projection_dim: int = 128
+    mixed_precision: MixedPrecision = "no"
+    checkpointing_steps: int = 100
+    checkpoints_total_limit: int | None = 2
+    log_every: int = 10
+
+
+@dataclass
 class TrainConfig:
     """Stage 2: the text-conditional U-Net (``training/train_ldm.py``)."""
 
@@ -315,6 +343,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    text_train: TextTrainConfig = field(default_factory=TextTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 

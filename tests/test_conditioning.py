@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,55 @@ def test_normalized_latents_are_standard_and_decode_as_before():
         torch.testing.assert_close(posterior.mean, (before.mean - mu) / sigma, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(posterior.std, before.std / sigma, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(vae.decode(posterior.mean).sample, reference.decode(before.mean).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_contrastive_model_starts_from_the_text_encoder_and_gives_it_back():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from latentdiff.config import TextTrainConfig
+    from latentdiff.trainer.text_pretraining import build_contrastive_model, retrieval_accuracy, text_encoder_of
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=16)).eval()
+    model = build_contrastive_model(text_encoder, TextTrainConfig(image_encoder_width=32, image_encoder_layers=1,
+                                                                  projection_dim=16), image_size=32).eval()
+    ids = torch.randint(0, 1000, (3, 16))
+    with torch.no_grad():
+        # the text tower is the text encoder, weights included
+        torch.testing.assert_close(model.text_model(ids).last_hidden_state, text_encoder(ids).last_hidden_state)
+        out = model(input_ids=ids, pixel_values=torch.randn(3, 3, 32, 32), return_loss=True)
+    assert out.loss.ndim == 0 and out.logits_per_text.shape == (3, 3)
+    copied = text_encoder_of(model).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(copied(ids).last_hidden_state, text_encoder(ids).last_hidden_state)
+    # retrieval: a caption counts as found when the best image is its own, or one with the same caption
+    logits = torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 1.0], [0.0, 1.0, 2.0]])
+    assert retrieval_accuracy(logits, ["a", "b", "c"]).item() == pytest.approx(2 / 3)
+    assert retrieval_accuracy(logits, ["a", "a", "c"]).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="patch_size"):
+        build_contrastive_model(text_encoder, TextTrainConfig(image_encoder_patch_size=5), image_size=32)
+
+
+@pytest.mark.slow
+def test_text_stage_feeds_stage_two(tmp_path):
+    """train_text.py writes a text encoder that train_ldm.py loads, frozen and cached, with a 32-token context."""
+    from test_training import TRAIN_LDM, TRAIN_VAE, run_script
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    train_text = str(Path(TRAIN_LDM).with_name("train_text.py"))
+    common = [f"output_dir={tmp_path}", "model.text_encoder.contrastive_pretraining=true",
+              "model.text_encoder.max_position_embeddings=32"]
+    skipped = run_script(train_text, f"output_dir={tmp_path}")
+    assert "nothing to do" in skipped.stdout and not (tmp_path / "text_encoder").exists()
+    run_script(TRAIN_VAE, *common)
+    missing = run_script(TRAIN_LDM, *common, check=False)
+    assert missing.returncode == 2 and "run training/train_text.py" in missing.stderr
+    run_script(train_text, *common, "text_train.max_steps=3", "text_train.batch_size=16", "text_train.checkpointing_steps=2")
+    assert sorted(p.name for p in (tmp_path / "text_stage" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    pretrained = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
+    run_script(TRAIN_LDM, *common, "model.text_encoder.train=false", "train.cache=true", "train.max_steps=2")
+    exported = CLIPTextModel.from_pretrained(tmp_path / "pipeline" / "text_encoder")
+    for name, tensor in pretrained.state_dict().items():
+        assert torch.equal(tensor, exported.state_dict()[name]), name
+    assert CLIPTokenizer.from_pretrained(tmp_path / "pipeline" / "tokenizer").model_max_length == 32

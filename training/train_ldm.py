@@ -86,6 +86,15 @@ def main(argv: list[str] | None = None) -> None:
                 "Hub id (or model.pixel_space=true for a pixel-space model)."
             )
         config.model.vae.pretrained = stage1_vae
+    text = config.model.text_encoder
+    if text.contrastive_pretraining and not text.pretrained:
+        pretrained_text = os.path.join(config.output_dir, "text_encoder")
+        if not os.path.isfile(os.path.join(pretrained_text, "config.json")):
+            raise ConfigError(
+                f"model.text_encoder.contrastive_pretraining is on but {pretrained_text!r} does not exist: run "
+                "training/train_text.py with the same config first"
+            )
+        text.pretrained = pretrained_text
     if accelerator.is_main_process:
         save_config(config, config.output_dir)
     set_seed(config.seed)

@@ -118,7 +118,9 @@ def _from_pretrained(model_class, name_or_path: str, subfolder: str | None, what
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"{what}: {name_or_path!r} has no subfolder {subfolder!r}")
     try:
-        return model_class.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
+        if subfolder:
+            kwargs["subfolder"] = subfolder
+        return model_class.from_pretrained(name_or_path, **kwargs)
     except OSError as error:
         where = f"{name_or_path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         raise OSError(f"{what}: could not load {model_class.__name__} from {where}: {error}") from error
@@ -242,13 +244,27 @@ def build_tokenizer(config: ModelConfig) -> CLIPTokenizer:
     if config.tokenizer:
         return _from_pretrained(CLIPTokenizer, config.tokenizer, None, "model.tokenizer")
     tokenizer = clip_tokenizer()
-    text = config.text_encoder
-    if not text.pretrained and text.max_position_embeddings < CONTEXT_LENGTH:
+    context = config.text_encoder.max_position_embeddings
+    if config.text_encoder.pretrained:
+        context = getattr(_pretrained_text_config(config.text_encoder), "max_position_embeddings", CONTEXT_LENGTH)
+    if context < CONTEXT_LENGTH:
         # A text encoder trained from scratch may have a shorter context than CLIP's 77 tokens (the
         # shapes captions need at most 25): the tokenizer pads to it, and saves it in its
         # tokenizer_config.json, so every pipeline, stock ones included, pads the same way.
-        tokenizer.model_max_length = text.max_position_embeddings
+        tokenizer.model_max_length = context
     return tokenizer
+
+
+def _pretrained_text_config(text: TextEncoderConfig):
+    """The ``config.json`` of a local pretrained text encoder folder, as attributes (None if not local)."""
+    path = os.path.join(text.pretrained, text.subfolder or "", "config.json")
+    if not os.path.isfile(path):
+        return None
+    import json
+    from types import SimpleNamespace
+
+    with open(path, encoding="utf-8") as file:
+        return SimpleNamespace(**json.load(file))
 
 
 def build_components(config: ModelConfig, resolution: int) -> dict[str, object]:

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Optional stage between the autoencoder and the U-Net: contrastive pretraining of the text encoder.
+
+    accelerate launch training/train_text.py --config configs/shapes.yaml [key=value ...]
+
+Runs only when ``model.text_encoder.contrastive_pretraining`` is true (otherwise it says so and
+exits). The text encoder of ``model.text_encoder`` is built from scratch and trained with CLIP's
+objective (Radford et al. 2021) against a small vision transformer over the training images
+(:mod:`latentdiff.trainer.text_pretraining`); the vision side is discarded. Stage 2
+(``training/train_ldm.py``) then loads the text encoder from ``output_dir/text_encoder``.
+
+Outputs under ``output_dir``: ``text_encoder/`` (a ``CLIPTextModel``, safetensors),
+``text_stage/checkpoints/checkpoint-<step>`` (``resume=latest`` continues) and ``config_text.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from latentdiff.config import Config, ConfigError, parse_args, save_config
+from latentdiff.data.loading import collate_image_text, make_training_dataset
+from latentdiff.models import build_text_encoder, build_tokenizer
+from latentdiff.trainer.checkpointing import (
+    TrainingState,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
+from latentdiff.trainer.text_pretraining import build_contrastive_model, retrieval_accuracy, text_encoder_of
+from latentdiff.trainer.train_utils import (
+    TrainingRNG,
+    batch_size_of,
+    epoch_batches,
+    make_accelerator,
+    make_train_dataloader,
+    per_process_batch_size,
+    setup_logging,
+    tokenize,
+)
+
+logger = logging.getLogger("latentdiff.train_text")
+
+TEXT_ENCODER_DIR = "text_encoder"
+# This stage keeps its checkpoints apart from the other stages', in the same output_dir.
+STAGE_DIR = "text_stage"
+
+
+def main(argv: list[str] | None = None) -> None:
+    config: Config = parse_args(argv, description=__doc__.split("\n\n")[0])
+    text = config.model.text_encoder
+    if not text.contrastive_pretraining:
+        print("train_text.py: model.text_encoder.contrastive_pretraining is false: nothing to do")
+        return
+    train = config.text_train
+    stage_dir = os.path.join(config.output_dir, STAGE_DIR)
+    accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, "tensorboard", "text")
+    setup_logging(accelerator)
+
+    # 1. Check the configuration before any heavy work.
+    if text.kind != "clip" or text.pretrained:
+        raise ConfigError(
+            "model.text_encoder.contrastive_pretraining trains a CLIP text encoder from scratch: it needs "
+            f"model.text_encoder.kind=clip and no model.text_encoder.pretrained (got kind={text.kind!r}, "
+            f"pretrained={text.pretrained!r})"
+        )
+    batch_per_process = per_process_batch_size(
+        train.batch_size, accelerator.num_processes, train.gradient_accumulation_steps, "text_train.batch_size"
+    )
+    if accelerator.is_main_process:
+        save_config(config, config.output_dir, name="config_text.yaml")
+    set_seed(config.seed)
+    rng = TrainingRNG(config.seed, accelerator)
+
+    # 2. Model, data, optimizer.
+    tokenizer = build_tokenizer(config.model)
+    try:
+        model = build_contrastive_model(build_text_encoder(config.model), train, config.data.resolution).train()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    dataset = make_training_dataset(
+        config.data, seed=config.seed, batch_size=batch_per_process,
+        num_processes=accelerator.num_processes, process_index=accelerator.process_index,
+    )
+    dataloader = make_train_dataloader(dataset, batch_per_process, collate_image_text, config.data.num_workers, accelerator)
+    optimizer_config = train.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=optimizer_config.learning_rate,
+        betas=(optimizer_config.adam_beta1, optimizer_config.adam_beta2),
+        weight_decay=optimizer_config.adam_weight_decay,
+        eps=optimizer_config.adam_epsilon,
+        fused=optimizer_config.fused or None,
+    )
+    lr_scheduler = get_scheduler(
+        optimizer_config.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=optimizer_config.lr_warmup_steps, num_training_steps=train.max_steps,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    # 3. Resume.
+    state = TrainingState()
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(stage_dir)
+    accelerator.wait_for_everyone()
+    checkpoint = resolve_resume(stage_dir, config.resume)
+    if checkpoint:
+        state = load_checkpoint(accelerator, checkpoint, rng)
+        logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("latentdiff-text", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
+
+    # 4. The training loop: CLIP's symmetric cross-entropy over the batch (CLIPModel's own loss).
+    progress = tqdm(total=train.max_steps, initial=state.global_step, desc="train text",
+                    disable=not accelerator.is_local_main_process)
+    loss_sum, accuracy_sum = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    log_count, last_batch = 0, None
+    interval_start, interval_images = time.perf_counter(), 0
+    while state.global_step < train.max_steps:
+        for batch in epoch_batches(accelerator, dataloader, dataset, state.epoch, state.epoch_batches):
+            state.epoch_batches += 1
+            state.skipped_images += int(batch["num_skipped"])
+            loss_weight = 1.0 if batch_size_of(batch) else 0.0  # see train_ldm.py
+            batch = batch if loss_weight else last_batch
+            if batch is None:
+                continue
+            last_batch = batch
+            with accelerator.accumulate(model):
+                output = model(
+                    input_ids=tokenize(tokenizer, batch["captions"]).to(accelerator.device),
+                    pixel_values=batch["pixel_values"].to(accelerator.device),
+                    return_loss=True,
+                )
+                accelerator.backward(output.loss * loss_weight)
+                if accelerator.sync_gradients and optimizer_config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), optimizer_config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += output.loss.detach()
+            accuracy_sum += retrieval_accuracy(output.logits_per_text.detach(), batch["captions"])
+            log_count += 1
+            interval_images += len(batch["captions"]) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+
+            lr_scheduler.step()
+            state.global_step += 1
+            state.images_seen += train.batch_size
+            progress.update(1)
+            if state.global_step % train.log_every == 0 or state.global_step == train.max_steps:
+                logs = {
+                    "loss": accelerator.reduce(loss_sum / log_count, reduction="mean").item(),
+                    "retrieval_accuracy": accelerator.reduce(accuracy_sum / log_count, reduction="mean").item(),
+                    "images_per_s": interval_images / (time.perf_counter() - interval_start),
+                }
+                progress.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['retrieval_accuracy']:.2f}",
+                                     img_s=f"{logs['images_per_s']:.0f}")
+                accelerator.log(logs, step=state.global_step)
+                loss_sum.zero_()
+                accuracy_sum.zero_()
+                log_count = 0
+                interval_start, interval_images = time.perf_counter(), 0
+            if train.checkpointing_steps and (
+                state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps
+            ):
+                save_checkpoint(accelerator, stage_dir, state, train.checkpoints_total_limit, rng)
+            if state.global_step >= train.max_steps:
+                break
+        else:  # the epoch ran out before max_steps
+            if state.epoch_batches == 0:
+                raise ConfigError(
+                    f"the dataset yields no batch of {batch_per_process} images per process; "
+                    "lower text_train.batch_size or add data"
+                )
+            state.epoch, state.epoch_batches = state.epoch + 1, 0
+    progress.close()
+
+    # 5. Save the text tower as the pipeline's text encoder.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        folder = os.path.join(config.output_dir, TEXT_ENCODER_DIR)
+        partial = folder + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        text_encoder_of(accelerator.unwrap_model(model)).save_pretrained(partial, safe_serialization=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+        logger.info("text encoder saved to %s", folder)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as error:
+        # Bad input is reported in one line before training starts, not as a traceback.
+        print(f"train_text.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
