@@ -258,6 +258,8 @@ class TextTrainConfig:
     image_encoder_width: int = 128
     image_encoder_layers: int = 2
     image_encoder_patch_size: int = 8
+    image_encoder_resolution: int | None = 32
+    """Images are average-pooled to this size for the vision side (cheaper; None: data.resolution)."""
     projection_dim: int = 128
     mixed_precision: MixedPrecision = "no"
     checkpointing_steps: int = 100

@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -84,7 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Model, data, optimizer.
     tokenizer = build_tokenizer(config.model)
     try:
-        model = build_contrastive_model(build_text_encoder(config.model), train, config.data.resolution).train()
+        image_size = train.image_encoder_resolution or config.data.resolution
+        if config.data.resolution % image_size:
+            raise ValueError(
+                f"text_train.image_encoder_resolution={image_size} must divide data.resolution={config.data.resolution}"
+            )
+        model = build_contrastive_model(build_text_encoder(config.model), train, image_size).train()
     except ValueError as error:
         raise ConfigError(str(error)) from None
     dataset = make_training_dataset(
@@ -137,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             with accelerator.accumulate(model):
                 output = model(
                     input_ids=tokenize(tokenizer, batch["captions"]).to(accelerator.device),
-                    pixel_values=batch["pixel_values"].to(accelerator.device),
+                    pixel_values=F.adaptive_avg_pool2d(batch["pixel_values"].to(accelerator.device), image_size),
                     return_loss=True,
                 )
                 accelerator.backward(output.loss * loss_weight)
