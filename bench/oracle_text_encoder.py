@@ -109,7 +109,13 @@ class OracleTextEncoder(ModelMixin, ConfigMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask=None, output_hidden_states=None, return_dict=True):
         if self._tokenizer is None:
             self._tokenizer = clip_tokenizer()
-        captions = self._tokenizer.batch_decode(input_ids.tolist(), skip_special_tokens=True)
+        # CLIP's BPE marks word ends with "</w>"; the offline tokenizer's decode keeps the marks, so
+        # the words are read from the tokens themselves (special and padding tokens dropped).
+        special = {self._tokenizer.bos_token_id, self._tokenizer.eos_token_id, self._tokenizer.pad_token_id}
+        captions = [
+            "".join(self._tokenizer.convert_ids_to_tokens([i for i in row if i not in special])).replace("</w>", " ").strip()
+            for row in input_ids.tolist()
+        ]
         ids = torch.tensor([self._ids(caption) for caption in captions], device=self.slot_table.device)
         tables = [
             self.slot_table, self.background_table, self.relation_table, self.count_table,
