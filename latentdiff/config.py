@@ -128,6 +128,11 @@ class ShapesConfig:
     max_objects: int = 3
     holdout: tuple[str, ...] = ()
     """Attribute combinations never shown in training, e.g. ``["purple triangle", "large blue"]``."""
+    captions_per_image: int = 5
+    """Different captions written for each image (one is drawn per step)."""
+    full_caption: bool = False
+    """Make one of each image's captions its whole description (every object's size, color, shape and
+    position, and the background): :func:`latentdiff.data.shapes.full_caption`."""
 
 
 @dataclass

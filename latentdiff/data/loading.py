@@ -116,6 +116,8 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
             min_objects=data.shapes.min_objects,
             max_objects=data.shapes.max_objects,
             holdout=data.shapes.holdout,
+            captions_per_image=data.shapes.captions_per_image,
+            full_caption=data.shapes.full_caption,
         )
         if data.streaming:
             dataset = dataset.to_iterable_dataset()

@@ -194,6 +194,7 @@ class ShapesOptions:
     captions_per_image: int = 5
     jitter: bool = True
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    full_caption: bool = False
 
     @functools.cached_property
     def allowed_objects(self) -> tuple[tuple[str, str, str], ...]:
@@ -215,6 +216,7 @@ class ShapesOptions:
         captions_per_image: int = 5,
         jitter: bool = True,
         backgrounds: Sequence[str] | None = None,
+        full_caption: bool = False,
     ) -> ShapesOptions:
         """Check every option and return them frozen; raises ``ValueError`` naming the bad one."""
         if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 1 <= min_objects <= max_objects <= 3):
@@ -261,6 +263,7 @@ class ShapesOptions:
             captions_per_image=captions_per_image,
             jitter=bool(jitter),
             backgrounds=backgrounds,
+            full_caption=bool(full_caption),
         )
 
 
@@ -573,16 +576,37 @@ def caption_families(scene: Mapping[str, Any]) -> list[list[str]]:
     return families
 
 
+def full_caption(scene: Mapping[str, Any]) -> str:
+    """The scene's whole description: every object with size, color, shape and position, and the background.
+
+    ``"a small red circle at the top left on a white background"``, ``"two large green triangles at the top
+    and in the center on a black background"``, ``"a small red circle on the left and a large blue square at
+    the bottom right on a gray background"``. Dense captions teach a text-to-image model faster than partial
+    ones (Betker et al. 2023, "Improving Image Generation with Better Captions", DALL-E 3): every attribute
+    the image shows is named, so none is left for the model to guess.
+    """
+    objects = scene["objects"]
+    on_background = f"on a {scene['background']} background"
+    if len(objects) > 1 and len({(obj["color"], obj["shape"]) for obj in objects}) == 1:  # a count
+        first = objects[0]
+        size = first["size"] if len({obj["size"] for obj in objects}) == 1 else None
+        phrase = noun_phrase(first["shape"], first["color"], size, count=len(objects))
+        return f"{phrase} {_join([obj['position'] for obj in objects])} {on_background}"
+    described = [f"{noun_phrase(obj['shape'], obj['color'], obj['size'])} {obj['position']}" for obj in objects]
+    return f"{_join(described)} {on_background}"
+
+
 def all_scene_captions(scene: Mapping[str, Any]) -> list[str]:
     """Every caption the templates can write for a scene (deduplicated, in template order)."""
     return list(dict.fromkeys(caption for family in caption_families(scene) for caption in family))
 
 
-def scene_captions(scene: Mapping[str, Any], rng: random.Random, k: int = 5) -> list[str]:
-    """Up to ``k`` different captions of a scene, from ``k`` different template families chosen at random."""
+def scene_captions(scene: Mapping[str, Any], rng: random.Random, k: int = 5, full: bool = False) -> list[str]:
+    """Up to ``k`` different captions of a scene, from ``k`` different template families chosen at random;
+    with ``full``, the first is always :func:`full_caption`."""
     families = caption_families(scene)
     rng.shuffle(families)
-    captions: list[str] = []
+    captions: list[str] = [full_caption(scene)] if full else []
     for family in families:
         caption = rng.choice(family)
         if caption not in captions:
@@ -610,7 +634,7 @@ def make_shapes_sample(index: int, seed: int, image_size: int, options: ShapesOp
     """One sample: ``{"image": PIL image, "text", "captions", "scene"}``; a function of its arguments only."""
     rng = sample_rng(seed, index)
     scene = sample_scene(rng, options)
-    captions = scene_captions(scene, rng, options.captions_per_image)
+    captions = scene_captions(scene, rng, options.captions_per_image, full=options.full_caption)
     return {"image": render_scene(scene, image_size), "text": captions[0], "captions": captions, "scene": scene}
 
 
@@ -632,6 +656,7 @@ def make_shapes_dataset(
     captions_per_image: int = 5,
     jitter: bool = True,
     backgrounds: Sequence[str] | None = None,
+    full_caption: bool = False,
     progress_bar: bool | None = None,
 ) -> datasets.Dataset:
     """The captioned shapes as a :class:`datasets.Dataset`.
@@ -655,6 +680,7 @@ def make_shapes_dataset(
         captions_per_image: captions in ``captions`` (fewer when a scene has fewer templates).
         jitter: shift objects randomly within their cells (never across a cell border).
         backgrounds: background names to draw from (default all of :data:`BACKGROUNDS`).
+        full_caption: make each image's first caption its whole description (:func:`full_caption`).
         progress_bar: show a progress bar (default: for 2,000 samples or more).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
@@ -671,6 +697,7 @@ def make_shapes_dataset(
         captions_per_image=captions_per_image,
         jitter=jitter,
         backgrounds=backgrounds,
+        full_caption=full_caption,
     )
     from tqdm.auto import tqdm
 
