@@ -72,6 +72,14 @@ class UNetConfig:
     """Channels per attention head (Diffusers' historical name; ``num_attention_heads`` follows)."""
     transformer_layers_per_block: int = 1
     norm_num_groups: int = 32
+    addition_embed_type: Literal["text"] | None = None
+    """``"text"``: also add an attention-pooled summary of the text to the timestep embedding, so the
+    caption modulates every ResNet block (Diffusers' ``TextTimeEmbedding``; Saharia et al. 2022, Imagen,
+    Sec. 2.3), not only the cross-attention layers."""
+    addition_embed_type_num_heads: int = 4
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
+    """``scale_shift``: the (time + text) embedding scales and shifts each ResNet block's normalized
+    features (Dhariwal & Nichol 2021's AdaGN) instead of being added to them."""
 
 
 @dataclass

@@ -181,6 +181,9 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
         attention_head_dim=tuple(c // unet.attention_head_dim for c in unet.block_out_channels),
         transformer_layers_per_block=unet.transformer_layers_per_block,
         norm_num_groups=unet.norm_num_groups,
+        addition_embed_type=unet.addition_embed_type,
+        addition_embed_type_num_heads=unet.addition_embed_type_num_heads,
+        resnet_time_scale_shift=unet.resnet_time_scale_shift,
     )
 
 
