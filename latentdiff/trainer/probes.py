@@ -32,14 +32,20 @@ HELD_SCENES_SEED_OFFSET = 1_000_003
 def held_examples(data: DataConfig, seed: int, num_images: int) -> tuple[torch.Tensor, list[str]]:
     """``num_images`` fixed ``(pixel_values, captions)`` for the caption gap.
 
-    For the built-in shapes: fresh scenes from another seed, never seen in training. For any other
+    For the built-in shapes: fresh scenes from another seed, never seen in training, each with its full
+    description (:func:`~latentdiff.data.shapes.full_caption`). For any other
     source: the first ``num_images`` usable examples of the training data (the gap then also
     measures how well those were learned).
     """
     from ..data.loading import make_training_dataset
 
     if data.source == "shapes":
-        shapes = dataclasses.replace(data.shapes, seed=data.shapes.seed + HELD_SCENES_SEED_OFFSET, num_samples=num_images)
+        # The full description of each scene: the caption that tells the most, so the gap measures how
+        # much of what a caption can say the model uses.
+        shapes = dataclasses.replace(
+            data.shapes, seed=data.shapes.seed + HELD_SCENES_SEED_OFFSET, num_samples=num_images,
+            full_caption=True, captions_per_image=1,
+        )
         data = dataclasses.replace(data, shapes=shapes, streaming=False, max_samples=None)
     dataset = make_training_dataset(data, seed, batch_size=num_images)
     pixel_values, captions = [], []
