@@ -698,11 +698,14 @@ class PipelineHubMixin:
                 f"{path!r} is a file; from_pretrained loads a pipeline folder (model_index.json and one "
                 "subfolder per component) or a Hub repository id"
             )
+        # Components a folder may list that the pipeline never loads from it (IP-Adapter's come with the adapter).
+        for name in getattr(cls, "_not_loaded_from_folders", ()):
+            kwargs.setdefault(name, None)
         if os.path.isdir(path):
             expected, _ = cls._get_signature_keys(cls)
             check_pipeline_folder(
                 path,
-                expected,
+                [name for name in expected if name not in getattr(cls, "_not_loaded_from_folders", ())],
                 optional_components=cls._optional_components,
                 passed_components=[name for name in expected if name in kwargs],
                 allow_pickle=allow_pickle,
