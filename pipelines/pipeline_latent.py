@@ -35,7 +35,7 @@ from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CLIPVisionModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
 
 from latentdiff.hub import PipelineHubMixin
 
@@ -93,16 +93,18 @@ class LatentDiffusionMixin(PipelineHubMixin):
     The components are Stable Diffusion's without the safety checker: `vae` (`None`: pixel space), `text_encoder`
     (a `CLIPTextModel` or any module whose call on token ids returns the hidden states at index 0, such as
     `latentdiff.OpenCLIPTextModel`), `tokenizer`, `unet`, `scheduler`, and, for IP-Adapter only, `image_encoder`
-    and `feature_extractor` (set by `load_ip_adapter`).
+    (set by `load_ip_adapter`).
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
-    _optional_components = ["vae", "image_encoder", "feature_extractor"]
+    _optional_components = ["vae", "image_encoder"]
     _exclude_from_cpu_offload = []
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-    # Components a folder may list that these pipelines never load from it (a Stable Diffusion repository's
-    # `safety_checker`; the IP-Adapter ones, which `load_ip_adapter` brings with the adapter).
-    _not_loaded_from_folders = ("image_encoder", "feature_extractor")
+    # Loaded with an IP-Adapter (`load_ip_adapter`), never from a pipeline folder.
+    _not_loaded_from_folders = ("image_encoder",)
+    # Not a component (Stable Diffusion's own tests call its pipelines with `**pipe.components,
+    # feature_extractor=None`): `load_ip_adapter` sets it, for `ip_adapter_image`.
+    feature_extractor = None
 
     def __init__(
         self,
@@ -112,7 +114,6 @@ class LatentDiffusionMixin(PipelineHubMixin):
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
         image_encoder: CLIPVisionModelWithProjection | None = None,
-        feature_extractor: CLIPImageProcessor | None = None,
     ):
         # Not Stable Diffusion's `__init__`: it requires an autoencoder and a safety checker, and rewrites the
         # scheduler configs of early SD checkpoints (steps_offset, clip_sample), which would change the sampling
@@ -125,7 +126,6 @@ class LatentDiffusionMixin(PipelineHubMixin):
             unet=unet,
             scheduler=scheduler,
             image_encoder=image_encoder,
-            feature_extractor=feature_extractor,
         )
         # The model's own sampling settings (e.g. {"guidance_scale": 4.0}): read by `from_pretrained` from
         # `latentdiff.json`, written back by `save_pretrained`, used when a call gives none.
@@ -138,6 +138,8 @@ class LatentDiffusionMixin(PipelineHubMixin):
             vae_scale_factor=self.vae_scale_factor,
             vae_latent_channels=self.latent_channels if self.latent_channels != 3 else None,
         )
+        # Input pixels in [0, 1] at their size, as given, so that inpainting can paste them back exactly.
+        self.pixel_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False, do_normalize=False)
 
     def run_safety_checker(self, image, device, dtype):
         """No safety checker: these pipelines take none (see `from_pretrained`)."""

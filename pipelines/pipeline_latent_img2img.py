@@ -72,6 +72,12 @@ def check_image_input(pipe, image, batch_size: int, latent_channels: int | None 
     elif isinstance(items[0], torch.Tensor) and channels != 3 and not is_latent:
         expected = "3 (RGB)" + (f" or {latent_channels} (latents)" if latent_channels else "")
         raise ValueError(f"`image` tensors need {expected} channels, got {channels}.")
+    elif not is_latent and not isinstance(items[0], PIL.Image.Image):
+        if any(not (item.dtype.kind == "f" if isinstance(item, np.ndarray) else item.is_floating_point()) for item in items):
+            raise ValueError(f"`image` arrays and tensors hold floats in [0, 1] (divide uint8 pixels by 255), got {items[0].dtype}.")
+        low, high = min(float(item.min()) for item in items), max(float(item.max()) for item in items)
+        if low < 0 or high > 1:
+            raise ValueError(f"`image` values have to lie in [0, 1], got [{low:g}, {high:g}].")
     if not is_latent and (height % pipe.vae_scale_factor or width % pipe.vae_scale_factor):
         raise ValueError(
             f"`image` height and width have to be divisible by {pipe.vae_scale_factor} (the autoencoder's"
