@@ -244,10 +244,8 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         clip_skip=None,
         callback_on_step_end_tensor_inputs=None,
         guidance_rescale=0.0,
-        mask_size: tuple[int, int] | None = None,
-    ) -> tuple[int, int]:
-        """Raise a `ValueError` naming the argument at the first invalid input, before any model runs; return the
-        image's height and width. `mask_image=None` with a `mask_size` skips the mask (outpainting makes its own)."""
+    ) -> None:
+        """Raise a `ValueError` naming the argument at the first invalid input, before any model runs."""
         if not _is_number(strength) or not 0 < strength <= 1:
             raise ValueError(f"`strength` has to be a number in (0.0, 1.0] but is {strength!r}.")
         batch_size = self.check_sampling_inputs(
@@ -293,28 +291,30 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
                 f" blending) or {2 * self.latent_channels + 1} (latents, mask and masked-image latents: an"
                 " inpainting U-Net)."
             )
+        height, width = self.check_image_and_mask(image, mask_image, mask_threshold, batch_size)
+        self.check_latents(latents, batch_size * num_images_per_prompt, height, width)
+
+    def check_image_and_mask(self, image, mask_image, mask_threshold, batch_size: int) -> tuple[int, int]:
+        """Check the image(s) and the mask(s) (converted by the documented rules, then of the image's size); return
+        the height and width of the output."""
         height, width, _ = check_image_input(self, image, batch_size)
-        if mask_size is None:
-            # The mask: converted by the documented rules, then of the image's size.
-            if mask_image is None:
-                raise ValueError("`mask_image` is required: white (1) where to repaint, black (0) where to keep.")
-            mask = mask_to_tensor(mask_image, mask_threshold)
-            if mask.shape[0] not in (1, batch_size):
-                raise ValueError(
-                    f"`mask_image` holds {mask.shape[0]} masks but the prompt batch has {batch_size}; pass one mask,"
-                    " or one per prompt."
-                )
-            if tuple(mask.shape[-2:]) != (height, width):
-                raise ValueError(
-                    f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]} (HxW) but `image` is {height}x{width}; the"
-                    " mask has to cover the image pixel for pixel."
-                )
-        self.check_latents(latents, batch_size * num_images_per_prompt, *(mask_size or (height, width)))
+        if mask_image is None:
+            raise ValueError("`mask_image` is required: white (1) where to repaint, black (0) where to keep.")
+        mask = mask_to_tensor(mask_image, mask_threshold)
+        if mask.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"`mask_image` holds {mask.shape[0]} masks but the prompt batch has {batch_size}; pass one mask, or"
+                " one per prompt."
+            )
+        if tuple(mask.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]} (HxW) but `image` is {height}x{width}; the mask"
+                " has to cover the image pixel for pixel."
+            )
         return height, width
 
-
     def preprocess_image_and_mask(
-        self, image: PipelineImageInput, mask_image, mask_threshold: float = MASK_THRESHOLD
+        self, image: PipelineImageInput, mask_image, mask_threshold: float = MASK_THRESHOLD, generator=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The input pixels in [0, 1], `(n, 3, H, W)`, and the binary masks, `(n, 1, H, W)`, with `n` = 1 or the
         number of prompts (a single image or mask serves every prompt). See :func:`mask_to_tensor` for the mask."""
@@ -478,7 +478,7 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         device = self._execution_device
 
         # 3. Preprocess image and mask: pixels in [0, 1] and a binary mask, one each, or one per prompt
-        pixels, mask = self.preprocess_image_and_mask(image, mask_image, mask_threshold)
+        pixels, mask = self.preprocess_image_and_mask(image, mask_image, mask_threshold, generator)
         empty = [index for index in range(mask.shape[0]) if not mask[index].any()]
         if empty:
             which = "every mask" if len(empty) == mask.shape[0] else f"the mask(s) at {empty}"
