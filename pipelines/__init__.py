@@ -1,13 +1,10 @@
-"""Diffusers pipelines of latentdiff, one self-contained file each (Diffusers' single-file policy).
-
-Installed as ``latentdiff.pipelines``. A pipeline module is imported on first use of its name, so
-importing this package stays light.
-"""
+"""Diffusers pipelines of latentdiff, built on Diffusers' own Stable Diffusion pipelines; installed as
+``latentdiff.pipelines``. A pipeline module is imported on first use of its name, so importing this stays light."""
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # public name -> module of this package that defines it; add a pipeline with one line here.
 _PIPELINES = {
@@ -17,7 +14,6 @@ _PIPELINES = {
     "LatentInpaintPipeline": "pipeline_latent_inpaint",
     "LatentOutpaintPipeline": "pipeline_latent_outpaint",
 }
-
 __all__ = sorted(_PIPELINES)
 
 
@@ -31,10 +27,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline_latent import LatentPipeline, LatentPipelineOutput
-    from .pipeline_latent_img2img import LatentImg2ImgPipeline
-    from .pipeline_latent_inpaint import LatentInpaintPipeline
-    from .pipeline_latent_outpaint import LatentOutpaintPipeline

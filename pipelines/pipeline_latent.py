@@ -24,7 +24,6 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -120,13 +119,9 @@ class LatentDiffusionMixin(PipelineHubMixin):
         # of a model trained here.
         DiffusionPipeline.__init__(self)
         self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
             image_encoder=image_encoder,
-        )
+        )  # fmt: skip
         # The model's own sampling settings (e.g. {"guidance_scale": 4.0}): read by `from_pretrained` from
         # `latentdiff.json`, written back by `save_pretrained`, used when a call gives none.
         self.sampling_defaults: dict = {}
@@ -182,23 +177,13 @@ class LatentDiffusionMixin(PipelineHubMixin):
         clip_skip=None,
         callback_on_step_end_tensor_inputs=None,
         guidance_rescale=0.0,
-        height=None,
-        width=None,
     ) -> int:
         """Raise a `ValueError` naming the argument at the first invalid input, before any model runs; return the
         number of prompts. `num_inference_steps=None` is not checked (custom `timesteps` or `sigmas` give the count).
 
         Ranges: `num_inference_steps` a positive integer (not a bool); `guidance_scale` finite and >= 0 (guidance is
-        on above 1); `guidance_rescale` and `eta` (DDIM's η: 0 deterministic, 1 DDPM-like) in [0, 1]; `height` and
-        `width` positive multiples of `vae_scale_factor`.
+        on above 1); `guidance_rescale` and `eta` (DDIM's η: 0 deterministic, 1 DDPM-like) in [0, 1].
         """
-        if height is not None or width is not None:
-            f = self.vae_scale_factor
-            if not all(_is_positive_int(size) and size % f == 0 for size in (height, width)):
-                raise ValueError(
-                    f"`height` and `width` have to be divisible by {f} (the autoencoder's downsampling factor) and"
-                    f" positive, but are {height!r} and {width!r}."
-                )
         if num_inference_steps is not None and not _is_positive_int(num_inference_steps):
             raise ValueError(f"`num_inference_steps` has to be a positive integer but is {num_inference_steps!r}.")
         if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -250,6 +235,15 @@ class LatentDiffusionMixin(PipelineHubMixin):
                 f" ({batch_size} prompts x {num_images_per_prompt} images per prompt); pass one per image."
             )
         return batch_size
+
+    def check_size(self, height, width) -> None:
+        """`height` and `width` have to be positive multiples of `vae_scale_factor`."""
+        f = self.vae_scale_factor
+        if not all(_is_positive_int(size) and size % f == 0 for size in (height, width)):
+            raise ValueError(
+                f"`height` and `width` have to be divisible by {f} (the autoencoder's downsampling factor) and"
+                f" positive, but are {height!r} and {width!r}."
+            )
 
     def check_latents(self, latents, num_images: int, height: int, width: int, channels: int | None = None) -> None:
         """Check the shape of user-given noise `latents` for `num_images` outputs of `height` x `width` pixels."""
@@ -310,15 +304,9 @@ class LatentDiffusionMixin(PipelineHubMixin):
                 negative_prompt_embeds = self._encode_text(negative, device, clip_skip)
                 negative_prompt = None
         return super().encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=lora_scale,
-        )
+            prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
+        )  # fmt: skip
 
     def _warn_if_truncated(self, prompt) -> None:
         # Diffusers warns too, on its own logger, which does not propagate to Python's root logger.
@@ -393,17 +381,56 @@ class LatentDiffusionMixin(PipelineHubMixin):
         latents = latents / self.vae.config.scaling_factor + shift_factor
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[0]
 
-    def _run_diffusers(self, output_type: str, return_dict: bool, generator=None, **kwargs):
-        """The Diffusers pipeline's own `__call__`, stopped at the latents; decoded here (any autoencoder scale and
-        shift, or none in pixel space) into a :class:`LatentPipelineOutput`."""
-        latents = super().__call__(output_type="latent", generator=generator, return_dict=True, **kwargs).images
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs) -> LatentPipelineOutput | tuple:
+        r"""The Diffusers pipeline's own `__call__` (the same arguments: see its documentation), with these
+        differences, written once for every pipeline built on one:
+
+        * `num_inference_steps` and `guidance_scale`, when not given, are the model's saved sampling defaults
+          (`self.sampling_defaults`, from `latentdiff.json`), else the Diffusers pipeline's own (50 and 7.5);
+        * every argument is checked before any model runs (`check_sampling_inputs`, `check_call_inputs`): sizes are
+          multiples of `vae_scale_factor` (1 in pixel space), not of 8; `eta` (DDIM's η) is in [0, 1];
+        * the latents are decoded here, with the autoencoder's `shift_factor` or none in pixel space;
+        * the result is a [`LatentPipelineOutput`] (there is no safety checker), or `(images,)`.
+        """
+        diffusers_call = next(base for base in type(self).__mro__ if base.__module__.startswith("diffusers.")).__call__
+        call = inspect.signature(diffusers_call).bind(self, *args, **kwargs)
+        given = dict(call.arguments)
+        call.apply_defaults()
+        arguments = call.arguments
+        for name in ("num_inference_steps", "guidance_scale"):
+            arguments[name] = self.sampling_default(name, given.get(name))
+        custom_schedule = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
+        if custom_schedule:  # the step count comes from the schedule
+            arguments["num_inference_steps"] = given.get("num_inference_steps")
+        # 1. Check inputs, before any model runs
+        self.check_all_inputs(arguments)
+        if not custom_schedule:
+            self.scheduler.set_timesteps(arguments["num_inference_steps"])
+            self.check_timesteps(arguments["num_inference_steps"])
+        # 2-7. The Diffusers pipeline's own steps, up to the latents
+        output_type, return_dict = arguments["output_type"], arguments["return_dict"]
+        arguments.update(output_type="latent", return_dict=True)
+        latents = diffusers_call(*call.args, **call.kwargs).images
+        # 8. Decode
         if output_type == "latent":
             image = latents
         else:
-            image = self.decode_latents_to_image(latents, generator=generator)
+            image = self.decode_latents_to_image(latents, generator=arguments["generator"])
             image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
         return LatentPipelineOutput(images=image) if return_dict else (image,)
+
+    def check_all_inputs(self, arguments: dict) -> int:
+        """Check a call's arguments (by name): `check_sampling_inputs`, then `check_call_inputs`; return the number of
+        prompts."""
+        checked = inspect.signature(self.check_sampling_inputs).parameters
+        batch_size = self.check_sampling_inputs(**{name: arguments[name] for name in checked if name in arguments})
+        self.check_call_inputs(arguments, batch_size)
+        return batch_size
+
+    def check_call_inputs(self, arguments: dict, batch_size: int) -> None:
+        """The checks of one pipeline's own arguments (`arguments`: the call's, by name), after `check_sampling_inputs`."""
 
 
 class LatentPipeline(LatentDiffusionMixin, StableDiffusionPipeline):
@@ -428,79 +455,12 @@ class LatentPipeline(LatentDiffusionMixin, StableDiffusionPipeline):
         # of 8; here it is checked against the autoencoder's factor (1 in pixel space) by `check_sampling_inputs`.
         super().check_inputs(prompt, 0, 0, *args, **kwargs)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float | None = None,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
-        **kwargs: Any,
-    ) -> LatentPipelineOutput | tuple:
-        r"""Generate images from text: `StableDiffusionPipeline.__call__`, with these differences.
-
-        * `num_inference_steps` and `guidance_scale` default to the model's saved sampling defaults
-          (`self.sampling_defaults`, from `latentdiff.json`), else to Stable Diffusion's (50 and 7.5).
-        * `height` and `width` are multiples of `vae_scale_factor` (1 in pixel space), not of 8.
-        * Every argument is checked before any model runs (see `check_sampling_inputs`); `eta` is DDIM's η in [0, 1].
-        * The result is a [`LatentPipelineOutput`] (no safety checker), or `(images,)`.
-
-        Other keyword arguments go to Diffusers: `ip_adapter_image`, `ip_adapter_image_embeds`, `cross_attention_kwargs`
-        (e.g. `{"scale": 0.5}` for a LoRA), `callback_on_step_end`.
-        """
-        num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
-        guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
+    def check_call_inputs(self, arguments: dict, batch_size: int) -> None:
         default_height, default_width = self.default_height_width()
-        height, width = height or default_height, width or default_width
-        # 1. Check inputs, before any model runs
-        batch_size = self.check_sampling_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            num_inference_steps if timesteps is None and sigmas is None else None, guidance_scale, eta,
-            num_images_per_prompt, generator, output_type, clip_skip, callback_on_step_end_tensor_inputs,
-            guidance_rescale, height, width,
-        )  # fmt: skip
-        self.check_latents(latents, batch_size * num_images_per_prompt, height, width, self.unet.config.in_channels)
-        if timesteps is None and sigmas is None:
-            self.scheduler.set_timesteps(num_inference_steps)
-            self.check_timesteps(num_inference_steps)
-        # 2-8. Stable Diffusion's own steps
-        return self._run_diffusers(
-            output_type,
-            return_dict,
-            generator=generator,
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            latents=latents,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            guidance_rescale=guidance_rescale,
-            clip_skip=clip_skip,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            **kwargs,
-        )
+        height, width = arguments["height"] or default_height, arguments["width"] or default_width
+        self.check_size(height, width)
+        num_images = batch_size * arguments["num_images_per_prompt"]
+        self.check_latents(arguments["latents"], num_images, height, width, self.unet.config.in_channels)
 
     @torch.no_grad()
     def interpolate(
@@ -529,14 +489,9 @@ class LatentPipeline(LatentDiffusionMixin, StableDiffusionPipeline):
         The first frame equals `self(prompt, generator=torch.Generator().manual_seed(seed_a), ...)` under
         `DDIMScheduler`, the last the same for `seed_b`.
 
-        Args:
-            prompt (`str`): The prompt of every frame.
-            seed_a (`int`), seed_b (`int`): The seeds of the first and the last frame.
-            num_frames (`int`, defaults to 8): The number of frames, both ends included (at least 2).
-            batch_size (`int`, defaults to 8): Frames denoised per pipeline call.
-            negative_prompt, height, width, num_inference_steps, guidance_scale: as in `__call__`.
-            output_type (`str`, defaults to `"pil"`): `"pil"` (a list of images), `"np"` or `"pt"` (one stacked
-                array / tensor, frames first).
+        `num_frames` counts both ends (at least 2); `batch_size` frames are denoised per pipeline call; `output_type`
+        is `"pil"` (a list of images), `"np"` or `"pt"` (one stacked array / tensor, frames first); the other
+        arguments are those of `__call__`.
 
         Returns:
             The `num_frames` frames, in order.
@@ -557,10 +512,8 @@ class LatentPipeline(LatentDiffusionMixin, StableDiffusionPipeline):
         default_height, default_width = self.default_height_width()
         height, width = height or default_height, width or default_width
         # Fail on a bad size or step count before any noise is drawn.
-        self.check_sampling_inputs(
-            prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            height=height, width=width,
-        )  # fmt: skip
+        self.check_sampling_inputs(prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        self.check_size(height, width)
 
         device = self._execution_device
         dtype = self.text_encoder.dtype  # the dtype `__call__` draws its noise in (that of the prompt embeddings)
@@ -576,20 +529,12 @@ class LatentPipeline(LatentDiffusionMixin, StableDiffusionPipeline):
             frames = []
             for start in range(0, num_frames, batch_size):
                 chunk = noises[start : start + batch_size]
-                frames.append(
-                    self(
-                        prompt,
-                        negative_prompt=negative_prompt,
-                        height=height,
-                        width=width,
-                        num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale,
-                        num_images_per_prompt=len(chunk),
-                        latents=chunk,
-                        eta=0.0,
-                        output_type=output_type,
-                    ).images
-                )
+                frame = self(
+                    prompt, negative_prompt=negative_prompt, height=height, width=width, eta=0.0, latents=chunk,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    num_images_per_prompt=len(chunk), output_type=output_type,
+                )  # fmt: skip
+                frames.append(frame.images)
         finally:
             self.scheduler = original_scheduler
 

@@ -14,16 +14,13 @@ and seed; every loader and argument of it) with what
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
-from diffusers.image_processor import PipelineImageInput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .pipeline_latent import LatentDiffusionMixin, LatentPipelineOutput, _is_number
+from .pipeline_latent import LatentDiffusionMixin, _is_number
 
 
 def image_count_and_size(image) -> tuple[int, int, int, int | None]:
@@ -92,12 +89,10 @@ class LatentImg2ImgPipeline(LatentDiffusionMixin, StableDiffusionImg2ImgPipeline
 
     Examples:
         ```py
-        >>> from PIL import Image
+        >>> from diffusers.utils import load_image
         >>> from latentdiff import LatentImg2ImgPipeline
-
         >>> pipe = LatentImg2ImgPipeline.from_pretrained("runs/shapes/pipeline")
-        >>> init_image = Image.open("circle.png").convert("RGB")
-        >>> image = pipe("a blue square at the top left", image=init_image, strength=0.6).images[0]
+        >>> image = pipe("a blue square at the top left", image=load_image("circle.png"), strength=0.6).images[0]
         ```
     """
 
@@ -125,67 +120,11 @@ class LatentImg2ImgPipeline(LatentDiffusionMixin, StableDiffusionImg2ImgPipeline
         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
         return self.scheduler.add_noise(init_latents, noise, timestep)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image: PipelineImageInput = None,
-        strength: float = 0.8,
-        num_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float | None = None,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        clip_skip: int | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
-        **kwargs: Any,
-    ) -> LatentPipelineOutput | tuple:
-        r"""Transform an image under a prompt: `StableDiffusionImg2ImgPipeline.__call__`, with the differences of
-        `LatentPipeline.__call__` (the model's sampling defaults, every input checked before any model runs, a
-        [`LatentPipelineOutput`]). `image` is one image for every prompt or one per prompt, RGB (arrays and tensors
-        in [0, 1]), a multiple of `vae_scale_factor` in size; a tensor with the autoencoder's latent channel count is
-        taken as latents. `strength` in [0, 1]: 0 returns the image's reconstruction.
-        """
-        num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
-        guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
-        # 1. Check inputs, before any model runs
+    def check_call_inputs(self, arguments: dict, batch_size: int) -> None:
+        """`strength` in [0, 1] (0 returns the image's reconstruction); `image` one for every prompt or one per prompt,
+        RGB (arrays and tensors in [0, 1]), a multiple of `vae_scale_factor` in size; a tensor with the autoencoder's
+        latent channel count is taken as latents."""
+        strength = arguments["strength"]
         if not _is_number(strength) or not 0 <= strength <= 1:
             raise ValueError(f"`strength` has to be a number in [0.0, 1.0] but is {strength!r}.")
-        batch_size = self.check_sampling_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            num_inference_steps if timesteps is None and sigmas is None else None, guidance_scale, eta,
-            num_images_per_prompt, generator, output_type, clip_skip, callback_on_step_end_tensor_inputs,
-        )  # fmt: skip
-        latent_channels = self.latent_channels if self.vae is not None else None
-        check_image_input(self, image, batch_size, latent_channels)
-        if timesteps is None and sigmas is None:
-            self.scheduler.set_timesteps(num_inference_steps)
-            self.check_timesteps(num_inference_steps)
-        # 2-8. Stable Diffusion's own steps
-        return self._run_diffusers(
-            output_type,
-            return_dict,
-            generator=generator,
-            prompt=prompt,
-            image=image,
-            strength=strength,
-            num_inference_steps=num_inference_steps,
-            timesteps=timesteps,
-            sigmas=sigmas,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-            num_images_per_prompt=num_images_per_prompt,
-            eta=eta,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            clip_skip=clip_skip,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            **kwargs,
-        )
+        check_image_input(self, arguments["image"], batch_size, self.latent_channels if self.vae is not None else None)

@@ -53,7 +53,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils.torch_utils import randn_tensor
 from scipy import ndimage
 
-from .pipeline_latent import LatentDiffusionMixin, LatentPipelineOutput, _is_number
+from .pipeline_latent import LatentDiffusionMixin, LatentPipelineOutput, _is_number, _is_positive_int
 from .pipeline_latent_img2img import check_image_input
 
 #: A mask value (in [0, 1], after conversion to one channel) at or above this is repainted.
@@ -221,48 +221,20 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         ```
     """
 
-    def check_inpaint_inputs(
-        self,
-        prompt,
-        image,
-        mask_image,
-        strength,
-        num_inference_steps,
-        guidance_scale,
-        jump_length=1,
-        jump_n_sample=1,
-        feather=0,
-        mask_threshold=MASK_THRESHOLD,
-        num_images_per_prompt=1,
-        negative_prompt=None,
-        prompt_embeds=None,
-        negative_prompt_embeds=None,
-        latents=None,
-        generator=None,
-        eta=0.0,
-        output_type="pil",
-        clip_skip=None,
-        callback_on_step_end_tensor_inputs=None,
-        guidance_rescale=0.0,
-    ) -> None:
-        """Raise a `ValueError` naming the argument at the first invalid input, before any model runs."""
+    def check_call_inputs(self, arguments: dict, batch_size: int) -> None:
+        """`strength` in (0, 1], the RePaint arguments and scheduler, the U-Net's channels, the image and the mask."""
+        strength, num_inference_steps = arguments["strength"], arguments["num_inference_steps"]
+        feather, jump_length, jump_n_sample = arguments["feather"], arguments["jump_length"], arguments["jump_n_sample"]
         if not _is_number(strength) or not 0 < strength <= 1:
             raise ValueError(f"`strength` has to be a number in (0.0, 1.0] but is {strength!r}.")
-        batch_size = self.check_sampling_inputs(
-            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps, guidance_scale, eta,
-            num_images_per_prompt, generator, output_type, clip_skip, callback_on_step_end_tensor_inputs,
-            guidance_rescale,
-        )  # fmt: skip
         num_steps = min(int(num_inference_steps * strength), num_inference_steps)
         if num_steps < 1:
-            raise ValueError(
-                f"`strength`={strength} of `num_inference_steps`={num_inference_steps} leaves no denoising step;"
-                " raise one of them."
-            )
-        if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
+            message = f"`strength`={strength} of `num_inference_steps`={num_inference_steps} leaves no denoising step"
+            raise ValueError(message + "; raise one of them.")
+        if not _is_positive_int(feather + 1 if _is_number(feather) else feather):
             raise ValueError(f"`feather` has to be a non-negative integer (pixels) but is {feather!r}.")
         for name, value in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_positive_int(value):
                 raise ValueError(f"`{name}` has to be a positive integer but is {value!r}.")
         if jump_n_sample > 1:
             if jump_length >= num_steps:
@@ -274,9 +246,7 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
             # there (DPM-Solver's multistep history is cleared by `set_timesteps`, and `set_begin_index` points it at
             # the step), in the variance-preserving parametrization that q(z_t | z_s) is written in. Euler-type
             # samplers work on sigma-scaled latents and PNDM keeps a step counter, so they are refused.
-            if not isinstance(self.scheduler, RESAMPLING_SCHEDULERS) or getattr(
-                self.scheduler.config, "use_flow_sigmas", False
-            ):
+            if not isinstance(self.scheduler, RESAMPLING_SCHEDULERS) or self.scheduler.config.get("use_flow_sigmas"):
                 names = ", ".join(cls.__name__ for cls in RESAMPLING_SCHEDULERS)
                 raise ValueError(
                     f"RePaint resampling (`jump_n_sample` > 1) jumps back up the chain, which works with {names}"
@@ -291,8 +261,10 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
                 f" blending) or {2 * self.latent_channels + 1} (latents, mask and masked-image latents: an"
                 " inpainting U-Net)."
             )
-        height, width = self.check_image_and_mask(image, mask_image, mask_threshold, batch_size)
-        self.check_latents(latents, batch_size * num_images_per_prompt, height, width)
+        height, width = self.check_image_and_mask(
+            arguments["image"], arguments["mask_image"], arguments["mask_threshold"], batch_size
+        )
+        self.check_latents(arguments["latents"], batch_size * arguments["num_images_per_prompt"], height, width)
 
     def check_image_and_mask(self, image, mask_image, mask_threshold, batch_size: int) -> tuple[int, int]:
         """Check the image(s) and the mask(s) (converted by the documented rules, then of the image's size); return
@@ -421,10 +393,7 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         eta: float = 0.0,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
+        callback_on_step_end: PipelineCallback | MultiPipelineCallbacks | Any | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
@@ -456,23 +425,12 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
         guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
         # 1. Check inputs, before any model runs
-        self.check_inpaint_inputs(
-            prompt, image, mask_image, strength, num_inference_steps, guidance_scale, jump_length, jump_n_sample,
-            feather, mask_threshold, num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            latents, generator, eta, output_type, clip_skip, callback_on_step_end_tensor_inputs, guidance_rescale,
-        )  # fmt: skip
+        batch_size = self.check_all_inputs(locals())
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
 
-        # 2. Define call parameters
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
         num_images = batch_size * num_images_per_prompt
 
         device = self._execution_device
@@ -482,12 +440,8 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         empty = [index for index in range(mask.shape[0]) if not mask[index].any()]
         if empty:
             which = "every mask" if len(empty) == mask.shape[0] else f"the mask(s) at {empty}"
-            warnings.warn(
-                f"`mask_image`: {which} is empty (black everywhere: nothing to repaint), so the input image is"
-                " returned there unchanged.",
-                UserWarning,
-                stacklevel=2,
-            )
+            message = f"`mask_image`: {which} is empty (black everywhere: nothing to repaint), so the input image is"
+            warnings.warn(message + " returned there unchanged.", UserWarning, stacklevel=2)
         pixels, mask = pixels.to(device), mask.to(device)
         if len(empty) == mask.shape[0]:
             if output_type == "latent":  # the image's own latents
