@@ -396,13 +396,16 @@ class LatentDiffusionMixin(PipelineHubMixin):
         diffusers_call = next(base for base in type(self).__mro__ if base.__module__.startswith("diffusers.")).__call__
         call = inspect.signature(diffusers_call).bind(self, *args, **kwargs)
         given = dict(call.arguments)
+        unknown = sorted(set(given.get("kwargs", {})) - {"callback", "callback_steps"})  # Diffusers' would ignore them
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__call__() got unexpected keyword arguments {unknown}")
         call.apply_defaults()
         arguments = call.arguments
         for name in ("num_inference_steps", "guidance_scale"):
             arguments[name] = self.sampling_default(name, given.get(name))
         custom_schedule = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
         if custom_schedule:  # the step count comes from the schedule
-            arguments["num_inference_steps"] = given.get("num_inference_steps")
+            arguments["num_inference_steps"] = None
         # 1. Check inputs, before any model runs
         self.check_all_inputs(arguments)
         if not custom_schedule:
