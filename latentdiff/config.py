@@ -3,7 +3,7 @@
 A run's configuration is built in layers, later ones winning:
 
 1. the dataclass defaults below;
-2. the named model preset (``model.preset``, see :data:`latentdiff.models.MODEL_PRESETS`);
+2. the named model preset (``model.preset``, see :data:`latentdiff.models.presets.MODEL_PRESETS`);
 3. each YAML file given with ``--config``, in order;
 4. dotted ``key=value`` overrides from the command line (``train.max_steps=20 output_dir=runs/x``).
 
@@ -424,7 +424,7 @@ class _RawText(str):
 
 
 def _preset_tree(name: str) -> dict[str, Any]:
-    from .models import MODEL_PRESETS
+    from .models.presets import MODEL_PRESETS
 
     if name not in MODEL_PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r}; expected one of {sorted(MODEL_PRESETS)}")
