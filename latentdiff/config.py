@@ -265,6 +265,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
 
 
+DEFAULT_GUIDANCE_SCALE = 4.0
+"""The project's one default classifier-free guidance scale: what a trained model records as its own
+(``latentdiff.json``); a folder without one samples with Diffusers' default."""
+
+
 @dataclass
 class SampleConfig:
     """Sampling for validation grids and the final sample grid."""
@@ -281,7 +286,7 @@ class SampleConfig:
     )
     images_per_prompt: int = 4
     num_inference_steps: int = 25
-    guidance_scale: float = 4.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     scheduler: SchedulerName = "dpm"
     seed: int = 0
 

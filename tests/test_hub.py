@@ -60,7 +60,7 @@ def test_model_card_of_a_trained_pipeline(saved_run):
     assert 'LatentPipeline.from_pretrained("path/to/pipeline")' in body
     assert "| optimizer steps | 123 |" in body and "| final loss | 0.0421 |" in body  # training_summary.json
     assert "preset: tiny" in body  # config.yaml, from the run folder (the pipeline's parent)
-    assert "guidance_scale=4.0" in body  # the run's sample.guidance_scale is the model's default
+    assert "| default guidance scale | 4.0 |" in body  # the run's sample.guidance_scale is the model's default
     assert '"a red circle"' in body  # the run's first sample prompt
     assert "![Samples](samples.png)" in body
     assert "UNet2DConditionModel (" in body and "M parameters)" in body
@@ -74,7 +74,8 @@ def test_model_card_without_run_files(tmp_path):
     metadata, body = front_matter_and_body(str(card))
     assert metadata["license"] == "mit" and "base_model" not in metadata
     assert "Trained for a test." in body and "Samples" not in body
-    assert "guidance_scale=7.5" in body
+    assert '").images[0]  # the model\'s own steps and guidance' in body  # no arguments: the pipeline decides
+    assert "default guidance scale" not in body
 
 
 def test_write_model_card_for_the_trainer(saved_run, tmp_path):
@@ -215,7 +216,7 @@ def test_save_pretrained_writes_safetensors_only(tmp_path):
     assert json.loads((tmp_path / "latentdiff.json").read_text()) == {"guidance_scale": 2.5}
     metadata, body = front_matter_and_body((tmp_path / "README.md").read_text())
     assert metadata["base_model"] == "org/base" and metadata["license"] == "mit"
-    assert "guidance_scale=2.5" in body
+    assert "| default guidance scale | 2.5 |" in body
     assert not [name for name in os.listdir(tmp_path / "unet") if not name.endswith((".json", ".safetensors"))]
 
 

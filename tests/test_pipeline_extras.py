@@ -230,3 +230,43 @@ def test_guidance_between_zero_and_one_is_accepted(components):
     pipe = make(LatentPipeline, components)
     images = [run(pipe, guidance_scale=value) for value in (0.0, 0.5, 1.0)]
     assert all(np.array_equal(images[0], image) for image in images) and math.isfinite(float(images[0].mean()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One seeded generation path
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_one_seed_gives_one_image_from_the_command_line_the_eval_and_the_training_grid(components, tmp_path):
+    from latentdiff.cli import main
+    from latentdiff.config import SampleConfig
+    from latentdiff.eval.adherence import evaluate_adherence
+    from latentdiff.eval.suite import shapes_suite
+    from latentdiff.sampling import sample_images
+
+    pipe = make(LatentPipeline, components)
+    pipe.sampling_defaults = {"guidance_scale": 3.0, "num_inference_steps": 2}
+    pipe.save_pretrained(tmp_path / "model", model_card=False)
+    spec = shapes_suite(())[5]
+
+    # The eval draws each image with a seed of its own and records it; guidance: the model's own.
+    results = evaluate_adherence(pipe, [spec], images_per_prompt=1, steps=2, scheduler="ddim", progress=False)
+    seed = results.records[0]["seed"]
+    assert results.settings["guidance_scale"] == 3.0
+    from_eval = np.asarray(results.images[0])
+
+    # `latentdiff generate MODEL PROMPT -n 1 --seed SEED` redraws it (steps and guidance: the model's own).
+    argv = ["generate", str(tmp_path / "model"), spec.prompt, "-n", "1", "--seed", str(seed), "--scheduler", "ddim",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    from_cli = np.asarray(PIL.Image.open(next((tmp_path / "out").glob("000-*.png"))))
+
+    # So does the training grid, whose image j of a prompt has seed `sample.seed + j`, among other prompts.
+    sample = SampleConfig(prompts=("two blue squares", spec.prompt), images_per_prompt=1, num_inference_steps=2,
+                          guidance_scale=3.0, scheduler="ddim", seed=seed)
+    from_grid = np.asarray(sample_images(pipe, list(sample.prompts), sample)[1])
+
+    np.testing.assert_array_equal(from_cli, from_eval)
+    np.testing.assert_array_equal(from_grid, from_eval)
+    other = evaluate_adherence(pipe, [spec], images_per_prompt=1, steps=2, scheduler="ddim", seed=1, progress=False)
+    assert np.abs(np.asarray(other.images[0]).astype(int) - from_eval).max() > 0  # another seed, another image

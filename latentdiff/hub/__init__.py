@@ -375,8 +375,6 @@ def _card_for_folder(
         prompt = "a red circle at the top left"
     else:
         prompt = "a photograph of an astronaut riding a horse"
-    guidance = defaults.get("guidance_scale", 7.5)
-    steps = defaults.get("num_inference_steps", 25)
 
     kind = "pixel-space" if facts["pixel_space"] else "latent"
     origin = f", fine-tuned from [{base_model}](https://huggingface.co/{base_model})." if base_model else "."
@@ -392,7 +390,7 @@ def _card_for_folder(
         "from latentdiff import LatentPipeline",
         "",
         f'pipe = LatentPipeline.from_pretrained("{where}")',
-        f"image = pipe({json.dumps(prompt)}, num_inference_steps={steps}, guidance_scale={guidance}).images[0]",
+        f"image = pipe({json.dumps(prompt)}).images[0]  # the model's own steps and guidance (latentdiff.json)",
         'image.save("sample.png")',
         "```",
         "",
@@ -415,7 +413,9 @@ def _card_for_folder(
         model_rows[name] = class_name + (f" ({parameters / 1e6:.2f}M parameters)" if parameters else "")
     if "resolution" in facts:
         model_rows["resolution"] = facts["resolution"]
-    model_rows["default guidance scale"] = guidance
+    for key in ("guidance_scale", "num_inference_steps"):
+        if key in defaults:
+            model_rows["default " + key.replace("_", " ").replace("num inference steps", "sampling steps")] = defaults[key]
     lines += ["## Model", "", _markdown_table(model_rows), ""]
 
     if training_summary or training_config is not None:
