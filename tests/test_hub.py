@@ -127,14 +127,19 @@ def test_prepare_upload_refuses_pickle_only_weights(saved_run, tmp_path):
 
 
 class RecordingHub:
-    """Stands in for the Hub: records HfApi.create_repo / create_commit calls and what was sent."""
+    """Stands in for the Hub: records HfApi.create_repo / create_commit calls (upload_folder's commit) and what was
+    sent."""
 
     def __init__(self, monkeypatch):
         self.calls: list[tuple[str, dict]] = []
         self.sent: dict[str, bytes] = {}
         monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
         monkeypatch.setattr(HfApi, "create_commit", self.create_commit)
-        for name in ("upload_folder", "upload_file", "preupload_lfs_files"):
+        # upload_folder runs as it is (it lists the folder and calls create_commit); its README check asks the Hub,
+        # and with hf_xet installed it streams to the Hub directly instead of one create_commit.
+        monkeypatch.setattr(HfApi, "_validate_yaml", lambda *args, **kwargs: None)
+        monkeypatch.setattr("huggingface_hub.hf_api.is_xet_available", lambda: False)
+        for name in ("upload_file", "preupload_lfs_files"):
             monkeypatch.setattr(HfApi, name, self.forbidden)
 
     def create_repo(self, repo_id, **kwargs):
@@ -153,7 +158,7 @@ class RecordingHub:
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
 
     def forbidden(self, *args, **kwargs):
-        raise AssertionError("only create_repo and create_commit may be used")
+        raise AssertionError("only create_repo and upload_folder (its create_commit) may be used")
 
 
 def test_push_to_hub_uploads_without_revealing_the_token(saved_run, monkeypatch, capsys, caplog):
