@@ -101,8 +101,8 @@ class LatentDiffusionMixin(PipelineHubMixin):
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     # Loaded with an IP-Adapter (`load_ip_adapter`), never from a pipeline folder.
     _not_loaded_from_folders = ("image_encoder",)
-    # Not a component (Stable Diffusion's own tests call its pipelines with `**pipe.components,
-    # feature_extractor=None`): `load_ip_adapter` sets it, for `ip_adapter_image`.
+    # Not a component, so that `pipe.components` builds a stock Stable Diffusion pipeline (with its own
+    # `feature_extractor=None, safety_checker=None`); `load_ip_adapter` sets it, for `ip_adapter_image`.
     feature_extractor = None
 
     def __init__(
