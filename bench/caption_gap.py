@@ -29,7 +29,7 @@ def main() -> None:
     from latentdiff.config import load_config
     from latentdiff.pipelines import LatentPipeline
     from latentdiff.trainer.probes import CaptionGapProbe, held_examples
-    from latentdiff.trainer.train_utils import encode_images, tokenize
+    from latentdiff.trainer.encoding import encode_images, tokenize
 
     with open(os.path.join(args.model, "model_index.json"), encoding="utf-8") as file:
         if json.load(file).get("text_encoder", [None])[0] == "oracle_text_encoder":  # bench/ablation.py --oracle

@@ -38,16 +38,16 @@ from latentdiff.trainer.checkpointing import (
     save_checkpoint,
 )
 from latentdiff.trainer.text_pretraining import build_contrastive_model, retrieval_accuracy, text_encoder_of
-from latentdiff.trainer.train_utils import (
-    TrainingRNG,
+from latentdiff.trainer.encoding import tokenize
+from latentdiff.trainer.loop import (
     batch_size_of,
     epoch_batches,
     make_accelerator,
     make_train_dataloader,
     per_process_batch_size,
     setup_logging,
-    tokenize,
 )
+from latentdiff.trainer.rng import TrainingRNG
 
 logger = logging.getLogger("latentdiff.train_text")
 
