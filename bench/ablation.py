@@ -33,13 +33,13 @@ def _oracle_main(argv: list[str]) -> None:
     """Stage 2 with the oracle in place of the text encoder (frozen, cached)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     sys.path.insert(0, os.path.join(ROOT, "training"))
-    import latentdiff.models
+    import latentdiff.models.builders
     from oracle_text_encoder import OracleTextEncoder
 
     def build_oracle(config):
         return OracleTextEncoder(hidden_size=config.text_encoder.hidden_size)
 
-    latentdiff.models.build_text_encoder = build_oracle
+    latentdiff.models.builders.build_text_encoder = build_oracle
     import train_ldm
 
     train_ldm.build_text_encoder = build_oracle
