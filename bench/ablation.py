@@ -4,7 +4,7 @@ then the shapes suite, recorded with its command.
 
     python bench/ablation.py NAME --vae runs/base/vae [--oracle] [--threads 2] -- key=value ...
 
-Runs ``training/train_ldm.py --config configs/shapes.yaml`` (or ``--config``) into
+Runs ``training/train_ldm.py --config docs/ablation/base.yaml`` (or ``--config``) into
 ``runs/ablation/NAME`` with the overrides after ``--``, then ``latentdiff eval`` (shapes suite,
 ``--images-per-prompt`` images per prompt, 25 DPM-Solver++ steps, the model's guidance) on its
 pipeline, and appends one record (the command, wall-clock minutes of stage 2, images seen,
@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name")
     parser.add_argument("--vae", required=True, help="stage-1 autoencoder folder shared by every variant")
-    parser.add_argument("--config", default="configs/shapes.yaml")
+    parser.add_argument("--config", default="docs/ablation/base.yaml", help="base config of every variant (the pre-ablation default)")
     parser.add_argument("--oracle", action="store_true", help="condition on the oracle instead of the text encoder")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--images-per-prompt", type=int, default=2)

@@ -168,3 +168,28 @@ def test_text_stage_feeds_stage_two(tmp_path):
     for name, tensor in pretrained.state_dict().items():
         assert torch.equal(tensor, exported.state_dict()[name]), name
     assert CLIPTokenizer.from_pretrained(tmp_path / "pipeline" / "tokenizer").model_max_length == 32
+
+
+def test_normalize_vae_script_writes_a_standardized_copy(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_normalize_vae", Path(__file__).parents[1] / "bench" / "normalize_vae.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    with torch.no_grad():
+        vae.quant_conv.bias[:4] += torch.tensor([2.0, -1.0, 0.5, -3.0])
+    vae.save_pretrained(tmp_path / "vae")
+    monkeypatch.setattr(sys, "argv", ["normalize_vae.py", str(tmp_path / "vae"), str(tmp_path / "vae_norm"),
+                                      "--samples", "32", "--resolution", "32", "--batch-size", "16"])
+    script.main()
+    normalized = AutoencoderKL.from_pretrained(tmp_path / "vae_norm").eval()
+    assert normalized.config.scaling_factor == 1.0
+    images = script.make_shapes_dataset(32, seed=0, image_size=32, progress_bar=False)["image"]
+    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]))
+    with torch.no_grad():
+        means = normalized.encode(pixels.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean.mean(dim=(0, 2, 3))
+    np.testing.assert_allclose(means.numpy(), 0, atol=0.05)
