@@ -193,3 +193,28 @@ def test_normalize_vae_script_writes_a_standardized_copy(tmp_path, monkeypatch):
     with torch.no_grad():
         means = normalized.encode(pixels.permute(0, 3, 1, 2) / 127.5 - 1).latent_dist.mean.mean(dim=(0, 2, 3))
     np.testing.assert_allclose(means.numpy(), 0, atol=0.05)
+
+
+def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path):
+    import importlib.util
+
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import tiny_components
+
+    spec = importlib.util.spec_from_file_location("bench_attribute_sensitivity", Path(__file__).parents[1] / "bench" / "attribute_sensitivity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    pipeline = LatentPipeline(**tiny_components(seed=0))
+    pipeline.save_pretrained(tmp_path / "reads")
+    reads = script.measure(str(tmp_path / "reads"), scenes=4, seed=0, timesteps=(900, 100))
+    assert set(reads) == {"caption", *script.ATTRIBUTES} and all(len(values) == 2 for values in reads.values())
+    assert reads["caption"][0] > 0 and reads["color"][0] > 0
+    # cut the cross-attention outputs: the text can no longer reach the U-Net
+    with torch.no_grad():
+        for name, module in pipeline.unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                module.weight.zero_()
+                module.bias.zero_()
+    pipeline.save_pretrained(tmp_path / "deaf")
+    deaf = script.measure(str(tmp_path / "deaf"), scenes=4, seed=0, timesteps=(900, 100))
+    assert all(value == 0 for values in deaf.values() for value in values)
