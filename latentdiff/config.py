@@ -189,6 +189,9 @@ class DiffusionConfig:
     prediction_type: PredictionType = "epsilon"
     snr_gamma: float | None = None
     """Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's choice. None: off."""
+    snr_weight_floor: float = 0.0
+    """With ``snr_gamma``: the least loss weight of any timestep. Min-SNR weighs v at high noise about
+    SNR (0 at the last step of a zero-terminal-SNR schedule), so nothing learns the background there."""
     noise_offset: float = 0.0
     """Offset noise (Guttenberg 2023): add ``noise_offset * N(0, 1)`` per channel to the noise."""
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"

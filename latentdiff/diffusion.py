@@ -110,22 +110,30 @@ def predicted_clean_latents(
     raise ValueError(f"unknown prediction_type {prediction_type!r}; expected epsilon, v_prediction or sample")
 
 
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def min_snr_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, floor: float = 0.0
+) -> torch.Tensor:
     """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, eq. 8 and Sec. 3.4).
 
     The x_0-space weight is ``min(SNR(t), gamma)``; expressed for the prediction target it becomes
     ``min(SNR, gamma) / SNR`` for epsilon, ``min(SNR, gamma) / (SNR + 1)`` for v, and ``min(SNR, gamma)``
     for x_0. SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
+
+    For v that weight is about SNR at high noise and exactly 0 at the last step of a zero-terminal-SNR
+    schedule, so the steps where a caption decides the background are not learned at all; ``floor``
+    is the least weight any timestep gets (docs/conditioning.md measures what it changes).
     """
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         # A zero-terminal-SNR schedule has SNR = 0 at t = T; min(SNR, gamma) / SNR -> 1 there.
-        return torch.where(snr > 0, clipped / snr.clamp(min=1e-8), torch.ones_like(snr))
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped
+        weights = torch.where(snr > 0, clipped / snr.clamp(min=1e-8), torch.ones_like(snr))
+    elif prediction_type == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:
+        weights = clipped
+    return weights.clamp(min=floor)
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     generator: torch.Generator | None = None,
     timestep_sampling: TimestepSampling | None = None,
+    snr_weight_floor: float = 0.0,
 ) -> DiffusionLoss:
     """Monte-Carlo estimate of the denoising loss on a batch of clean latents ``x_0``.
 
@@ -190,7 +199,7 @@ def diffusion_loss(
     prediction = denoiser(noisy_latents, timesteps, encoder_hidden_states)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
-        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma)
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma, snr_weight_floor)
     return DiffusionLoss(loss=per_sample.mean(), timesteps=timesteps, per_sample=per_sample)
 
 

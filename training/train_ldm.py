@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                     noise_offset=config.diffusion.noise_offset,
                     generator=rng.generator,
                     timestep_sampling=timestep_sampling,
+                    snr_weight_floor=config.diffusion.snr_weight_floor,
                 )
                 accelerator.backward(output.loss * loss_weight)
                 if accelerator.sync_gradients and train.optimizer.max_grad_norm:
