@@ -218,3 +218,17 @@ def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path
     pipeline.save_pretrained(tmp_path / "deaf")
     deaf = script.measure(str(tmp_path / "deaf"), scenes=4, seed=0, timesteps=(900, 100))
     assert all(value == 0 for values in deaf.values() for value in values)
+
+
+def test_snr_weight_floor_keeps_the_terminal_step_of_a_zero_snr_schedule():
+    from latentdiff.diffusion import min_snr_weights
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    timesteps = torch.tensor([0, 300, 700, 950, 999])
+    plain = min_snr_weights(scheduler, timesteps, gamma=5.0)
+    floored = min_snr_weights(scheduler, timesteps, gamma=5.0, floor=0.1)
+    assert plain[-1] == 0  # min(SNR, gamma) / (SNR + 1) with SNR = 0
+    assert floored[-1] == pytest.approx(0.1)
+    # where the min-SNR weight is above the floor, nothing changes
+    torch.testing.assert_close(floored[plain >= 0.1], plain[plain >= 0.1])
+    assert (floored >= 0.1).all()
