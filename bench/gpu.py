@@ -1039,28 +1039,43 @@ def commit_from_stamp(wheels: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+def _in_git_checkout() -> bool:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True).returncode == 0
+    except OSError:  # no git on the machine
+        return False
+
+
 def command_run(args: argparse.Namespace) -> int:
     started = args.started_at or time.time()
     sizes = DRY_SIZES if args.dry_run else GPU_SIZES
     budget = args.budget_s or sizes.budget_s
     sizes = dataclasses.replace(sizes, budget_s=budget)
+    if args.long_vae and not os.path.isfile(os.path.join(args.long_vae, "config.json")):
+        print(f"gpu.py run: --long-vae {args.long_vae!r} is not an autoencoder folder (no config.json)", file=sys.stderr)
+        return 2
+    chosen = [name.strip() for name in (args.steps or "").split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in sizes.limits]
+    if unknown:
+        print(f"gpu.py run: --steps: unknown step(s) {', '.join(unknown)}; the steps are {', '.join(sizes.limits)}",
+              file=sys.stderr)
+        return 2
     out = os.path.abspath(args.out)
     work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="latentdiff-gpu-"))
+    ctx = Context(sizes=sizes, dry=args.dry_run, out=out, work=work, deadline=started + budget, started=started,
+                  long_config=os.path.abspath(args.long_config),
+                  long_vae=os.path.abspath(args.long_vae) if args.long_vae else None)
+    steps = [step for step in plan(ctx) if not chosen or step.name in chosen]
+
     os.makedirs(out, exist_ok=True)
     os.makedirs(work, exist_ok=True)
     for name in os.listdir(out):
         if name.startswith(("gpu", "long-")):
             os.remove(os.path.join(out, name))
-    if args.long_vae and not os.path.isfile(os.path.join(args.long_vae, "config.json")):
-        print(f"gpu.py run: --long-vae {args.long_vae!r} is not an autoencoder folder (no config.json)", file=sys.stderr)
-        return 2
-    ctx = Context(sizes=sizes, dry=args.dry_run, out=out, work=work, deadline=started + budget, started=started,
-                  long_config=os.path.abspath(args.long_config),
-                  long_vae=os.path.abspath(args.long_vae) if args.long_vae else None)
     ctx.command = args.command_line or _command_line()
     ctx.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "10", **sizes.env}
-    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True).returncode != 0:
+    if not _in_git_checkout():
         commit = commit_from_stamp(WHEELS_DIR)
         if commit:
             ctx.env[COMMIT_ENV] = os.environ[COMMIT_ENV] = commit
@@ -1068,12 +1083,11 @@ def command_run(args: argparse.Namespace) -> int:
         file.write(f"# GPU run of bench/gpu.sh ({datetime.datetime.now():%Y-%m-%d %H:%M})\n\n"
                    "Sections in bench/RESULTS.md's format; `python bench/gpu.py merge <this file>` adds each to "
                    "the same part of bench/RESULTS.md, unchanged.\n")
-
-    print(f"bench/gpu.sh{' --dry-run' if ctx.dry else ''}: {len(plan(ctx))} steps, {budget:.0f} s budget "
+    print(f"bench/gpu.sh{' --dry-run' if ctx.dry else ''}: {len(steps)} steps, {budget:.0f} s budget "
           f"({time.time() - started:.0f} s already spent installing); work folder {work}", flush=True)
     with open(os.path.join(out, LOG_NAME), "a", encoding="utf-8") as log:
         ctx.log = log
-        for step in plan(ctx):
+        for step in steps:
             run_step(ctx, step)
 
     for record in (record_smoke, record_long, record_summary):
@@ -1118,6 +1132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--long-config", default=os.path.join(REPO_ROOT, "configs", "shapes-long.yaml"),
                      help="the longer preset for part (c) (default configs/shapes-long.yaml)")
     run.add_argument("--long-vae", help="a trained stage-1 autoencoder folder for part (c), carried along: stage 1 is then skipped")
+    run.add_argument("--steps", metavar="NAME,...", help="run only these steps (default all), e.g. train-512,sample-compiled")
     run.add_argument("--command-line", help=argparse.SUPPRESS)
 
     wheels = commands.add_parser("wheels", help="download what the GPU machine lacks (run here, before a GPU session)")

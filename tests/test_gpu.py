@@ -38,67 +38,98 @@ def gpu():
     return _load("gpu")
 
 
-@pytest.mark.slow
-def test_dry_run_runs_every_step_and_writes_results_that_bench_results_takes_in(tmp_path, gpu):
+def _dry_run(tmp_path, steps: list[str]):
+    """``bash bench/gpu.sh --dry-run --steps ...``: its summary and results file."""
     out, work = tmp_path / "out", tmp_path / "work"
     process = subprocess.run(
-        ["bash", os.path.join(BENCH, "gpu.sh"), "--dry-run", "--out", str(out), "--workdir", str(work)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200,
+        ["bash", os.path.join(BENCH, "gpu.sh"), "--dry-run", "--out", str(out), "--workdir", str(work),
+         "--steps", ",".join(steps)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=1500,
         env={**os.environ, "PYTHON": sys.executable},
     )
     assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-4000:]
+    summary = json.loads((out / "gpu-summary.json").read_text())
+    assert summary["dry_run"] is True and list(summary["steps"]) == steps
+    assert {name: step["status"] for name, step in summary["steps"].items()} == dict.fromkeys(steps, "ok")
+    # Every file comes back through the device tool: at most 8, no folders.
+    returned = sorted(os.listdir(out))
+    assert len(returned) <= 8 and all((out / name).is_file() for name in returned)
+    return summary["steps"], (out / "gpu-results.md").read_text(), out
 
-    summary = json.loads((out / gpu.SUMMARY_NAME).read_text())
-    steps = summary["steps"]
-    assert summary["dry_run"] is True
-    assert list(steps) == ["env", "train-512", "train-256", "sample", "sample-compiled", "smoke-fsdp",
-                           "long-vae", "long-ldm", "long-eval"]
-    assert {name: step["status"] for name, step in steps.items()} == dict.fromkeys(steps, "ok")
+
+def _section_titles(results: str) -> list[str]:
+    """The ``###`` headings without their dates; a CPU run files every one under ``## CPU``."""
+    headings = [line for line in results.splitlines() if line.startswith("#")]
+    assert [h for h in headings if h.startswith("## ")] == ["## CPU"]
+    return [h.split(" (")[0] for h in headings if h.startswith("### ")]
+
+
+# The dry run of the whole plan, in two halves that the suite's two workers run side by side (each
+# step is a fresh process, mostly importing torch and diffusers: about 90 s of CPU in all).
+FIRST_HALF = ["env", "train-512", "train-256", "sample", "sample-compiled"]
+SECOND_HALF = ["smoke-fsdp", "long-vae", "long-ldm", "long-eval"]
+
+
+def test_the_two_halves_of_the_dry_run_are_the_whole_plan(gpu, tmp_path):
+    ctx = _context(gpu, tmp_path)
+    names = [step.name for step in gpu.plan(ctx)]
+    assert names == FIRST_HALF + SECOND_HALF == list(gpu.GPU_SIZES.limits) == list(gpu.DRY_SIZES.limits)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dry_run_of_the_throughput_parts(tmp_path, gpu):
+    steps, results, _ = _dry_run(tmp_path, FIRST_HALF)
     for name in ("train-512", "train-256"):
         figures = steps[name]["figures"]
         assert figures["ours_images_per_s"] > 0 and figures["recipe_images_per_s"] > 0
         assert math.isclose(figures["ratio"], figures["ours_images_per_s"] / figures["recipe_images_per_s"], rel_tol=1e-9)
+        assert "--preset sd15" in steps[name]["command"] and "--fused-adamw" in steps[name]["command"]
     for name in ("sample", "sample-compiled"):
         assert steps[name]["figures"]["ours_unet_it_per_s"] > 0 and steps[name]["figures"]["diffusers_unet_it_per_s"] > 0
     assert "--compile" in steps["sample-compiled"]["command"] and "--compile" not in steps["sample"]["command"]
+    assert _section_titles(results) == [
+        "### train_throughput, preset sd15, 32 px, cpu", "### train_throughput, preset sd15, 24 px, cpu",
+        "### sample_throughput, preset sd15, 32 px, cpu", "### sample_throughput, preset sd15, 32 px, cpu",
+        "### bench/gpu.sh: every part, its time and status",
+    ]
+    assert "- Command: `python bench/train_throughput.py --preset sd15 --resolution 512" in results
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_dry_run_of_the_smoke_and_shapes_long_parts_and_taking_the_results_in(tmp_path, gpu):
+    steps, results, out = _dry_run(tmp_path, SECOND_HALF)
     figures = steps["smoke-fsdp"]["figures"]
     assert figures["pipeline_exported"] and math.isfinite(figures["final_loss"]) and figures["checkpoints"]
     assert "configs/accelerate/fsdp.yaml --num_processes 1" in steps["smoke-fsdp"]["command"]
     for name in ("long-vae", "long-ldm"):  # part (c) is the run of configs/accelerate/gpu-1.yaml
         assert "--config_file configs/accelerate/gpu-1.yaml" in steps[name]["command"]
-    # Part (c) takes configs/shapes-long.yaml with its step counts overridden, and stage 2 its planned steps.
-    assert "--config configs/shapes-long.yaml" in steps["long-ldm"]["command"]
+        assert "--config configs/shapes-long.yaml" in steps[name]["command"]
+    # Stage 2 ran the steps it was sized to.
     assert steps["long-ldm"]["figures"]["steps"] == steps["long-ldm"]["planned_steps"] == 2
     evaluation = steps["long-eval"]["figures"]
     assert 0 <= evaluation["overall"] <= 1 and evaluation["num_images"] > 0
     assert evaluation["stage2_minutes"] == pytest.approx(steps["long-ldm"]["seconds"] / 60)
-
-    # Every file comes back through the device tool: at most 8, no folders.
-    returned = sorted(os.listdir(out))
-    assert len(returned) <= 8 and all((out / name).is_file() for name in returned)
-    assert {gpu.RESULTS_NAME, gpu.SUMMARY_NAME, gpu.LOG_NAME, "long-eval.json", "long-eval-grid.png"} <= set(returned)
-    results = (out / gpu.RESULTS_NAME).read_text()
-    # A CPU run files its sections under "## CPU", as --record does.
-    headings = [line for line in results.splitlines() if line.startswith("#")]
-    assert headings[1] == "## CPU" and not [h for h in headings if h.startswith("## ") and h != "## CPU"]
-    titles = [h for h in headings if h.startswith("### ")]
-    assert [t.split(" (")[0] for t in titles] == [
-        "### train_throughput, preset sd15, 32 px, cpu", "### train_throughput, preset sd15, 24 px, cpu",
-        "### sample_throughput, preset sd15, 32 px, cpu", "### sample_throughput, preset sd15, 32 px, cpu",
+    assert {"long-eval.json", "long-eval-grid.png", "long-samples.png"} <= set(os.listdir(out))
+    titles = _section_titles(results)
+    assert titles == [
         "### accelerate configs on one GPU: smoke runs",
         "### shapes-long in minutes: stage 1, stage 2 in the time left, reduced eval",
         "### bench/gpu.sh: every part, its time and status",
     ]
     assert "- Command: `bash bench/gpu.sh --dry-run" in results
+    assert "| configs/accelerate/gpu-1.yaml | long-vae and long-ldm (part c) | ok |" in results
 
     # bench/RESULTS.md takes the file in unchanged, each section at the end of its part.
     into = tmp_path / "RESULTS.md"
     into.write_text("# Benchmark results\n\n## CPU\n\n### an older run\n\ntext\n\n## GPU\n\nnone yet\n")
     assert gpu.main(["merge", str(out / gpu.RESULTS_NAME), "--into", str(into)]) == 0
     merged = into.read_text()
-    sections = results[results.index(titles[0]):].rstrip("\n")
+    first = next(line for line in results.splitlines() if line.startswith("### "))
+    sections = results[results.index(first):].rstrip("\n")
     assert sections in merged
-    assert merged.index("### an older run") < merged.index(titles[0]) < merged.index("## GPU")
+    assert merged.index("### an older run") < merged.index(first) < merged.index("## GPU")
 
 
 def _context(gpu, tmp_path, budget_s: float = 60.0, limits: dict | None = None):
