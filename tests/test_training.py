@@ -152,7 +152,7 @@ def test_resume_after_sigkill_is_exact(stage1, tmp_path, variant):
 
 
 def test_resume_ignores_a_checkpoint_killed_while_being_written(tmp_path):
-    from latentdiff.checkpointing import list_checkpoints, resolve_resume
+    from latentdiff.trainer.checkpointing import list_checkpoints, resolve_resume
 
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "checkpoint-4").mkdir(parents=True)
