@@ -73,6 +73,10 @@ TOTAL_BUDGET_S = 540.0
 """The whole call, from the start of gpu.sh (wheel installs included) to the last figure: 9 minutes,
 inside the device tool's 10-minute limit per command and a 15-minute lease with the machine's start."""
 
+WRAP_UP_S = 20.0
+"""Kept back from the budget for the end: a step stopped at its limit gets 10 s to exit and 5 more
+before it is killed, then the sections, the summary and the copies are written."""
+
 WHEELS_DIR = os.path.join(REPO_ROOT, ".whl")
 SOURCE_STAMP = "source.json"
 """Written into the wheel folder by ``wheels``: the commit and a hash of every tracked file, so that a
@@ -143,8 +147,8 @@ CARRIED = (
             "and fsspec are on the machine"),
     Carried("dill", "imported", "a requirement of datasets"),
     Carried("multiprocess", "imported", "a requirement of datasets"),
-    Carried("open_clip_torch", "data", "only its BPE vocabulary file, which latentdiff.tokenizer reads without "
-            "importing open_clip (so torchvision, timm and ftfy are never imported for it)"),
+    Carried("open_clip_torch", "data", "only its BPE vocabulary file, which latentdiff.models.tokenizer reads without "
+            "importing open_clip (seconds, and timm and ftfy besides)"),
     Carried("setuptools", "build", "the build backend for installing this checkout: its pyproject.toml's SPDX "
             "license string needs setuptools >= 77, and the machine's version is not known; it vendors its "
             "own requirements", spec=">=77"),
@@ -431,11 +435,11 @@ class Sizes:
 GPU_SIZES = Sizes(
     budget_s=TOTAL_BUDGET_S,
     limits={
-        "env": (60, 10), "train-512": (120, 60), "train-256": (110, 60), "sample": (60, 30),
+        "env": (60, 10), "train-512": (100, 40), "train-256": (90, 40), "sample": (60, 30),
         "sample-compiled": (150, 60), "smoke-fsdp": (50, 20),
-        "long-vae": (110, 60), "long-ldm": (400, 80), "long-eval": (45, 20),
+        "long-vae": (100, 45), "long-ldm": (400, 80), "long-eval": (40, 20),
     },
-    train=("--rounds", "1", "--warmup-steps", "5", "--steps", "20", "--log-every", "5"),
+    train=("--rounds", "1", "--warmup-steps", "5", "--steps", "20", "--log-every", "5", "--in-process"),
     train_512=("--resolution", "512", "--num-samples", "384"),
     train_256=("--resolution", "256", "--num-samples", "768"),
     sample=("--warmup-calls", "1", "--rounds", "3"),
@@ -443,7 +447,7 @@ GPU_SIZES = Sizes(
     smoke=("train.max_steps=20", "train.checkpointing_steps=10", "train.log_every=5", "train.mixed_precision=bf16"),
     long_vae=(),
     long_ldm=(),
-    long_vae_steps=2000,
+    long_vae_steps=1500,
     long_ldm_steps_per_s=10.0,
     long_ldm_overhead_s=60.0,
     long_ldm_steps=(300, 4000),
@@ -588,8 +592,10 @@ def plan(ctx: Context) -> list[Step]:
                 "bench/train_throughput.py", "--preset", "sd15", "--resolution", resolution, "--fused-adamw",
                 "--ours-override", "train.checkpointing_steps=0", "--ours-override", "train.export=false",
                 *sizes.train, *extra, "--json", c.path(f"{name}.json"), "--record", results,
-                "--note", "part (a) of bench/gpu.sh: one A/B round, sized to fit the 9-minute call; our side without "
-                          "its final checkpoint and export (train.checkpointing_steps=0, train.export=false)",
+                "--note", "part (a) of bench/gpu.sh: one A/B round, both sides in one process (--in-process: two "
+                          "start-ups saved; the CUDA peak is reset when each side starts), sized to fit the 9-minute "
+                          "call; our side without its final checkpoint and export (train.checkpointing_steps=0, "
+                          "train.export=false)",
             ),
             collect=collect_train,
         )
@@ -1062,7 +1068,7 @@ def command_run(args: argparse.Namespace) -> int:
         return 2
     out = os.path.abspath(args.out)
     work = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="latentdiff-gpu-"))
-    ctx = Context(sizes=sizes, dry=args.dry_run, out=out, work=work, deadline=started + budget, started=started,
+    ctx = Context(sizes=sizes, dry=args.dry_run, out=out, work=work, deadline=started + budget - WRAP_UP_S, started=started,
                   long_config=os.path.abspath(args.long_config),
                   long_vae=os.path.abspath(args.long_vae) if args.long_vae else None)
     steps = [step for step in plan(ctx) if not chosen or step.name in chosen]

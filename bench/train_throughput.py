@@ -449,6 +449,18 @@ def recipe_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _release_memory(device: str) -> None:
+    """After an in-process run: collect its garbage (modules hold reference cycles) and return CUDA's
+    cached blocks, so that the next run's peak (reset when it starts) holds none of this one's tensors."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def run_rounds(settings: TrainPreset, workdir: str, shared: list[str], ours_only: list[str], device: str,
                env: dict[str, str], in_process: bool, keep: bool) -> dict[str, list[dict[str, Any]]]:
     """Every run of the comparison, in the interleaved order; each side's results by round."""
@@ -470,6 +482,7 @@ def run_rounds(settings: TrainPreset, workdir: str, shared: list[str], ours_only
                         overrides=shared + [f"output_dir={os.path.join(workdir, 'recipe')}"])
         if in_process:
             result = (ours_worker if side == "ours" else recipe_worker)(spec)
+            _release_memory(device)
         else:
             result = run_worker(os.path.abspath(__file__), side, spec, env)
         if side == "ours" and not keep:  # the run's final checkpoint and export are not needed again
