@@ -291,6 +291,9 @@ def command_wheels(args: argparse.Namespace) -> int:
     wheels = [wheel_metadata(path) for path in sorted(glob.glob(os.path.join(destination, "*.whl")))]
     missing, conflicts = unmet_requirements(wheels, CARRIED, args.python_version)
     wheel_bytes = sum(os.path.getsize(p) for p in glob.glob(os.path.join(destination, "*.whl")))
+    # Whatever else is in the folder travels with it too (e.g. a stage-1 autoencoder for --long-vae).
+    other_bytes = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(destination)
+                      for name in names if not name.endswith(".whl") and name != SOURCE_STAMP)
     stamp = source_stamp()
     tree_bytes = sum(os.path.getsize(os.path.join(REPO_ROOT, path)) for path in stamp["files"])
     with open(os.path.join(destination, SOURCE_STAMP), "w", encoding="utf-8") as file:
@@ -302,8 +305,9 @@ def command_wheels(args: argparse.Namespace) -> int:
         entry = roles[_normalize(wheel["name"])]
         print(f"  {wheel['name']} {wheel['version']} ({entry.role}): {entry.why}")
     limit = 64 * 2**20
-    total = wheel_bytes + tree_bytes
-    print(f"size: wheels {wheel_bytes / 2**20:.1f} MiB + the checkout's files {tree_bytes / 2**20:.1f} MiB "
+    total = wheel_bytes + other_bytes + tree_bytes
+    others = f" + other files in {os.path.basename(destination)}/ {other_bytes / 2**20:.1f} MiB" if other_bytes else ""
+    print(f"size: wheels {wheel_bytes / 2**20:.1f} MiB{others} + the checkout's files {tree_bytes / 2**20:.1f} MiB "
           f"(tracked, and untracked ones git does not ignore) = {total / 2**20:.1f} MiB of the device tool's "
           f"{limit // 2**20} MiB")
     print(f"source stamp: commit {stamp['commit']}, {len(stamp['files'])} files")
