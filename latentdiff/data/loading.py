@@ -109,14 +109,17 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
 
         # Sample i depends on (seed, i) only, so generating just the first max_samples is the same data.
         num_samples = min(data.shapes.num_samples, data.max_samples or data.shapes.num_samples)
-        dataset = make_shapes_dataset(
-            num_samples,
-            seed=data.shapes.seed,
-            image_size=data.resolution,
-            min_objects=data.shapes.min_objects,
-            max_objects=data.shapes.max_objects,
-            holdout=data.shapes.holdout,
-        )
+        try:
+            dataset = make_shapes_dataset(
+                num_samples,
+                seed=data.shapes.seed,
+                image_size=data.resolution,
+                min_objects=data.shapes.min_objects,
+                max_objects=data.shapes.max_objects,
+                holdout=data.shapes.holdout,
+            )
+        except ValueError as error:  # an option of the built-in data, e.g. an unknown word in holdout
+            raise ConfigError(f"data.shapes: {error}") from None
         if data.streaming:
             dataset = dataset.to_iterable_dataset()
     elif data.source == "hub":
