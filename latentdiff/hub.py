@@ -38,6 +38,8 @@ __all__ = [
     "UnsafeWeightsError",
     "check_pipeline_folder",
     "find_run_files",
+    "hub_load_error",
+    "locate_model",
     "make_model_card",
     "prepare_upload",
     "push_folder_to_hub",
@@ -65,6 +67,48 @@ class UnsafeWeightsError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Loading checks
 # --------------------------------------------------------------------------------------------
+
+
+def locate_model(name_or_path: str | os.PathLike, what: str, expected: str) -> str:
+    """Where ``name_or_path`` points: ``"folder"`` (an existing local folder) or ``"hub"`` (a Hub repo id).
+
+    A string that is not a valid Hub repo id (``huggingface_hub``'s own validation: ``runs/x/y``,
+    ``./x``, ``~/x``), or whose first part is a local folder (``runs/nope`` with a ``runs/`` here), is
+    a local path; missing, it is an error rather than a Hub look-up.
+
+    Args:
+        what: who asks, for the message (``model.vae.pretrained``, ``LatentPipeline.from_pretrained``).
+        expected: what should be there, for the message (``a pipeline folder (model_index.json ...)``).
+
+    Raises:
+        FileNotFoundError: ``no folder at ...``, with what was expected.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return "folder"
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path!r} is a file; expected {expected}")
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"{what}: no folder at {path!r}; expected {expected}") from None
+    first = path.split("/")[0]
+    if "/" in path and os.path.isdir(first):
+        raise FileNotFoundError(f"{what}: no folder at {path!r} (the folder {first!r} has no {path[len(first) + 1:]!r}); expected {expected}")
+    return "hub"
+
+
+def hub_load_error(name_or_path: str, what: str, expected: str, error: Exception) -> FileNotFoundError:
+    """The one-line error for a Hub id that could not be loaded: it is no local folder either."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        reason = "the Hub is off (HF_HUB_OFFLINE=1) and it is not in the local Hub cache"
+    else:
+        reason = " ".join(str(error).split())
+    return FileNotFoundError(
+        f"{what}: no folder at {name_or_path!r}, and it cannot be loaded as a Hub repo id ({reason}); expected {expected}"
+    )
 
 
 def _read_model_index(folder: str) -> dict[str, Any]:
@@ -693,12 +737,11 @@ class PipelineHubMixin:
             if use_safetensors is False:
                 raise ValueError("use_safetensors=False loads pickle weights; pass allow_pickle=True to allow that")
             use_safetensors = True
+        expected_here = "a pipeline folder (model_index.json and one subfolder per component) or a Hub repo id"
         if os.path.isfile(path):
-            raise ValueError(
-                f"{path!r} is a file; from_pretrained loads a pipeline folder (model_index.json and one "
-                "subfolder per component) or a Hub repository id"
-            )
-        if os.path.isdir(path):
+            raise ValueError(f"{path!r} is a file; from_pretrained loads {expected_here}")
+        location = locate_model(path, f"{cls.__name__}.from_pretrained", expected_here)
+        if location == "folder":
             expected, _ = cls._get_signature_keys(cls)
             check_pipeline_folder(
                 path,
@@ -708,9 +751,12 @@ class PipelineHubMixin:
                 allow_pickle=allow_pickle,
                 pipeline_name=cls.__name__,
             )
-        elif path.startswith((".", "/", "~")) or path.count("/") > 1:
-            raise FileNotFoundError(f"no pipeline folder at {path!r}")
-        pipeline = super().from_pretrained(path, use_safetensors=use_safetensors, **kwargs)
+        try:
+            pipeline = super().from_pretrained(path, use_safetensors=use_safetensors, **kwargs)
+        except OSError as error:
+            if location == "folder":
+                raise
+            raise hub_load_error(path, f"{cls.__name__}.from_pretrained", expected_here, error) from error
         pipeline.sampling_defaults = read_sampling_defaults(path) if os.path.isdir(path) else {}
         return pipeline
 
