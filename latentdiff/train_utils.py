@@ -10,13 +10,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from .checkpointing import TrainingFailure
 from .config import Config, ConfigError, MixedPrecision
 
 logger = logging.getLogger("latentdiff")
@@ -29,14 +33,28 @@ def make_accelerator(
     report_to: str | None,
     logging_subdir: str,
 ) -> Accelerator:
-    """An ``Accelerator`` with a seedable data order (the same shuffle on resume) and trackers."""
+    """An ``Accelerator`` with a seedable data order (the same shuffle on resume) and trackers.
+
+    Raises:
+        ConfigError: ``report_to`` names a tracker whose package is not installed (Accelerate would
+            silently log nothing).
+    """
     log_with = None if report_to in (None, "none") else report_to
+    if log_with not in (None, "all"):
+        from accelerate.tracking import get_available_trackers
+
+        if log_with not in [str(tracker) for tracker in get_available_trackers()]:
+            raise ConfigError(
+                f"train.report_to={report_to!r}: the {report_to} package is not installed "
+                f"(pip install {report_to}), or use tensorboard or none"
+            )
     # Several processes on a machine without a GPU: Accelerate's MULTI_GPU launcher starts them, but
     # without a CUDA device each would fall back to a lone, non-distributed process. cpu=True makes
     # them one process group on the gloo backend (MULTI_CPU), as torchrun-launched CPU runs expect.
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
-        cpu=several_processes and not torch.cuda.is_available(),
+    cpu_processes = several_processes and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu_processes,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
@@ -47,6 +65,46 @@ def make_accelerator(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,
     )
+    if cpu_processes and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _use_fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _use_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Turn an FSDP launch on CPU processes (gloo) into FSDP, as on GPUs.
+
+    Accelerate enables FSDP only for GPU-like process groups: on CPU processes it would silently
+    train plain data-parallel instead. PyTorch's FSDP2 (``fully_shard``) does run on gloo, so the
+    state Accelerate keeps for the run is set to FSDP here, with the plugin built from the launch's
+    ``FSDP_*`` settings, exactly as Accelerate does for GPUs. This makes a CPU-only machine run (and
+    test) the FSDP code path: sharded parameters, sharded checkpoints, gathered exports.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU processes needs FSDP 2 (fsdp_version: 2 in the accelerate config)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state = AcceleratorState()
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def run_training_script(main: Callable[[], None], name: str) -> None:
+    """Run a training script's ``main`` and report what went wrong in one line, not a traceback.
+
+    Exit status 2: the input is wrong (a config value, a path, data, a model, a checkpoint to
+    resume); 1: training stopped on a failure it detected (a non-finite loss, a checkpoint that
+    could not be written). Any other exception is a bug and keeps its traceback.
+    """
+    try:
+        main()
+    except (ConfigError, OSError, TrainingFailure) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(1 if isinstance(error, TrainingFailure) else 2)
 
 
 def per_process_batch_size(batch_size: int, num_processes: int, gradient_accumulation_steps: int, key: str) -> int:
@@ -78,19 +136,19 @@ class TrainingRNG:
         self.generator = torch.Generator(device=accelerator.device).manual_seed(seed + self.process_index)
 
     def file_name(self) -> str:
-        return f"training_rng_{self.process_index}.pt"
+        return f"training_rng_{self.process_index}.safetensors"
 
     def save(self, folder: str) -> None:
-        torch.save(self.generator.get_state(), os.path.join(folder, self.file_name()))
+        save_file({"state": self.generator.get_state()}, os.path.join(folder, self.file_name()))
 
     def load(self, folder: str) -> None:
         path = os.path.join(folder, self.file_name())
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"checkpoint {folder!r} has no random-generator state for process {self.process_index} ({path}); "
-                "was it written by a run with fewer processes? Resume with the same number of processes."
+                "was it written by a run with fewer processes (resume with the same number) or by an older latentdiff?"
             )
-        self.generator.set_state(torch.load(path, weights_only=True))
+        self.generator.set_state(load_file(path)["state"])
 
 
 def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:

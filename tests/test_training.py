@@ -21,6 +21,8 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 TRAIN_VAE = str(ROOT / "training" / "train_vae.py")
 TRAIN_LDM = str(ROOT / "training" / "train_ldm.py")
 CPU_2PROC = str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")
+FSDP_CPU_2PROC = str(ROOT / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml")
+INJECT_FAULT = str(ROOT / "tests" / "inject_fault.py")
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +33,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_script(script: str, *overrides: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 300):
-    command = (launcher or [sys.executable]) + [script, "--config", TINY, *overrides]
+def run_script(
+    script: str,
+    *overrides: str,
+    launcher: list[str] | None = None,
+    check: bool = True,
+    timeout: int = 300,
+    fault: list[str] | None = None,
+):
+    """Run a training script on the tiny config; ``fault``: ``tests/inject_fault.py`` options."""
+    script = [INJECT_FAULT, *fault, script] if fault else [script]
+    command = (launcher or [sys.executable]) + [*script, "--config", TINY, *overrides]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -149,6 +160,23 @@ def test_resume_after_sigkill_is_exact(stage1, tmp_path, variant):
     assert expected.keys() == actual.keys()
     worst = max((expected[k].float() - actual[k].float()).abs().max().item() for k in expected)
     assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+    for checkpoint in (interrupted / "checkpoints").glob("checkpoint-*"):
+        _assert_no_unrestricted_pickle(checkpoint)
+
+
+def _assert_no_unrestricted_pickle(checkpoint: Path) -> None:
+    """What latentdiff writes is safetensors or JSON; Accelerate's own pickle files load with
+    torch.load(weights_only=True), as Accelerate loads them."""
+    from accelerate.utils.constants import TORCH_SAFE_GLOBALS
+
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert not [n for n in names if n.startswith("custom_checkpoint_")], names
+    assert {"ema.safetensors", "ema.json", "training_rng_0.safetensors", "training_state.json"} <= set(names), names
+    pickled = [n for n in names if not n.endswith((".safetensors", ".json"))]
+    assert set(pickled) <= {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}, pickled
+    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):  # numpy arrays of the RNG states
+        for name in pickled:
+            torch.load(checkpoint / name, weights_only=True)
 
 
 def test_resume_ignores_a_checkpoint_killed_while_being_written(tmp_path):
@@ -182,7 +210,7 @@ def test_two_processes_on_cpu(stage1, tmp_path):
     # a "2-process" run that is really one process proves nothing
     assert "2 process(es)" in result.stderr + result.stdout
     assert (tmp_path / "checkpoints" / "checkpoint-8" / "random_states_1.pkl").is_file()
-    assert (tmp_path / "checkpoints" / "checkpoint-8" / "training_rng_1.pt").is_file()
+    assert (tmp_path / "checkpoints" / "checkpoint-8" / "training_rng_1.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", safety_checker=None)
     image = pipe("a blue square", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
@@ -196,6 +224,11 @@ def test_two_processes_on_cpu(stage1, tmp_path):
         (["data.resolution=33"], None, "not divisible by the autoencoder's downsampling factor 2"),
         (["train.batch_size=15"], "2proc", "does not divide among 2 process(es)"),
         (["train.max_stepz=3"], None, "unknown config key 'train.max_stepz'"),
+        (["train.max_steps=-5"], None, "config key 'train.max_steps': expected an integer >= 1, got -5"),
+        (["train.report_to=comet"], None, "config key 'train.report_to': expected one of 'tensorboard'"),
+        (["train.optimizer.lr_scheduler=nonsense"], None, "config key 'train.optimizer.lr_scheduler': expected one of"),
+        (["data.shapes.holdout=[purple hexagon]"], None, "data.shapes: holdout entry 'purple hexagon': unknown word"),
+        (["model.unet.pretrained=runs/nope"], None, "no folder at 'runs/nope'"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_training(stage1, tmp_path, overrides, launcher, message):
@@ -263,3 +296,106 @@ def test_bf16_mixed_precision_run_exports_float32_weights(stage1, tmp_path):
     for part in ("unet", "vae", "text_encoder"):
         for file in (tmp_path / "pipeline" / part).glob("*.safetensors"):
             assert {tensor.dtype for tensor in load_file(file).values()} == {torch.float32}, part
+
+
+def _no_traceback_from_our_code(stderr: str) -> bool:
+    frames = re.findall(r'File "([^"]+)"', stderr)
+    ours = (str(ROOT / "training"), str(ROOT / "latentdiff"), str(ROOT / "pipelines"))
+    return not [f for f in frames if f.startswith(ours)]
+
+
+def test_a_nan_loss_stops_the_run_and_resume_skips_damaged_checkpoints(stage1, tmp_path):
+    """A NaN loss at step 5 (injected): the run stops at the next check (before the checkpoint of
+    step 5) with a one-line error naming step 5, having written no checkpoint of that state. Then
+    two of the remaining checkpoints are damaged (a weights file truncated, another file deleted):
+    resume=latest sets them aside with a warning and continues from the newest intact one."""
+    common = [
+        f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+        "train.checkpointing_steps=1", "train.checkpoints_total_limit=3",
+    ]
+    result = run_script(TRAIN_LDM, *common, fault=["--nan-loss-at-step", "5"], check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "train_ldm.py: error:" in line]
+    assert len(errors) == 1 and "the training loss was not finite (nan or inf) at step 5" in errors[0], result.stderr[-3000:]
+    assert _no_traceback_from_our_code(result.stderr), result.stderr[-3000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert str(checkpoints / "checkpoint-4") in errors[0]  # the last good one, named
+    for name, tensor in load_file(checkpoints / "checkpoint-4" / "ema.safetensors").items():
+        assert torch.isfinite(tensor).all(), name
+    assert not (tmp_path / "pipeline").exists()
+
+    with open(checkpoints / "checkpoint-4" / "model.safetensors", "r+b") as file:
+        file.truncate(1000)
+    (checkpoints / "checkpoint-3" / "optimizer.bin").unlink()
+    result = run_script(TRAIN_LDM, *common, "resume=latest")
+    assert f"checkpoint {checkpoints / 'checkpoint-4'} is damaged (model.safetensors has 1000 bytes" in result.stderr
+    assert f"checkpoint {checkpoints / 'checkpoint-3'} is damaged (optimizer.bin is missing)" in result.stderr
+    assert f"resumed from {checkpoints / 'checkpoint-2'} at step 2" in result.stderr
+    assert (checkpoints / ".damaged-checkpoint-4").is_dir() and (checkpoints / ".damaged-checkpoint-3").is_dir()
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7", "checkpoint-8"]
+    assert (tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_on_every_process(stage1, tmp_path):
+    """The main process fails to write checkpoint 6 (an injected ENOSPC) while the other succeeds:
+    both stop with the same one-line error instead of waiting for each other, the half-written
+    checkpoint is removed and the older ones stay intact."""
+    from latentdiff.checkpointing import verify_checkpoint
+
+    result = run_script(
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "train.checkpointing_steps=2",
+        launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC],
+        fault=["--disk-full-at-checkpoint", "6", "--on-process", "0"], check=False, timeout=600,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "train_ldm.py: error: could not write checkpoint" in line]
+    assert len(errors) == 2, result.stderr[-4000:]  # one line from each process
+    assert all("checkpoint-6 (process 0): [Errno 28] No space left on device" in line for line in errors), errors
+    assert _no_traceback_from_our_code(result.stderr), result.stderr[-4000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert verify_checkpoint(str(checkpoints / "checkpoint-4")) is None
+
+
+def test_fsdp_on_two_cpu_processes_exports_the_ema_of_the_sharded_weights(stage1, tmp_path):
+    """FSDP 2 (configs/accelerate/fsdp-cpu-2proc.yaml) on two CPU processes: the parameters are
+    sharded, so the EMA, clipping, validation and export must use the ones Accelerate prepared.
+    The exported U-Net equals the EMA, reassembled from the two processes' shards in the last
+    checkpoint; clipping to a norm of 1e-12 leaves the raw weights (read from FSDP's sharded
+    checkpoint) within 1e-9 of the EMA, where an unclipped Adam step of lr 1e-4 moves them ~1e-4."""
+    from diffusers import UNet2DConditionModel
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    result = run_script(
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+        "model.text_encoder.train=false", "train.max_steps=2", "train.checkpointing_steps=2",
+        "train.validation_steps=1", "train.optimizer.max_grad_norm=1e-12",
+        launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CPU_2PROC], timeout=600,
+    )
+    assert "2 process(es)" in result.stderr
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # FSDP's sharded state dict: FSDP really ran
+    shards = [load_file(checkpoint / f"ema_{rank}.safetensors") for rank in (0, 1)]
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "pipeline" / "unet")
+    dcp_to_torch_save(checkpoint / "pytorch_model_fsdp_0", tmp_path / "raw.pt")
+    raw = torch.load(tmp_path / "raw.pt", weights_only=True)["model"]
+    export_vs_ema = raw_vs_ema = 0.0
+    for index, (name, parameter) in enumerate(exported.named_parameters()):
+        parts = [shard[f"shadow_params.{index}"] for shard in shards]  # FSDP 2 shards along dim 0
+        ema = torch.cat(parts) if parameter.dim() else parts[0]
+        export_vs_ema = max(export_vs_ema, (parameter.detach() - ema).abs().max().item())
+        raw_vs_ema = max(raw_vs_ema, (raw[name] - ema).abs().max().item())
+    assert export_vs_ema == 0.0
+    assert raw_vs_ema <= 1e-9, raw_vs_ema
+    assert (tmp_path / "validation" / "step-000001.png").is_file()
+
+
+def test_fsdp_with_a_trained_text_encoder_is_a_clear_error(stage1, tmp_path):
+    result = run_script(
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "model.text_encoder.train=true",
+        launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CPU_2PROC],
+        check=False, timeout=600,
+    )
+    assert result.returncode != 0
+    assert "train_ldm.py: error: model.text_encoder.train=true under FSDP" in result.stderr
