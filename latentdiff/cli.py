@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .schedulers import SCHEDULER_NAMES as SCHEDULER_CHOICES
+from .models.schedulers import SCHEDULER_NAMES as SCHEDULER_CHOICES
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -158,7 +158,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from diffusers.utils import make_image_grid
 
     from .pipelines import LatentPipeline
-    from .schedulers import scheduler_from_name
+    from .models.schedulers import scheduler_from_name
 
     # Cheap checks first: loading the model is the slow part.
     if args.steps < 1:
@@ -231,7 +231,7 @@ def _inpainting_pipeline(pipeline_class, args: argparse.Namespace):
     """Check the shared arguments, then load ``args.model`` as ``pipeline_class`` with the chosen sampler."""
     import torch
 
-    from .schedulers import scheduler_from_name
+    from .models.schedulers import scheduler_from_name
 
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")

@@ -12,7 +12,7 @@ reference weights and its wall time T. Each kill is a trial of its own: a fresh 
 whole process group, launcher included, as by the OOM killer or a lost machine) after a delay drawn
 uniformly from [0.4 T, 0.95 T] (most of a short run's first part is start-up), so kills land in
 training steps, in checkpoint writes and between them. Then every published checkpoint is verified
-(:func:`latentdiff.checkpointing.verify_checkpoint`), the run is resumed with ``resume=latest`` to
+(:func:`latentdiff.trainer.checkpointing.verify_checkpoint`), the run is resumed with ``resume=latest`` to
 its end, and its exported weights are compared with the reference.
 
 Reported per scenario: kills, kills that interrupted a checkpoint write (a ``.partial-`` folder was
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import Report, command_line, git_commit, machine_info  # noqa: E402
 
-from latentdiff.checkpointing import PARTIAL_PREFIX, list_checkpoints, verify_checkpoint  # noqa: E402
+from latentdiff.trainer.checkpointing import PARTIAL_PREFIX, list_checkpoints, verify_checkpoint  # noqa: E402
 
 SCENARIOS = ("stage1", "stage2", "stage2-2proc")
 DEFAULT_OVERRIDES = [

@@ -22,7 +22,7 @@ import sys
 
 def inject_nan_loss(step: int) -> None:
     """The ``step``-th call of the loss (one per optimizer step without gradient accumulation) returns NaN."""
-    import latentdiff.autoencoder as autoencoder
+    import latentdiff.trainer.autoencoder as autoencoder
     import latentdiff.diffusion as diffusion
 
     calls = {"diffusion": 0, "vae": 0}

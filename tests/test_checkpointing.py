@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff.checkpointing import (
+from latentdiff.trainer.checkpointing import (
     STATE_FILE,
     DamagedCheckpointError,
     NonFiniteLossError,

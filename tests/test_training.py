@@ -180,7 +180,7 @@ def _assert_no_unrestricted_pickle(checkpoint: Path) -> None:
 
 
 def test_resume_ignores_a_checkpoint_killed_while_being_written(tmp_path):
-    from latentdiff.checkpointing import list_checkpoints, resolve_resume
+    from latentdiff.trainer.checkpointing import list_checkpoints, resolve_resume
 
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "checkpoint-4").mkdir(parents=True)
@@ -341,7 +341,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_on_every_process(stage1, tm
     """The main process fails to write checkpoint 6 (an injected ENOSPC) while the other succeeds:
     both stop with the same one-line error instead of waiting for each other, the half-written
     checkpoint is removed and the older ones stay intact."""
-    from latentdiff.checkpointing import verify_checkpoint
+    from latentdiff.trainer.checkpointing import verify_checkpoint
 
     result = run_script(
         TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "train.checkpointing_steps=2",

@@ -20,8 +20,8 @@ from accelerate.utils import ProjectConfiguration
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from ..config import Config, ConfigError, MixedPrecision
 from .checkpointing import TrainingFailure
-from .config import Config, ConfigError, MixedPrecision
 
 logger = logging.getLogger("latentdiff")
 
