@@ -226,7 +226,7 @@ def main() -> int:
         machine=info, commit=git_commit(), command=command_line(),
         settings=[
             ("Config", f"`{args.config}` with `{' '.join(args.overrides)}`"),
-            ("Method", "each kill a fresh run killed (process group) after a delay uniform in [0.4 T, 0.95 T] of the "
+            ("Method", "each kill a fresh run killed (SIGKILL to the whole process tree) after a delay uniform in [0.4 T, 0.95 T] of the "
                        "uninterrupted run's wall time T, every published checkpoint verified (file list, sizes, "
                        "SHA-256), resumed with resume=latest to the end, exported weights compared with the "
                        "uninterrupted run's"),
