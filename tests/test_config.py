@@ -225,6 +225,13 @@ def test_the_name_lists_match_the_libraries():
     assert set(typing.get_args(SchedulerName)) == set(SCHEDULER_NAMES)
 
 
+def test_the_object_count_range_is_the_shapes_generators():
+    from latentdiff.config import VALUE_RULES, ShapesConfig
+    from latentdiff.data.shapes import MAX_OBJECTS
+
+    assert VALUE_RULES[ShapesConfig]["max_objects"].high == VALUE_RULES[ShapesConfig]["min_objects"].high == MAX_OBJECTS
+
+
 def test_the_config_module_imports_no_deep_learning_library():
     code = "import sys, latentdiff.config; print(sorted({'torch', 'diffusers', 'transformers', 'accelerate'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

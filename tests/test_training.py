@@ -27,8 +27,21 @@ INJECT_FAULT = str(ROOT / "tests" / "inject_fault.py")
 pytestmark = pytest.mark.slow
 
 
+def accelerate_launch(config_file: str) -> list[str]:
+    """``accelerate launch`` with ``config_file`` on a free port (not the file's: another run of the
+    suite on this machine may hold that one)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--main_process_port", str(port)]
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # tiny models gain nothing from intra-op threads, and two test workers already share the cores
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -167,16 +180,15 @@ def test_resume_after_sigkill_is_exact(stage1, tmp_path, variant):
 def _assert_no_unrestricted_pickle(checkpoint: Path) -> None:
     """What latentdiff writes is safetensors or JSON; Accelerate's own pickle files load with
     torch.load(weights_only=True), as Accelerate loads them."""
-    from accelerate.utils.constants import TORCH_SAFE_GLOBALS
+    from accelerate.utils import load  # Accelerate's loader: torch.load(weights_only=True) + numpy's arrays
 
     names = sorted(p.name for p in checkpoint.iterdir())
     assert not [n for n in names if n.startswith("custom_checkpoint_")], names
     assert {"ema.safetensors", "ema.json", "training_rng_0.safetensors", "training_state.json"} <= set(names), names
     pickled = [n for n in names if not n.endswith((".safetensors", ".json"))]
     assert set(pickled) <= {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}, pickled
-    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):  # numpy arrays of the RNG states
-        for name in pickled:
-            torch.load(checkpoint / name, weights_only=True)
+    for name in pickled:
+        load(checkpoint / name, weights_only=True)
 
 
 def test_resume_ignores_a_checkpoint_killed_while_being_written(tmp_path):
@@ -204,7 +216,7 @@ def test_two_processes_on_cpu(stage1, tmp_path):
         TRAIN_LDM,
         f"output_dir={tmp_path}",
         f"model.vae.pretrained={stage1 / 'vae'}",
-        launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC],
+        launcher=accelerate_launch(CPU_2PROC),
         timeout=600,
     )
     # a "2-process" run that is really one process proves nothing
@@ -234,7 +246,7 @@ def test_two_processes_on_cpu(stage1, tmp_path):
 def test_bad_input_is_a_clear_error_before_training(stage1, tmp_path, overrides, launcher, message):
     vae = [] if any(o.startswith("model.vae") for o in overrides) else [f"model.vae.pretrained={stage1 / 'vae'}"]
     if launcher == "2proc":
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC]
+        launcher = accelerate_launch(CPU_2PROC)
     result = run_script(TRAIN_LDM, f"output_dir={tmp_path}", *vae, *overrides, launcher=launcher, check=False)
     assert result.returncode != 0
     assert message in result.stderr
@@ -244,6 +256,13 @@ def test_bad_input_is_a_clear_error_before_training(stage1, tmp_path, overrides,
     ours = (str(ROOT / "training"), str(ROOT / "latentdiff"), str(ROOT / "pipelines"))
     assert not [f for f in frames if f.startswith(ours)], result.stderr[-3000:]
     assert not (tmp_path / "checkpoints").exists(), "training must not start"
+
+
+def test_bad_input_to_stage1_is_one_line_and_status_2(tmp_path):
+    result = run_script(TRAIN_VAE, f"output_dir={tmp_path}", "vae_train.optimizer.lr_scheduler=cosine_annealing", check=False)
+    assert result.returncode == 2
+    assert "config key 'vae_train.optimizer.lr_scheduler': expected one of 'linear', 'cosine'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_stage2_without_a_vae_says_what_to_do(tmp_path):
@@ -345,7 +364,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_on_every_process(stage1, tm
 
     result = run_script(
         TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "train.checkpointing_steps=2",
-        launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC],
+        launcher=accelerate_launch(CPU_2PROC),
         fault=["--disk-full-at-checkpoint", "6", "--on-process", "0"], check=False, timeout=600,
     )
     assert result.returncode != 0
@@ -371,7 +390,7 @@ def test_fsdp_on_two_cpu_processes_exports_the_ema_of_the_sharded_weights(stage1
         TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
         "model.text_encoder.train=false", "train.max_steps=2", "train.checkpointing_steps=2",
         "train.validation_steps=1", "train.optimizer.max_grad_norm=1e-12",
-        launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CPU_2PROC], timeout=600,
+        launcher=accelerate_launch(FSDP_CPU_2PROC), timeout=600,
     )
     assert "2 process(es)" in result.stderr
     checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
@@ -394,7 +413,7 @@ def test_fsdp_on_two_cpu_processes_exports_the_ema_of_the_sharded_weights(stage1
 def test_fsdp_with_a_trained_text_encoder_is_a_clear_error(stage1, tmp_path):
     result = run_script(
         TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "model.text_encoder.train=true",
-        launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CPU_2PROC],
+        launcher=accelerate_launch(FSDP_CPU_2PROC),
         check=False, timeout=600,
     )
     assert result.returncode != 0

@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def weights_to_save() -> list[torch.Tensor]:
         return trained_parameters + (ema.shadow_params if ema is not None else [])
+
     if accelerator.is_main_process:
         accelerator.init_trackers("latentdiff-ldm", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
 
