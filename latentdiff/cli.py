@@ -31,10 +31,12 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size expects HxW such as 64x64 or 64x128, got {text!r}") from None
 
 
-def _add_sampling_arguments(parser: argparse.ArgumentParser, steps: int = 25) -> None:
-    parser.add_argument("--steps", type=int, default=steps, help="denoising steps (default %(default)s)")
-    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default="dpm", help="sampler (default %(default)s)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+def _add_sampling_arguments(parser: argparse.ArgumentParser, steps: int | None = None, scheduler: str | None = None) -> None:
+    own = "the model's own: latentdiff.json, else Diffusers'"
+    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps or own})")
+    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=scheduler,
+                        help=f"sampler (default: {scheduler or 'the model folder' + chr(39) + 's'})")
+    parser.add_argument("--guidance", type=float, default=None, help=f"classifier-free guidance scale (default: {own})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default all)")
     evaluate.add_argument("--max-prompts-per-task", type=int, default=None, metavar="N",
                           help="only the first N prompts of each task (a quick check; default all)")
-    _add_sampling_arguments(evaluate)
+    _add_sampling_arguments(evaluate, steps=25, scheduler="dpm")
 
     push = commands.add_parser("push", help="upload a pipeline folder to the Hub with a model card")
     push.add_argument("model", help="local pipeline folder")
@@ -150,54 +152,44 @@ def _slug(text: str, max_length: int = 48) -> str:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    """Write ``OUT/<index>-<slug>.png`` per image (image ``index`` drawn with seed ``--seed + index``) and
-    ``OUT/grid.png`` (one row per prompt)."""
+    """Write ``OUT/<index>-<slug>.png`` per image (image ``index`` drawn with seed ``--seed + index``, through
+    :func:`latentdiff.sampling.generate`) and ``OUT/grid.png`` (one row per prompt)."""
     import os
 
     import torch
     from diffusers.utils import make_image_grid
 
     from .pipelines import LatentPipeline
-    from .models.schedulers import scheduler_from_name
+    from .sampling import generate
 
     # Cheap checks first: loading the model is the slow part.
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    pipe = LatentPipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle)
-    pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe = _use_scheduler(LatentPipeline.from_pretrained(args.model, allow_pickle=args.allow_pickle), args.scheduler)
     pipe = pipe.to(device)
     height, width = args.size if args.size else pipe.default_height_width()
-    guidance = args.guidance if args.guidance is not None else pipe.sampling_defaults.get("guidance_scale", 7.5)
-
-    digits = max(3, len(str(len(args.prompt) * args.num_images - 1)))
+    steps = pipe.sampling_default("num_inference_steps", args.steps)
+    guidance = pipe.sampling_default("guidance_scale", args.guidance)
+    settings = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                    negative_prompt=args.negative_prompt)
+    jobs = [(prompt, args.seed + index) for index, prompt in enumerate(p for p in args.prompt for _ in range(args.num_images))]
+    digits = max(3, len(str(len(jobs) - 1)))
     images = []
-    for prompt_index, prompt in enumerate(args.prompt):
-        first = prompt_index * args.num_images
-        seeds = range(args.seed + first, args.seed + first + args.num_images)
-        result = pipe(
-            prompt,
-            negative_prompt=args.negative_prompt,
-            height=height,
-            width=width,
-            num_inference_steps=args.steps,
-            guidance_scale=guidance,
-            num_images_per_prompt=args.num_images,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-        )
+    for start, batch in generate(pipe, jobs, batch_size=args.num_images, **settings):
         os.makedirs(args.out, exist_ok=True)
-        for offset, image in enumerate(result.images):
-            path = os.path.join(args.out, f"{first + offset:0{digits}d}-{_slug(prompt)}.png")
+        for index, ((prompt, seed), image) in enumerate(zip(jobs[start:], batch), start):
+            path = os.path.join(args.out, f"{index:0{digits}d}-{_slug(prompt)}.png")
             image.save(path)
-            print(f"{path}  (seed {args.seed + first + offset})")
-        images += result.images
+            print(f"{path}  (seed {seed})")
+        images += batch
     grid_path = os.path.join(args.out, "grid.png")
     make_image_grid(images, rows=len(args.prompt), cols=args.num_images).save(grid_path)
     print(f"{grid_path}  ({len(args.prompt)} prompts x {args.num_images} images, guidance {guidance}, "
-          f"{args.steps} {args.scheduler} steps)")
+          f"{steps} {type(pipe.scheduler).__name__} steps)")
     return 0
 
 
@@ -231,21 +223,22 @@ def _inpainting_pipeline(pipeline_class, args: argparse.Namespace):
     """Check the shared arguments, then load ``args.model`` as ``pipeline_class`` with the chosen sampler."""
     import torch
 
-    from .models.schedulers import scheduler_from_name
-
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    pipe = pipeline_class.from_pretrained(args.model, allow_pickle=args.allow_pickle)
-    pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe = _use_scheduler(pipeline_class.from_pretrained(args.model, allow_pickle=args.allow_pickle), args.scheduler)
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _guidance(args: argparse.Namespace, pipe) -> float:
-    """``--guidance``, else the model's own default (``latentdiff.json``), else 7.5."""
-    return args.guidance if args.guidance is not None else pipe.sampling_defaults.get("guidance_scale", 7.5)
+def _use_scheduler(pipe, name: str | None):
+    """``--scheduler``, built from the model's schedule; ``None`` keeps the folder's own."""
+    from .models.schedulers import scheduler_from_name
+
+    if name is not None:
+        pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
+    return pipe
 
 
 def _open_image(path: str, what: str):
@@ -284,7 +277,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
         mask_image=mask,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
-        guidance_scale=_guidance(args, pipe),
+        guidance_scale=args.guidance,
         jump_length=args.repaint_jumps,
         jump_n_sample=args.repaint_samples,
         feather=args.feather,
@@ -321,7 +314,7 @@ def _cmd_outpaint(args: argparse.Namespace) -> int:
         jump_n_sample=args.repaint_samples,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
-        guidance_scale=_guidance(args, pipe),
+        guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
         generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
     )
@@ -351,10 +344,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_report(results))
     print(f"wrote {paths['results']} and {paths['grid']} ({results.wall_time_s:.0f} s)")
     return 0
-
-
-def _not_ready(args: argparse.Namespace) -> int:
-    raise NotImplementedError(f"`latentdiff {args.command}` is not implemented yet")
 
 
 _HANDLERS = {

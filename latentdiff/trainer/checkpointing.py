@@ -46,10 +46,10 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
+from .rng import TrainingRNG
+
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
-
-    from .train_utils import TrainingRNG
 
 logger = logging.getLogger("latentdiff")
 
