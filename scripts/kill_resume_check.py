@@ -8,10 +8,11 @@ uninterrupted run.
 Scenarios (the kills are dealt out among the chosen ones in turn): ``stage1`` (training/train_vae.py),
 ``stage2`` (training/train_ldm.py on a stage-1 autoencoder) and ``stage2-2proc`` (the same on two
 processes, ``configs/accelerate/cpu-2proc.yaml``). For each scenario, one uninterrupted run gives the
-reference weights and its wall time T. Each kill is a trial of its own: a fresh run is killed (the
-whole process group, launcher included, as by the OOM killer or a lost machine) after a delay drawn
-uniformly from [0.4 T, 0.95 T] (most of a short run's first part is start-up), so kills land in
-training steps, in checkpoint writes and between them. Then every published checkpoint is verified
+reference weights, its wall time T and the moment S its first checkpoint began to be written
+(before S a short run is mostly start-up, and a kill there only restarts it). Each kill is a trial
+of its own: a fresh run is killed (the whole process tree, launcher included, as by the OOM killer or
+a lost machine) after a delay drawn uniformly from [S, 0.95 T], so kills land in training steps, in
+checkpoint writes and between them. Then every published checkpoint is verified
 (:func:`latentdiff.trainer.checkpointing.verify_checkpoint`), the run is resumed with ``resume=latest`` to
 its end, and its exported weights are compared with the reference.
 
@@ -119,6 +120,25 @@ class Scenario:
     def run(self, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(output_dir, *extra), env=ENV, capture_output=True, text=True, cwd=ROOT)
 
+    def reference_run(self, output_dir: Path) -> tuple[float, float]:
+        """The uninterrupted run: its wall time T and the moment S its first checkpoint folder appeared."""
+        folder = output_dir / self.checkpoints
+        with tempfile.TemporaryFile("w+") as stderr:
+            start = time.time()
+            process = subprocess.Popen(self.command(output_dir), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+            first_checkpoint = None
+            while process.poll() is None:
+                if first_checkpoint is None and folder.is_dir() and any(folder.iterdir()):
+                    first_checkpoint = time.time() - start
+                time.sleep(0.05)
+            duration = time.time() - start
+            if process.returncode:
+                stderr.seek(0)
+                raise SystemExit(f"{self.name}: the uninterrupted run failed:\n{stderr.read()[-3000:]}")
+        if first_checkpoint is None:
+            raise SystemExit(f"{self.name}: the uninterrupted run wrote no checkpoint; lower train.checkpointing_steps")
+        return duration, first_checkpoint
+
     def trial(self, output_dir: Path, delay: float, reference: dict[str, torch.Tensor]) -> Trial:
         process = subprocess.Popen(self.command(output_dir), env=ENV, cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -185,19 +205,15 @@ def main() -> int:
     totals = {"kills": 0, "partial": 0, "unusable": 0}
     for name in args.scenarios:
         scenario = Scenario(name, args, workdir, stage1_vae if name != "stage1" else None)
-        start = time.time()
-        result = scenario.run(workdir / f"{name}-reference")
-        duration = time.time() - start
-        if result.returncode:
-            raise SystemExit(f"{name}: the uninterrupted run failed:\n{result.stderr[-3000:]}")
+        duration, first_checkpoint = scenario.reference_run(workdir / f"{name}-reference")
         reference = final_weights(workdir / f"{name}-reference")
-        print(f"{name}: uninterrupted run {duration:.1f} s")
+        print(f"{name}: uninterrupted run {duration:.1f} s, first checkpoint at {first_checkpoint:.1f} s")
         trials: list[Trial] = []
         attempts = 0
         while len([t for t in trials if t.killed]) < kills[name] and attempts < 3 * kills[name]:
             attempts += 1
             output_dir = workdir / f"{name}-trial-{attempts}"
-            trial = scenario.trial(output_dir, rng.uniform(0.4, 0.95) * duration, reference)
+            trial = scenario.trial(output_dir, rng.uniform(first_checkpoint, 0.95 * duration), reference)
             shutil.rmtree(output_dir, ignore_errors=True)
             trials.append(trial)
             print(f"{name}: {'SIGKILL' if trial.killed else 'not killed (the run had ended)'} after {trial.delay:.1f} s; "
@@ -210,7 +226,7 @@ def main() -> int:
         unusable = sum(len(t.unusable) for t in killed) + sum(t.resume_failed is not None for t in killed)
         partial = sum(t.partial for t in killed)
         failed |= unusable > 0 or not differences or worst > args.tolerance or len(killed) < kills[name]
-        rows.append([name, str(len(killed)), str(partial), f"{worst:.3g}", str(unusable), f"{duration:.0f} s"])
+        rows.append([name, str(len(killed)), str(partial), f"{worst:.3g}", str(unusable), f"{first_checkpoint:.1f} s / {duration:.1f} s"])
         notes.append(f"{name}: kills at " + ", ".join(
             f"{t.delay:.1f} s ({t.newest_checkpoint}{', writing' if t.partial else ''})" for t in killed))
         totals["kills"] += len(killed)
@@ -226,13 +242,13 @@ def main() -> int:
         machine=info, commit=git_commit(), command=command_line(),
         settings=[
             ("Config", f"`{args.config}` with `{' '.join(args.overrides)}`"),
-            ("Method", "each kill a fresh run killed (SIGKILL to the whole process tree) after a delay uniform in [0.4 T, 0.95 T] of the "
-                       "uninterrupted run's wall time T, every published checkpoint verified (file list, sizes, "
+            ("Method", "each kill a fresh run killed (SIGKILL to the whole process tree) after a delay uniform in [S, 0.95 T], S and T "
+                       "the moment of the first checkpoint and the wall time of the uninterrupted run, every published checkpoint verified (file list, sizes, "
                        "SHA-256), resumed with resume=latest to the end, exported weights compared with the "
                        "uninterrupted run's"),
         ],
         header=["scenario", "kills", "kills during a checkpoint write", "largest difference", "unusable checkpoints",
-                "T (uninterrupted)"],
+                "S / T (uninterrupted)"],
         rows=rows, notes=notes,
     )
     report.print()
