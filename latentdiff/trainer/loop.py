@@ -80,6 +80,11 @@ def _use_fsdp_on_cpu(accelerator: Accelerator) -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+    if not hasattr(torch.cpu.Stream, "record_event"):  # FSDP 2's all-gather records an event on the stream
+        raise ConfigError(
+            f"FSDP on CPU processes needs a torch whose FSDP 2 runs on CPU (torch.cpu.Stream.record_event); "
+            f"torch {torch.__version__} has none: use a newer torch, or a GPU"
+        )
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
         raise ConfigError("FSDP on CPU processes needs FSDP 2 (fsdp_version: 2 in the accelerate config)")
