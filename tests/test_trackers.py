@@ -15,6 +15,7 @@ from accelerate.tracking import GeneralTracker
 from PIL import Image
 
 from latentdiff.config import ConfigError, config_to_dict, load_config
+from latentdiff.testing import tensorboard_records
 from latentdiff.train_utils import check_report_to, init_trackers, log_images, make_accelerator, tracker_hyperparameters
 
 
@@ -23,35 +24,6 @@ def _leaves(tree: dict, prefix: str = "") -> list[str]:
     for key, value in tree.items():
         keys += _leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
     return keys
-
-
-def tensorboard_records(logdir: Path) -> tuple[dict, dict, dict]:
-    """``(hyperparameters, images, scalars)`` read back from every event file under ``logdir``:
-    hyperparameters by name; images by tag as a list of ``(step, width, height)``; scalars by tag as a
-    list of ``(step, value)``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    hyperparameters, images, scalars = {}, {}, {}
-    folders = {os.path.dirname(path) for path in glob.glob(str(logdir / "**" / "events.out.tfevents.*"), recursive=True)}
-    for folder in sorted(folders):
-        events = EventAccumulator(folder, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
-        events.Reload()
-        try:
-            hparams = events.PluginTagToContent("hparams")  # in the sub-folder torch's add_hparams writes
-        except KeyError:
-            hparams = {}
-        for content in hparams.values():
-            data = plugin_data_pb2.HParamsPluginData.FromString(content)
-            if data.HasField("session_start_info"):
-                for name, value in data.session_start_info.hparams.items():
-                    hyperparameters[name] = getattr(value, value.WhichOneof("kind"))
-        tags = events.Tags()
-        for tag in tags["images"]:
-            images[tag] = [(image.step, image.width, image.height) for image in events.Images(tag)]
-        for tag in tags["scalars"]:
-            scalars[tag] = [(scalar.step, scalar.value) for scalar in events.Scalars(tag)]
-    return hyperparameters, images, scalars
 
 
 def test_hyperparameters_are_the_whole_config_as_overrides():

@@ -43,7 +43,8 @@ def run_script(script: str, *overrides: str, launcher: list[str] | None = None, 
 def stage1(tmp_path_factory) -> Path:
     """A tiny autoencoder trained by stage 1 (shared by the stage-2 tests)."""
     output_dir = tmp_path_factory.mktemp("stage1")
-    run_script(TRAIN_VAE, f"output_dir={output_dir}")
+    # tiny.yaml says train.report_to=none; stage 1 follows train.report_to unless vae_train.report_to is set
+    run_script(TRAIN_VAE, f"output_dir={output_dir}", "train.report_to=tensorboard")
     return output_dir
 
 
@@ -57,6 +58,14 @@ def test_stage1_outputs(stage1):
     assert (stage1 / "vae_reconstructions.png").is_file()
     assert (stage1 / "config_vae.yaml").is_file()
     assert sorted(p.name for p in (stage1 / "vae_stage" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    # The tracker recorded the whole configuration, the losses and the reconstructions.
+    from latentdiff.testing import tensorboard_records
+
+    hyperparameters, images, scalars = tensorboard_records(stage1 / "logs" / "vae")
+    assert hyperparameters["vae_train.max_steps"] == 8 and hyperparameters["model.preset"] == "tiny"
+    assert hyperparameters["output_dir"] == str(stage1) and len(hyperparameters) > 100
+    assert [step for step, _ in scalars["loss"]] == [4, 8]
+    assert [(step, width) for step, width, _ in images["reconstructions"]] == [(8, 8 * 32)]
 
 
 def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
@@ -65,7 +74,8 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     from latentdiff import LatentPipeline
     from latentdiff.config import load_config
 
-    run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}")
+    run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+               "train.report_to=tensorboard")
     pipeline_dir = tmp_path / "pipeline"
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "samples.png", "README.md"):
         assert (pipeline_dir / part).exists(), part
@@ -73,6 +83,13 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     # the resolved config is saved next to the outputs and reads back to the same run
     saved = load_config(tmp_path / "config.yaml")
     assert saved.output_dir == str(tmp_path) and saved.model.preset == "tiny"
+    # The tracker got the configuration as saved, and the final sample grid.
+    from latentdiff.testing import tensorboard_records
+    from latentdiff.train_utils import tracker_hyperparameters
+
+    hyperparameters, images, _ = tensorboard_records(tmp_path / "logs" / "ldm")
+    assert hyperparameters == tracker_hyperparameters(saved)
+    assert [step for step, _, _ in images["samples"]] == [8]
 
     ours = LatentPipeline.from_pretrained(pipeline_dir)
     stock = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
