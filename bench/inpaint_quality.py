@@ -13,7 +13,7 @@ scene is inpainted twice with the same seed, by plain blending (``jump_n_sample=
 
 (a) success: the judge (:func:`latentdiff.eval.judge.judge_image`) sees exactly one object in the cell, of the
     prompted colour and shape (colour-only and shape-only rates too);
-(b) seams: :func:`latentdiff.inpaint_metrics.border_gradient` along the mask borders, and ``seam_score``, its
+(b) seams: :func:`latentdiff.eval.inpaint_metrics.border_gradient` along the mask borders, and ``seam_score``, its
     ratio to the same measure on real images: real renders of the *other* scenes with these masks (scene i's
     mask on scene i+1's image), so the reference borders cross real objects as often as such contours do (on
     the scene's own render a border lies on plain background and has no gradient at all).
@@ -51,7 +51,7 @@ from latentdiff.data.shapes import (  # noqa: E402
     sample_scene,
 )
 from latentdiff.eval.judge import judge_image  # noqa: E402
-from latentdiff.inpaint_metrics import border_gradient, seam_score  # noqa: E402
+from latentdiff.eval.inpaint_metrics import border_gradient, seam_score  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,7 +209,7 @@ def save_grid(cases: list[dict], plain: list, repaint: list, path: str, count: i
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from latentdiff import LatentInpaintPipeline
-    from latentdiff.schedulers import scheduler_from_name
+    from latentdiff.models.schedulers import scheduler_from_name
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentInpaintPipeline.from_pretrained(args.model)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--images-per-digit and --batch-size must be at least 1")
 
     from latentdiff.pipelines import LatentPipeline
-    from latentdiff.schedulers import scheduler_from_name
+    from latentdiff.models.schedulers import scheduler_from_name
 
     started = time.perf_counter()
     judge, real_accuracy = train_judge()

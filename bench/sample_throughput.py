@@ -63,7 +63,7 @@ class SamplePreset:
     steps: int
     guidance_scale: float
     scheduler: str
-    """A name of :mod:`latentdiff.schedulers` (``dpm`` = DPM-Solver++(2M))."""
+    """A name of :mod:`latentdiff.models.schedulers` (``dpm`` = DPM-Solver++(2M))."""
     device: str
     dtype: str
     rounds: int
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_settings(args: argparse.Namespace) -> SamplePreset:
     """The preset with the command line's values over it; checked before any heavy work."""
-    from latentdiff.schedulers import SCHEDULER_NAMES
+    from latentdiff.models.schedulers import SCHEDULER_NAMES
 
     preset = QUICK if args.quick else PRESETS[args.preset]
     values = {
@@ -150,7 +150,7 @@ def build_pipelines(settings: SamplePreset, args: argparse.Namespace, device: st
     from latentdiff.diffusion import make_noise_scheduler
     from latentdiff.models import build_components, vae_scale_factor
     from latentdiff.pipelines import LatentPipeline
-    from latentdiff.schedulers import scheduler_from_name
+    from latentdiff.models.schedulers import scheduler_from_name
 
     config = load_config(None, [f"model.preset={settings.model}", f"data.resolution={settings.resolution}"])
     factor = vae_scale_factor(config.model)

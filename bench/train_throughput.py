@@ -243,7 +243,7 @@ def prepare(workdir: str, settings: TrainPreset, trainer_overrides: list[str], c
     latent cache to ``workdir/cache`` (each round's output folder links to it).
 
     The cache is written here, under the name and with the content the trainer would give it
-    (``latentdiff.latent_cache.cache_key`` and ``encode_posteriors`` on the trainer's VAE in its
+    (``latentdiff.trainer.latent_cache.cache_key`` and ``encode_posteriors`` on the trainer's VAE in its
     weight dtype), so that building it happens once and outside every timed run.
     """
     import torch
@@ -251,7 +251,7 @@ def prepare(workdir: str, settings: TrainPreset, trainer_overrides: list[str], c
 
     from latentdiff.config import load_config
     from latentdiff.data.loading import make_training_dataset
-    from latentdiff.latent_cache import cache_key, encode_posteriors
+    from latentdiff.trainer.latent_cache import cache_key, encode_posteriors
     from latentdiff.models import build_vae
 
     vae_folder = os.path.join(workdir, "vae")
@@ -343,7 +343,7 @@ def recipe_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from latentdiff.data.loading import collate_image_text, make_training_dataset
     from latentdiff.diffusion import make_noise_scheduler
     from latentdiff.models import build_components
-    from latentdiff.train_utils import tokenize
+    from latentdiff.trainer.train_utils import tokenize
 
     memory = PeakMemory(spec["device"]).start()
     config = load_config(spec["config_files"], spec["overrides"])

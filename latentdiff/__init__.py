@@ -10,6 +10,9 @@ The public entry points are imported lazily, so ``import latentdiff.config`` sta
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -20,10 +23,10 @@ _LAZY = {
     "LatentImg2ImgPipeline": "latentdiff.pipelines",
     "LatentInpaintPipeline": "latentdiff.pipelines",
     "LatentOutpaintPipeline": "latentdiff.pipelines",
-    "OpenCLIPTextModel": "latentdiff.text_encoders",
+    "OpenCLIPTextModel": "latentdiff.models.text_encoders",
     "Config": "latentdiff.config",
     "load_config": "latentdiff.config",
-    "clip_tokenizer": "latentdiff.tokenizer",
+    "clip_tokenizer": "latentdiff.models.tokenizer",
     "make_shapes_dataset": "latentdiff.data.shapes",
 }
 
@@ -33,6 +36,43 @@ __all__ = sorted(_LAZY) + ["__version__"]
 # ["latentdiff", "OpenCLIPTextModel"] in model_index.json, and Diffusers' loader then looks up the base
 # classes it knows (``ModelMixin``) in this module to decide how to load them.
 _FOR_DIFFUSERS_LOADER = {"ModelMixin": "diffusers"}
+
+
+# Modules that moved when the library was laid out by concern: the old import path still works
+# (it is the same module object) and warns once with the new one.
+_MOVED_MODULES = {
+    "latentdiff.autoencoder": "latentdiff.trainer.autoencoder",
+    "latentdiff.checkpointing": "latentdiff.trainer.checkpointing",
+    "latentdiff.inpaint_metrics": "latentdiff.eval.inpaint_metrics",
+    "latentdiff.latent_cache": "latentdiff.trainer.latent_cache",
+    "latentdiff.schedulers": "latentdiff.models.schedulers",
+    "latentdiff.text_encoders": "latentdiff.models.text_encoders",
+    "latentdiff.tokenizer": "latentdiff.models.tokenizer",
+    "latentdiff.train_utils": "latentdiff.trainer.train_utils",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves an old module path of :data:`_MOVED_MODULES` to the module at its new path."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        return None  # a placeholder module; exec_module puts the real one in its place
+
+    def exec_module(self, module):
+        import warnings
+
+        new_name = _MOVED_MODULES[module.__name__]
+        warnings.warn(f"{module.__name__} moved to {new_name}; import it from there", FutureWarning, stacklevel=2)
+        sys.modules[module.__name__] = importlib.import_module(new_name)
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModuleFinder())
 
 
 def __getattr__(name: str) -> Any:
@@ -57,5 +97,5 @@ if TYPE_CHECKING:  # pragma: no cover
         LatentOutpaintPipeline,
         LatentPipeline,
     )
-    from .text_encoders import OpenCLIPTextModel
-    from .tokenizer import clip_tokenizer
+    from .models.text_encoders import OpenCLIPTextModel
+    from .models.tokenizer import clip_tokenizer

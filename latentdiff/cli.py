@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from . import __version__
-from .schedulers import SCHEDULER_NAMES as SCHEDULER_CHOICES
+from .models.schedulers import SCHEDULER_NAMES as SCHEDULER_CHOICES
 
 DESCRIPTION = (
     "Generate, edit and evaluate images with a latentdiff text-to-image diffusion model (a Diffusers pipeline "
@@ -352,7 +352,7 @@ def _load_pipeline(pipeline_class, args: argparse.Namespace):
     ``--device``, with the chosen sampler (cheap checks first: loading the model is the slow part)."""
     import torch
 
-    from .schedulers import scheduler_from_name
+    from .models.schedulers import scheduler_from_name
 
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .schedulers import SCHEDULER_NAMES, scheduler_from_name
+from .models.schedulers import SCHEDULER_NAMES, scheduler_from_name
 
 __all__ = ["DemoPipelines", "build_demo", "launch_demo", "load_demo_pipelines"]
 

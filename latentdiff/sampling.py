@@ -20,7 +20,7 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler: 
     """A ``LatentPipeline`` over the given (unwrapped) modules; its scheduler is ``sampler`` built from
     the training noise schedule (DPM-Solver++ by default: good images in 25 steps)."""
     from .pipelines import LatentPipeline
-    from .schedulers import scheduler_from_name
+    from .models.schedulers import scheduler_from_name
 
     return LatentPipeline(
         vae=vae,
@@ -80,7 +80,7 @@ def sample_images(pipeline, prompts: list[str], sample: SampleConfig, device: to
     Image ``j`` of prompt ``i`` uses the generator seed ``sample.seed + j``, whatever the batch size,
     so the same prompt list always gives the same images.
     """
-    from .schedulers import scheduler_from_name
+    from .models.schedulers import scheduler_from_name
 
     if device is not None:
         pipeline.to(device)

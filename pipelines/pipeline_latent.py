@@ -42,7 +42,7 @@ EXAMPLE_DOC_STRING = """
     Examples:
         ```py
         >>> from latentdiff import LatentPipeline
-        >>> from latentdiff.schedulers import scheduler_from_name
+        >>> from latentdiff.models.schedulers import scheduler_from_name
 
         >>> pipe = LatentPipeline.from_pretrained("runs/shapes/pipeline")
         >>> pipe.scheduler = scheduler_from_name("dpm", pipe.scheduler.config)
@@ -119,13 +119,13 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
             scale the latents. `None` for a pixel-space model.
         text_encoder ([`~transformers.CLIPTextModel`] or a [`ModelMixin`] text tower):
             Any module whose call on token ids returns the hidden states at index `0`, such as
-            [`~latentdiff.text_encoders.OpenCLIPTextModel`].
+            [`~latentdiff.models.text_encoders.OpenCLIPTextModel`].
         tokenizer ([`~transformers.CLIPTokenizer`]):
             Tokenizer of the text encoder.
         unet ([`UNet2DConditionModel`]):
             The denoiser, conditioned on the text encoder's hidden states.
         scheduler ([`SchedulerMixin`]):
-            Any Diffusers scheduler (see `latentdiff.schedulers.scheduler_from_name`).
+            Any Diffusers scheduler (see `latentdiff.models.schedulers.scheduler_from_name`).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"

@@ -97,7 +97,7 @@ class LatentImg2ImgPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
         unet ([`UNet2DConditionModel`]):
             The denoiser, conditioned on the text encoder's hidden states.
         scheduler ([`SchedulerMixin`]):
-            Any Diffusers scheduler with `add_noise` (see `latentdiff.schedulers.scheduler_from_name`).
+            Any Diffusers scheduler with `add_noise` (see `latentdiff.models.schedulers.scheduler_from_name`).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"

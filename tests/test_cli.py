@@ -76,7 +76,7 @@ def test_img2img_command(model, image_path, tmp_path, capsys):
     assert [path.name for path in files] == ["000-a-blue-square.png", "001-a-blue-square.png"]
     # Image 1 is the pipeline's image for seed 3 + 1, with the model's own guidance (3.0).
     from latentdiff.pipelines import LatentImg2ImgPipeline
-    from latentdiff.schedulers import scheduler_from_name
+    from latentdiff.models.schedulers import scheduler_from_name
 
     pipe = LatentImg2ImgPipeline.from_pretrained(model)
     pipe.scheduler = scheduler_from_name("ddim", pipe.scheduler.config)

@@ -84,7 +84,7 @@ def test_text_to_image_tab(client, pipelines):
     # The same image as the pipeline gives for that seed (the page adds nothing of its own).
     import torch
 
-    from latentdiff.schedulers import scheduler_from_name
+    from latentdiff.models.schedulers import scheduler_from_name
 
     pipe = pipelines.text_to_image
     pipe.scheduler = scheduler_from_name("ddim", pipe.scheduler.config)

@@ -78,7 +78,7 @@ def test_model_card_without_run_files(tmp_path):
 
 
 def test_write_model_card_for_the_trainer(saved_run, tmp_path):
-    from latentdiff.checkpointing import TrainingState
+    from latentdiff.trainer.checkpointing import TrainingState
     from latentdiff.config import load_config
 
     folder = tmp_path / "pipeline"

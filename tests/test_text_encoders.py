@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from latentdiff.text_encoders import OpenCLIPTextModel, open_clip_text_config
+from latentdiff.models.text_encoders import OpenCLIPTextModel, open_clip_text_config
 
 # A tiny OpenCLIP architecture in OpenCLIP's own config format (read through "local-dir:").
 TINY_OPEN_CLIP_CONFIG = {

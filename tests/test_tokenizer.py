@@ -8,7 +8,7 @@ import open_clip
 import pytest
 from transformers import AutoTokenizer, CLIPTokenizer
 
-from latentdiff.tokenizer import CONTEXT_LENGTH, clean_caption, clip_tokenizer
+from latentdiff.models.tokenizer import CONTEXT_LENGTH, clean_caption, clip_tokenizer
 
 BOS_ID, EOS_ID, PAD_ID = 49406, 49407, 0
 

@@ -85,7 +85,7 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     assert saved.output_dir == str(tmp_path) and saved.model.preset == "tiny"
     # The tracker got the configuration as saved, and the final sample grid.
     from latentdiff.testing import tensorboard_records
-    from latentdiff.train_utils import tracker_hyperparameters
+    from latentdiff.trainer.train_utils import tracker_hyperparameters
 
     hyperparameters, images, _ = tensorboard_records(tmp_path / "logs" / "ldm")
     assert hyperparameters == tracker_hyperparameters(saved)
@@ -169,7 +169,7 @@ def test_resume_after_sigkill_is_exact(stage1, tmp_path, variant):
 
 
 def test_resume_ignores_a_checkpoint_killed_while_being_written(tmp_path):
-    from latentdiff.checkpointing import list_checkpoints, resolve_resume
+    from latentdiff.trainer.checkpointing import list_checkpoints, resolve_resume
 
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "checkpoint-4").mkdir(parents=True)

@@ -28,7 +28,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from latentdiff.checkpointing import (
+from latentdiff.trainer.checkpointing import (
     TrainingState,
     load_checkpoint,
     remove_partial_checkpoints,
@@ -38,7 +38,7 @@ from latentdiff.checkpointing import (
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import ImageTextDataset, collate_image_text, make_training_dataset
 from latentdiff.diffusion import diffusion_loss, make_noise_scheduler
-from latentdiff.latent_cache import (
+from latentdiff.trainer.latent_cache import (
     CachedLatentDataset,
     TextEmbeddingCache,
     collate_latents,
@@ -46,7 +46,7 @@ from latentdiff.latent_cache import (
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
 from latentdiff.sampling import SAMPLES_FILE, export_pipeline, make_pipeline, sample_grid
-from latentdiff.train_utils import (
+from latentdiff.trainer.train_utils import (
     TrainingRNG,
     batch_size_of,
     drop_captions,

@@ -4,7 +4,7 @@
     accelerate launch training/train_vae.py --config configs/shapes.yaml [key=value ...]
 
 Reconstruction (L1) + KL loss, with optional perceptual and adversarial terms
-(:mod:`latentdiff.autoencoder`). After training, the latent scaling factor (1 / std of the latents,
+(:mod:`latentdiff.trainer.autoencoder`). After training, the latent scaling factor (1 / std of the latents,
 Rombach et al. 2022, App. G) is measured on the data and stored in the VAE's config, so stage 2 and
 every pipeline scale latents the same way.
 
@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from latentdiff.autoencoder import (
+from latentdiff.trainer.autoencoder import (
     AutoencoderForTraining,
     PatchDiscriminator,
     VGGPerceptualLoss,
@@ -36,11 +36,11 @@ from latentdiff.autoencoder import (
     measure_scaling_factor,
     reconstruction_loss,
 )
-from latentdiff.checkpointing import TrainingState, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
+from latentdiff.trainer.checkpointing import TrainingState, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import collate_image_text, make_training_dataset
 from latentdiff.models import build_vae
-from latentdiff.train_utils import (
+from latentdiff.trainer.train_utils import (
     TrainingRNG,
     batch_size_of,
     epoch_batches,

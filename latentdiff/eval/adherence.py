@@ -178,7 +178,7 @@ def _sampler(pipeline: Any, scheduler: str | None) -> Iterator[None]:
     pipeline's progress bar; the original scheduler is put back afterwards."""
     original = pipeline.scheduler
     if scheduler is not None:
-        from ..schedulers import scheduler_from_name
+        from ..models.schedulers import scheduler_from_name
 
         pipeline.scheduler = scheduler_from_name(scheduler, original.config)
     if hasattr(pipeline, "set_progress_bar_config"):
@@ -263,7 +263,7 @@ def evaluate_adherence(
         pipeline: a :class:`~latentdiff.pipelines.LatentPipeline` (or anything called like one, with a
             ``scheduler`` attribute); its scheduler is replaced by ``scheduler`` for the run and restored after.
         suite: the prompts (:func:`~latentdiff.eval.suite.shapes_suite`, or :func:`select_prompts` of it).
-        scheduler: a name of :mod:`latentdiff.schedulers` (``dpm``, ``ddim``, ``ddpm``, ...); ``None``
+        scheduler: a name of :mod:`latentdiff.models.schedulers` (``dpm``, ``ddim``, ``ddpm``, ...); ``None``
             keeps the pipeline's own.
         guidance: classifier-free guidance scale.
         seed: base seed; image ``j`` of a prompt uses :func:`image_seed` ``(seed, prompt, j)``.
@@ -509,7 +509,7 @@ def evaluate_model(
     import torch
 
     from ..pipelines import LatentPipeline
-    from ..schedulers import SCHEDULER_NAMES
+    from ..models.schedulers import SCHEDULER_NAMES
 
     # Everything cheap is checked before the model is loaded.
     for name, value in (("images_per_prompt", images_per_prompt), ("steps", steps), ("batch_size", batch_size)):

@@ -183,7 +183,7 @@ def read_sampling_defaults(folder: str | None) -> dict[str, Any]:
 
     From ``latentdiff.json`` if present, else from the ``sample`` section of the run's ``config.yaml``.
     Keys: ``guidance_scale``, ``num_inference_steps``, ``scheduler`` (a name of
-    :mod:`latentdiff.schedulers`), ``example_prompt``.
+    :mod:`latentdiff.models.schedulers`), ``example_prompt``.
     """
     run_files = find_run_files(folder, sample_grid=None)
     if SAMPLING_DEFAULTS_FILE in run_files:
@@ -467,7 +467,7 @@ def write_model_card(
     training_config = None
     summary: dict[str, Any] = {}
     if config is not None:
-        from .config import config_to_dict
+        from ..config import config_to_dict
 
         training_config = config_to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
         model, data, train = (training_config.get(key) or {} for key in ("model", "data", "train"))

@@ -17,7 +17,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration
 from PIL import Image
 
-from .config import Config, ConfigError, MixedPrecision
+from ..config import Config, ConfigError, MixedPrecision
 
 logger = logging.getLogger("latentdiff")
 

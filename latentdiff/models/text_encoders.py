@@ -17,7 +17,7 @@ the tower
 
 Example::
 
-    from latentdiff.text_encoders import OpenCLIPTextModel
+    from latentdiff.models.text_encoders import OpenCLIPTextModel
     text_encoder = OpenCLIPTextModel.from_open_clip("ViT-H-14", "open_clip_vit_h14.safetensors")
     text_encoder.save_pretrained("sd2/text_encoder")
 """
@@ -32,7 +32,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 # ``ModelMixin`` must be a name of this module: when Diffusers loads a component recorded as
-# ``["latentdiff.text_encoders", "OpenCLIPTextModel"]`` it looks up the base classes it knows
+# ``["latentdiff.models.text_encoders", "OpenCLIPTextModel"]`` it looks up the base classes it knows
 # (``ModelMixin``, ...) *in this module* to decide how to load the class.
 from diffusers.models.modeling_utils import ModelMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling

@@ -2,7 +2,7 @@
 
 Each component is a stock Diffusers / transformers class (``AutoencoderKL``,
 ``UNet2DConditionModel``, ``CLIPTextModel``, ``CLIPTokenizer``), or, for the OpenCLIP text tower,
-:class:`latentdiff.text_encoders.OpenCLIPTextModel`. Each comes either from the architecture fields
+:class:`latentdiff.models.text_encoders.OpenCLIPTextModel`. Each comes either from the architecture fields
 of the config or, when ``pretrained`` is set, from a folder or Hub id with ``from_pretrained``.
 
 Named architectures live in one dict, :data:`MODEL_PRESETS`, which also feeds the command line's
@@ -25,7 +25,7 @@ import torch
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .config import ConfigError, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ..config import ConfigError, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from .tokenizer import CONTEXT_LENGTH, clip_tokenizer
 
 __all__ = [

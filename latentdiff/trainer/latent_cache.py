@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import DataConfig, config_to_dict
-from .data.loading import ImageTextDataset
+from ..config import DataConfig, config_to_dict
+from ..data.loading import ImageTextDataset
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def reconstruction_loss(images: torch.Tensor, reconstructions: torch.Tensor, kind: str = "l1") -> torch.Tensor:
