@@ -15,7 +15,7 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from latentdiff.demo import DemoPipelines, build_demo, editor_image_and_mask  # noqa: E402
+from latentdiff.demo import build_demo, editor_image_and_mask, launch_demo, load_demo_pipelines  # noqa: E402
 
 STEPS = 2
 SIZE = 32  # the tiny model's image size
@@ -28,21 +28,28 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def pipelines():
+def model_folder(tmp_path_factory):
+    """A saved tiny pipeline with its own sampling defaults (latentdiff.json)."""
     from latentdiff import LatentPipeline
     from latentdiff.testing import tiny_components
 
     pipeline = LatentPipeline(**tiny_components(seed=0))
     pipeline.sampling_defaults = {"guidance_scale": 3.0, "num_inference_steps": STEPS, "example_prompt": "a red circle"}
-    return DemoPipelines.from_pipeline(pipeline, name="tiny")
+    folder = tmp_path_factory.mktemp("model")
+    pipeline.save_pretrained(folder, model_card=False)
+    return folder
 
 
 @pytest.fixture(scope="module")
-def client(pipelines, tmp_path_factory):
-    """The demo served on 127.0.0.1 and a client connected to it (closed after the module's tests)."""
-    demo = build_demo(pipelines)
+def pipelines(model_folder):
+    return load_demo_pipelines(str(model_folder), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(model_folder, tmp_path_factory):
+    """The demo as `latentdiff demo MODEL` serves it, on 127.0.0.1, and a client connected to it."""
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo = launch_demo(str(model_folder), host="127.0.0.1", port=port, device="cpu", block=False)
     try:
         yield Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
     finally:
