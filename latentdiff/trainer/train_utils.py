@@ -84,7 +84,7 @@ def tracker_hyperparameters(config: Config) -> dict[str, bool | int | float | st
     """
     import yaml
 
-    from .config import config_to_dict
+    from ..config import config_to_dict
 
     flat: dict[str, bool | int | float | str] = {}
 
