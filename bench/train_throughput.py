@@ -343,7 +343,7 @@ def recipe_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from latentdiff.data.loading import collate_image_text, make_training_dataset
     from latentdiff.diffusion import make_noise_scheduler
     from latentdiff.models import build_components
-    from latentdiff.trainer.train_utils import tokenize
+    from latentdiff.trainer.encoding import tokenize
 
     memory = PeakMemory(spec["device"]).start()
     config = load_config(spec["config_files"], spec["overrides"])

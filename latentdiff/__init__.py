@@ -48,14 +48,21 @@ _MOVED_MODULES = {
     "latentdiff.schedulers": "latentdiff.models.schedulers",
     "latentdiff.text_encoders": "latentdiff.models.text_encoders",
     "latentdiff.tokenizer": "latentdiff.models.tokenizer",
-    "latentdiff.train_utils": "latentdiff.trainer.train_utils",
+}
+# Modules that were split: importing the old path is an error naming where the parts went.
+_SPLIT_MODULES = {
+    "latentdiff.train_utils": "latentdiff.trainer.loop (accelerator, data loader, logging), latentdiff.trainer.rng "
+    "(TrainingRNG, drop_captions, random_crop) and latentdiff.trainer.encoding (tokenize, encode_images)",
 }
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Resolves an old module path of :data:`_MOVED_MODULES` to the module at its new path."""
+    """Resolves an old module path of :data:`_MOVED_MODULES` to the module at its new path, and names the new
+    places of a split one."""
 
     def find_spec(self, fullname, path=None, target=None):
+        if fullname in _SPLIT_MODULES:
+            raise ModuleNotFoundError(f"{fullname} was split into {_SPLIT_MODULES[fullname]}", name=fullname)
         if fullname not in _MOVED_MODULES:
             return None
         return importlib.util.spec_from_loader(fullname, self)

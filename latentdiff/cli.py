@@ -60,16 +60,24 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_arguments(
-    parser: argparse.ArgumentParser, steps: int = 25, scheduler: bool = True, seed: bool = True
+    parser: argparse.ArgumentParser,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    *,
+    choose_scheduler: bool = True,
+    seed: bool = True,
 ) -> None:
-    parser.add_argument("--steps", type=int, default=steps, help="denoising steps (default %(default)s)")
-    if scheduler:
+    """The sampling arguments; a default left ``None`` is the model's own (the pipeline resolves it)."""
+    own = "the model's own from latentdiff.json, else Diffusers'"
+    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps or own})")
+    if choose_scheduler:
         parser.add_argument(
-            "--scheduler", choices=SCHEDULER_CHOICES, default="dpm", help="sampler (default %(default)s: DPM-Solver++)"
+            "--scheduler", choices=SCHEDULER_CHOICES, default=scheduler,
+            help=f"sampler (default: {scheduler or 'the one saved in the model folder'}; dpm is DPM-Solver++)",
         )
     parser.add_argument(
         "--guidance", type=float, default=None,
-        help="classifier-free guidance scale; 1 turns guidance off (default: the model's own, else 7.5)",
+        help=f"classifier-free guidance scale; 1 turns guidance off (default: {own})",
     )
     if seed:
         parser.add_argument(
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("--size", type=_size, default=None, help="HxW in pixels (default: the model's size)")
     interpolate.add_argument("--batch-size", type=int, default=8, help="frames denoised per pipeline call (default %(default)s)")
     # Interpolation always samples with deterministic DDIM, from the noise of each of --seeds.
-    _add_sampling_arguments(interpolate, scheduler=False, seed=False)
+    _add_sampling_arguments(interpolate, choose_scheduler=False, seed=False)
 
     demo = commands.add_parser(
         "demo", help="a web page to try the model: text-to-image, image-to-image, inpainting, outpainting",
@@ -211,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default all)")
     evaluate.add_argument("--max-prompts-per-task", type=int, default=None, metavar="N",
                           help="only the first N prompts of each task (a quick check; default all)")
-    _add_sampling_arguments(evaluate)
+    _add_sampling_arguments(evaluate, steps=25, scheduler="dpm")
 
     push = commands.add_parser(
         "push", help="upload a pipeline folder to the Hub with a model card",
@@ -280,44 +288,35 @@ def _slug(text: str, max_length: int = 48) -> str:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    """Write ``OUT/<index>-<slug>.png`` per image (image ``index`` drawn with seed ``--seed + index``) and
-    ``OUT/grid.png`` (one row per prompt)."""
+    """Write ``OUT/<index>-<slug>.png`` per image (image ``index`` drawn with seed ``--seed + index``, through
+    :func:`latentdiff.sampling.generate`) and ``OUT/grid.png`` (one row per prompt)."""
     import os
 
-    import torch
     from diffusers.utils import make_image_grid
 
     from .pipelines import LatentPipeline
+    from .sampling import generate
 
     pipe = _load_pipeline(LatentPipeline, args)
     height, width = args.size if args.size else pipe.default_height_width()
-    guidance = _guidance(args, pipe)
-
-    digits = max(3, len(str(len(args.prompt) * args.num_images - 1)))
+    steps = pipe.sampling_default("num_inference_steps", args.steps)
+    guidance = pipe.sampling_default("guidance_scale", args.guidance)
+    settings = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                    negative_prompt=args.negative_prompt)
+    jobs = [(prompt, args.seed + index) for index, prompt in enumerate(p for p in args.prompt for _ in range(args.num_images))]
+    digits = max(3, len(str(len(jobs) - 1)))
     images = []
-    for prompt_index, prompt in enumerate(args.prompt):
-        first = prompt_index * args.num_images
-        seeds = range(args.seed + first, args.seed + first + args.num_images)
-        result = pipe(
-            prompt,
-            negative_prompt=args.negative_prompt,
-            height=height,
-            width=width,
-            num_inference_steps=args.steps,
-            guidance_scale=guidance,
-            num_images_per_prompt=args.num_images,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-        )
+    for start, batch in generate(pipe, jobs, batch_size=args.num_images, **settings):
         os.makedirs(args.out, exist_ok=True)
-        for offset, image in enumerate(result.images):
-            path = os.path.join(args.out, f"{first + offset:0{digits}d}-{_slug(prompt)}.png")
+        for index, ((prompt, seed), image) in enumerate(zip(jobs[start:], batch), start):
+            path = os.path.join(args.out, f"{index:0{digits}d}-{_slug(prompt)}.png")
             image.save(path)
-            print(f"{path}  (seed {args.seed + first + offset})")
-        images += result.images
+            print(f"{path}  (seed {seed})")
+        images += batch
     grid_path = os.path.join(args.out, "grid.png")
     make_image_grid(images, rows=len(args.prompt), cols=args.num_images).save(grid_path)
     print(f"{grid_path}  ({len(args.prompt)} prompts x {args.num_images} images, guidance {guidance}, "
-          f"{args.steps} {args.scheduler} steps)")
+          f"{steps} {type(pipe.scheduler).__name__} steps)")
     return 0
 
 
@@ -352,24 +351,25 @@ def _load_pipeline(pipeline_class, args: argparse.Namespace):
     ``--device``, with the chosen sampler (cheap checks first: loading the model is the slow part)."""
     import torch
 
-    from .models.schedulers import scheduler_from_name
-
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if getattr(args, "num_images", 1) < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     pipe = pipeline_class.from_pretrained(
         args.model, allow_pickle=args.allow_pickle, torch_dtype=getattr(torch, DTYPES[args.dtype])
     )
-    if getattr(args, "scheduler", None):
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe = _use_scheduler(pipe, getattr(args, "scheduler", None))
     pipe.set_progress_bar_config(leave=False)
     return pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _guidance(args: argparse.Namespace, pipe) -> float:
-    """``--guidance``, else the model's own default (``latentdiff.json``), else 7.5."""
-    return args.guidance if args.guidance is not None else pipe.sampling_defaults.get("guidance_scale", 7.5)
+def _use_scheduler(pipe, name: str | None):
+    """``--scheduler``, built from the model's schedule; ``None`` keeps the folder's own."""
+    from .models.schedulers import scheduler_from_name
+
+    if name is not None:
+        pipe.scheduler = scheduler_from_name(name, pipe.scheduler.config)
+    return pipe
 
 
 def _open_image(path: str, what: str):
@@ -408,7 +408,7 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
         mask_image=mask,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
-        guidance_scale=_guidance(args, pipe),
+        guidance_scale=args.guidance,
         jump_length=args.repaint_jumps,
         jump_n_sample=args.repaint_samples,
         feather=args.feather,
@@ -445,7 +445,7 @@ def _cmd_outpaint(args: argparse.Namespace) -> int:
         jump_n_sample=args.repaint_samples,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
-        guidance_scale=_guidance(args, pipe),
+        guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
         generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
     )
@@ -469,7 +469,7 @@ def _cmd_img2img(args: argparse.Namespace) -> int:
         strength=args.strength,
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
-        guidance_scale=_guidance(args, pipe),
+        guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,
         generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
     )
@@ -509,7 +509,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
             height=height,
             width=width,
             num_inference_steps=args.steps,
-            guidance_scale=_guidance(args, pipe),
+            guidance_scale=args.guidance,
             batch_size=args.batch_size,
         )
         frames += leg if not frames else leg[1:]  # a leg starts where the previous one ended
@@ -563,10 +563,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(format_report(results))
     print(f"wrote {paths['results']} and {paths['grid']} ({results.wall_time_s:.0f} s)")
     return 0
-
-
-def _not_ready(args: argparse.Namespace) -> int:
-    raise NotImplementedError(f"`latentdiff {args.command}` is not implemented yet")
 
 
 _HANDLERS = {

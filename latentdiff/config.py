@@ -3,7 +3,7 @@
 A run's configuration is built in layers, later ones winning:
 
 1. the dataclass defaults below;
-2. the named model preset (``model.preset``, see :data:`latentdiff.models.MODEL_PRESETS`);
+2. the named model preset (``model.preset``, see :data:`latentdiff.models.presets.MODEL_PRESETS`);
 3. each YAML file given with ``--config``, in order;
 4. dotted ``key=value`` overrides from the command line (``train.max_steps=20 output_dir=runs/x``).
 
@@ -270,6 +270,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
 
 
+DEFAULT_GUIDANCE_SCALE = 4.0
+"""The project's one default classifier-free guidance scale: what a trained model records as its own
+(``latentdiff.json``); a folder without one samples with Diffusers' default."""
+
+
 @dataclass
 class SampleConfig:
     """Sampling for validation grids and the final sample grid."""
@@ -286,7 +291,7 @@ class SampleConfig:
     )
     images_per_prompt: int = 4
     num_inference_steps: int = 25
-    guidance_scale: float = 4.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     scheduler: SchedulerName = "dpm"
     seed: int = 0
 
@@ -429,7 +434,7 @@ class _RawText(str):
 
 
 def _preset_tree(name: str) -> dict[str, Any]:
-    from .models import MODEL_PRESETS
+    from .models.presets import MODEL_PRESETS
 
     if name not in MODEL_PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r}; expected one of {sorted(MODEL_PRESETS)}")

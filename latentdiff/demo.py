@@ -2,9 +2,10 @@
 
 Four tabs over the same weights (the image pipelines are made with Diffusers' ``from_pipe``, which
 shares every module): text-to-image, image-to-image, inpainting (a mask painted on the image in the
-page, or uploaded) and outpainting. Defaults come from the model's own sampling defaults
-(``latentdiff.json``). Every request goes through Gradio's queue, one at a time on the model (the
-pipelines share one set of modules), with a progress bar that follows the sampler's steps.
+page, or uploaded) and outpainting. The controls start at the model's own sampling defaults
+(``latentdiff.json``), else Diffusers', as a pipeline call without them would. Every request goes
+through Gradio's queue, one at a time on the model (the pipelines share one set of modules), with a
+progress bar that follows the sampler's steps.
 
 Inputs are checked by the pipelines themselves: a ``ValueError`` they raise (an empty prompt, a mask of
 another size than the image, zero steps, ...) is shown in the page as that message, never as a stack
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .models.schedulers import SCHEDULER_NAMES, scheduler_from_name
+from .models.schedulers import SCHEDULER_NAMES, scheduler_class, scheduler_from_name
 
 __all__ = ["DemoPipelines", "build_demo", "launch_demo", "load_demo_pipelines"]
 
@@ -64,16 +65,22 @@ class DemoPipelines:
 
     @property
     def guidance_scale(self) -> float:
-        return float(self.defaults.get("guidance_scale", 7.5))
+        """The model's own (``latentdiff.json``), else Diffusers' default: what a call without one uses."""
+        return float(self.text_to_image.sampling_default("guidance_scale", None))
 
     @property
     def num_inference_steps(self) -> int:
-        return int(self.defaults.get("num_inference_steps", 25))
+        """The model's own, else Diffusers' default, as for :attr:`guidance_scale`."""
+        return int(self.text_to_image.sampling_default("num_inference_steps", None))
 
     @property
     def sampler(self) -> str:
-        name = self.defaults.get("scheduler", "dpm")
-        return name if name in SCHEDULER_NAMES else "dpm"
+        """The model's own sampler (``latentdiff.json``), else the one its folder holds, else ``dpm``."""
+        name = self.defaults.get("scheduler")
+        if name in SCHEDULER_NAMES:
+            return name
+        own = type(self.text_to_image.scheduler).__name__
+        return next((name for name in SCHEDULER_NAMES if scheduler_class(name).__name__ == own), "dpm")
 
     @property
     def example_prompt(self) -> str:

@@ -1,10 +1,13 @@
-"""Sampling for people to look at: labelled image grids, validation during training, the export of a
-trained model as a pipeline folder with its sample grid and model card."""
+"""Sampling: the one seeded generation path (:func:`generate`), used by the command line, the eval and the
+training grids; labelled image grids, validation during training, and the export of a trained model as a
+pipeline folder with its sample grid and model card."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -72,33 +75,42 @@ def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
     return lines + [line] if line else lines
 
 
-@torch.no_grad()
+def generate(
+    pipeline, jobs: Sequence[tuple[str, int]], batch_size: int = 32, **call_kwargs: Any
+) -> Iterator[tuple[int, list[Image.Image]]]:
+    """Images of ``(prompt, seed)`` jobs, in batches of ``batch_size``: yields ``(index of the batch's first job,
+    images)``. Every image is drawn with its own CPU generator seeded by its job's seed, so an image depends on its
+    prompt, its seed and the sampling settings only, not on the batch or on who asks: ``latentdiff generate``, the
+    eval and the training grids give the same image for the same prompt and seed.
+
+    ``call_kwargs`` go to the pipeline (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``height``,
+    ...); steps and guidance left out or ``None`` are the model's own (``pipeline.sampling_defaults``).
+    """
+    call_kwargs = {key: value for key, value in call_kwargs.items() if value is not None}
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in chunk]
+        with torch.no_grad():
+            output = pipeline([prompt for prompt, _ in chunk], generator=generators, **call_kwargs)
+        images = list(output.images if hasattr(output, "images") else output[0])
+        if len(images) != len(chunk):
+            raise RuntimeError(f"the pipeline returned {len(images)} images for {len(chunk)} prompts")
+        yield start, images
+
+
 def sample_images(pipeline, prompts: list[str], sample: SampleConfig, device: torch.device | str | None = None,
                   batch_size: int = 32) -> list[Image.Image]:
-    """``sample.images_per_prompt`` images per prompt, prompt by prompt, reproducible from ``sample.seed``.
-
-    Image ``j`` of prompt ``i`` uses the generator seed ``sample.seed + j``, whatever the batch size,
-    so the same prompt list always gives the same images.
-    """
+    """``sample.images_per_prompt`` images per prompt, prompt by prompt, through :func:`generate`: image ``j`` of
+    every prompt is drawn with seed ``sample.seed + j``."""
     from .models.schedulers import scheduler_from_name
 
     if device is not None:
         pipeline.to(device)
     pipeline.scheduler = scheduler_from_name(sample.scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    jobs = [(prompt, j) for prompt in prompts for j in range(sample.images_per_prompt)]
-    images: list[Image.Image] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(sample.seed + j) for _, j in chunk]
-        output = pipeline(
-            [prompt for prompt, _ in chunk],
-            num_inference_steps=sample.num_inference_steps,
-            guidance_scale=sample.guidance_scale,
-            generator=generators,
-        )
-        images.extend(output.images)
-    return images
+    jobs = [(prompt, sample.seed + j) for prompt in prompts for j in range(sample.images_per_prompt)]
+    settings = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
+    return [image for _, batch in generate(pipeline, jobs, batch_size, **settings) for image in batch]
 
 
 def sample_grid(pipeline, sample: SampleConfig, device: torch.device | str | None = None) -> Image.Image:

@@ -1,40 +1,15 @@
-"""Diffusers pipelines of latentdiff, one self-contained file each (Diffusers' single-file policy).
+"""Diffusers pipelines of latentdiff, built on Diffusers' own Stable Diffusion pipelines; installed as
+``latentdiff.pipelines``. A pipeline module is imported on first use of its name, so importing this stays light."""
 
-Installed as ``latentdiff.pipelines``. A pipeline module is imported on first use of its name, so
-importing this package stays light.
-"""
-
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+from latentdiff._lazy import lazy_exports
 
 # public name -> module of this package that defines it; add a pipeline with one line here.
 _PIPELINES = {
-    "LatentPipeline": "pipeline_latent",
-    "LatentPipelineOutput": "pipeline_latent",
-    "LatentImg2ImgPipeline": "pipeline_latent_img2img",
-    "LatentInpaintPipeline": "pipeline_latent_inpaint",
-    "LatentOutpaintPipeline": "pipeline_latent_outpaint",
+    "LatentPipeline": ".pipeline_latent",
+    "LatentPipelineOutput": ".pipeline_latent",
+    "LatentImg2ImgPipeline": ".pipeline_latent_img2img",
+    "LatentInpaintPipeline": ".pipeline_latent_inpaint",
+    "LatentOutpaintPipeline": ".pipeline_latent_outpaint",
 }
-
 __all__ = sorted(_PIPELINES)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PIPELINES:
-        value = getattr(importlib.import_module(f".{_PIPELINES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline_latent import LatentPipeline, LatentPipelineOutput
-    from .pipeline_latent_img2img import LatentImg2ImgPipeline
-    from .pipeline_latent_inpaint import LatentInpaintPipeline
-    from .pipeline_latent_outpaint import LatentOutpaintPipeline
+__getattr__, __dir__ = lazy_exports(__name__, _PIPELINES)

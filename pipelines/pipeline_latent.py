@@ -1,55 +1,46 @@
-# Adapted from Diffusers' `pipeline_stable_diffusion.py`
-# (Copyright 2026 The HuggingFace Team, Apache License 2.0).
-"""Text-to-image with a latent (or pixel-space) diffusion model: :class:`LatentPipeline`.
+"""Text-to-image with a latent (or pixel-space) diffusion model: :class:`LatentPipeline`, and what every
+latentdiff pipeline adds to Diffusers' Stable Diffusion pipelines: :class:`LatentDiffusionMixin`.
 
-The pipeline of Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion
-Models"): a text encoder turns the prompt into the U-Net's cross-attention context, the U-Net
-denoises Gaussian noise in the autoencoder's latent space under classifier-free guidance (Ho &
-Salimans 2022), and the autoencoder's decoder maps the result to pixels. It is
-``diffusers.StableDiffusionPipeline`` without the safety checker, IP-adapter and LoRA plumbing;
-on the same components, scheduler and seed both give the same images. Two additions:
+The pipeline of Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models"): a
+text encoder turns the prompt into the U-Net's cross-attention context, the U-Net denoises Gaussian noise
+in the autoencoder's latent space under classifier-free guidance (Ho & Salimans 2022), and the
+autoencoder's decoder maps the result to pixels. :class:`LatentPipeline` *is* a
+``diffusers.StableDiffusionPipeline`` (on the same components, scheduler and seed both give the same
+images), so it has its loaders and arguments: ``load_lora_weights``, ``load_textual_inversion``,
+``load_ip_adapter``, ``from_single_file``, ``cross_attention_kwargs``, custom ``timesteps`` / ``sigmas``,
+callbacks. What latentdiff adds is written once, in :class:`LatentDiffusionMixin`:
 
 * ``vae=None``: a pixel-space model (Ho et al. 2020), whose "latents" are the pixels in [-1, 1];
-* :meth:`LatentPipeline.interpolate`: frames between two seeds by spherical interpolation of the
-  initial noise and deterministic DDIM sampling (Song et al. 2021, Sec. 5.3).
+* the model's own sampling defaults (``latentdiff.json``), used when a call gives no steps or guidance;
+* stricter input checks, each a ``ValueError`` naming the argument, before any model runs;
+* safetensors-only loading and saving, a model card, ``push_to_hub`` (:class:`~latentdiff.hub.PipelineHubMixin`);
+* ``clip_skip`` for any text encoder that exposes its layers, read at the same layer for the negative prompt;
+* :meth:`LatentPipeline.interpolate`: frames between two seeds by spherical interpolation of the initial
+  noise and deterministic DDIM sampling (Song et al. 2021, Sec. 5.3).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ModelMixin, UNet2DConditionModel
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ModelMixin, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CLIPVisionModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
 
 from latentdiff.hub import PipelineHubMixin
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
-        >>> from latentdiff import LatentPipeline
-        >>> from latentdiff.models.schedulers import scheduler_from_name
-
-        >>> pipe = LatentPipeline.from_pretrained("runs/shapes/pipeline")
-        >>> pipe.scheduler = scheduler_from_name("dpm", pipe.scheduler.config)
-        >>> image = pipe("a red circle at the top left", num_inference_steps=25).images[0]
-        >>> image.save("circle.png")
-        ```
-"""
 
 
 @dataclass
@@ -63,22 +54,6 @@ class LatentPipelineOutput(BaseOutput):
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-
-
-# Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.rescale_noise_cfg
-def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale=0.0):
-    r"""
-    Rescales `noise_cfg` tensor based on `guidance_rescale` to improve image quality and fix overexposure. Based on
-    Section 3.4 from [Common Diffusion Noise Schedules and Sample Steps are
-    Flawed](https://huggingface.co/papers/2305.08891).
-    """
-    std_text = noise_pred_text.std(dim=list(range(1, noise_pred_text.ndim)), keepdim=True)
-    std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
-    # rescale the results from guidance (fixes overexposure)
-    noise_pred_rescaled = noise_cfg * (std_text / std_cfg)
-    # mix with the original results from guidance by factor guidance_rescale to avoid "plain looking" images
-    noise_cfg = guidance_rescale * noise_pred_rescaled + (1 - guidance_rescale) * noise_cfg
-    return noise_cfg
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
@@ -103,34 +78,32 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     return mixed.to(v0.dtype)
 
 
-class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
-    r"""
-    Text-to-image generation with a latent diffusion model (or a pixel-space one when `vae` is `None`).
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
-    This model inherits from [`DiffusionPipeline`] (saving, loading, device placement) and from
-    [`~latentdiff.hub.PipelineHubMixin`]: `from_pretrained` refuses pickle weights unless
-    `allow_pickle=True` and ignores a Stable Diffusion folder's `safety_checker` and
-    `feature_extractor`; `save_pretrained` writes safetensors and a model card; `push_to_hub`
-    uploads with `huggingface_hub`.
 
-    Args:
-        vae ([`AutoencoderKL`] or `None`):
-            Autoencoder between images and latents; its `config.scaling_factor` (and `shift_factor`, if set)
-            scale the latents. `None` for a pixel-space model.
-        text_encoder ([`~transformers.CLIPTextModel`] or a [`ModelMixin`] text tower):
-            Any module whose call on token ids returns the hidden states at index `0`, such as
-            [`~latentdiff.models.text_encoders.OpenCLIPTextModel`].
-        tokenizer ([`~transformers.CLIPTokenizer`]):
-            Tokenizer of the text encoder.
-        unet ([`UNet2DConditionModel`]):
-            The denoiser, conditioned on the text encoder's hidden states.
-        scheduler ([`SchedulerMixin`]):
-            Any Diffusers scheduler (see `latentdiff.models.schedulers.scheduler_from_name`).
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class LatentDiffusionMixin(PipelineHubMixin):
+    """What latentdiff adds to a Diffusers Stable Diffusion pipeline class, listed before it in the bases.
+
+    The components are Stable Diffusion's without the safety checker: `vae` (`None`: pixel space), `text_encoder`
+    (a `CLIPTextModel` or any module whose call on token ids returns the hidden states at index 0, such as
+    `latentdiff.OpenCLIPTextModel`), `tokenizer`, `unet`, `scheduler`, and, for IP-Adapter only, `image_encoder`
+    (set by `load_ip_adapter`).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["vae", "image_encoder"]
+    _exclude_from_cpu_offload = []
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    # Loaded with an IP-Adapter (`load_ip_adapter`), never from a pipeline folder.
+    _not_loaded_from_folders = ("image_encoder",)
+    # Not a component, so that `pipe.components` builds a stock Stable Diffusion pipeline (with its own
+    # `feature_extractor=None, safety_checker=None`); `load_ip_adapter` sets it, for `ip_adapter_image`.
+    feature_extractor = None
 
     def __init__(
         self,
@@ -139,227 +112,100 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
         tokenizer: PreTrainedTokenizerBase,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
     ):
-        super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        # Not Stable Diffusion's `__init__`: it requires an autoencoder and a safety checker, and rewrites the
+        # scheduler configs of early SD checkpoints (steps_offset, clip_sample), which would change the sampling
+        # of a model trained here.
+        DiffusionPipeline.__init__(self)
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            image_encoder=image_encoder,
+        )  # fmt: skip
         # The model's own sampling settings (e.g. {"guidance_scale": 4.0}): read by `from_pretrained` from
-        # `latentdiff.json`, written back by `save_pretrained`.
+        # `latentdiff.json`, written back by `save_pretrained`, used when a call gives none.
         self.sampling_defaults: dict = {}
-        # Pixel space (no autoencoder): the "latents" are the image itself, at full size.
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # Pixel space (no autoencoder): the "latents" are the image itself, at full size, in [-1, 1].
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.latent_channels = vae.config.latent_channels if vae is not None else 3
+        self._is_unet_config_sample_size_int = isinstance(unet.config.sample_size, int)
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor,
+            vae_latent_channels=self.latent_channels if self.latent_channels != 3 else None,
+        )
+        # Input pixels in [0, 1] at their size, as given, so that inpainting can paste them back exactly.
+        self.pixel_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_resize=False, do_normalize=False)
 
-    def encode_prompt(
+    def run_safety_checker(self, image, device, dtype):
+        """No safety checker: these pipelines take none (see `from_pretrained`)."""
+        return image, None
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampling defaults and input checks
+    # ------------------------------------------------------------------------------------------------
+
+    def sampling_default(self, name: str, value):
+        """`value` if given, else the model's saved default (`latentdiff.json`), else Diffusers' own default (that of
+        the Stable Diffusion pipeline this class builds on)."""
+        if value is not None:
+            return value
+        if name in self.sampling_defaults:
+            return self.sampling_defaults[name]
+        for base in type(self).__mro__:
+            if base.__module__.startswith("diffusers.") and "__call__" in vars(base):
+                return inspect.signature(base.__call__).parameters[name].default
+        raise AssertionError(f"{type(self).__name__} builds on no Diffusers pipeline")  # pragma: no cover
+
+    def default_height_width(self) -> tuple[int, int]:
+        """The size the U-Net was built for: `unet.config.sample_size` times the autoencoder's factor."""
+        sample_size = self.unet.config.sample_size
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
+
+    def check_sampling_inputs(
         self,
         prompt,
-        device,
-        num_images_per_prompt,
-        do_classifier_free_guidance,
-        negative_prompt=None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        clip_skip: int | None = None,
-    ):
-        r"""
-        Encodes the prompt into text encoder hidden states (as `StableDiffusionPipeline.encode_prompt`, without LoRA
-        and textual inversion; a single `negative_prompt` string applies to every prompt, and `clip_skip` applies
-        to the negative prompt too).
-
-        Args:
-            prompt (`str` or `list[str]`, *optional*):
-                prompt to be encoded
-            device: (`torch.device`):
-                torch device
-            num_images_per_prompt (`int`):
-                number of images that should be generated per prompt
-            do_classifier_free_guidance (`bool`):
-                whether to use classifier free guidance or not
-            negative_prompt (`str` or `list[str]`, *optional*):
-                The prompt or prompts not to guide the image generation. Ignored when not using guidance.
-            prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated text embeddings. If not provided, they are computed from `prompt`.
-            negative_prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated negative text embeddings. If not provided, they are computed from `negative_prompt`.
-            clip_skip (`int`, *optional*):
-                Number of layers to be skipped from the text encoder: 1 uses the output of the pre-final layer.
-        """
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-
-        if prompt_embeds is None:
-            text_inputs = self.tokenizer(
-                prompt,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            text_input_ids = text_inputs.input_ids
-            untruncated_ids = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
-
-            if untruncated_ids.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(
-                text_input_ids, untruncated_ids
-            ):
-                removed_text = self.tokenizer.batch_decode(
-                    untruncated_ids[:, self.tokenizer.model_max_length - 1 : -1]
-                )
-                logger.warning(
-                    "`prompt` was truncated: the text encoder reads at most"
-                    f" {self.tokenizer.model_max_length} tokens; dropped: {removed_text}"
-                )
-
-            prompt_embeds = self._encode_token_ids(text_input_ids, text_inputs.attention_mask, device, clip_skip)
-
-        if self.text_encoder is not None:
-            prompt_embeds_dtype = self.text_encoder.dtype
-        elif self.unet is not None:
-            prompt_embeds_dtype = self.unet.dtype
-        else:
-            prompt_embeds_dtype = prompt_embeds.dtype
-
-        prompt_embeds = prompt_embeds.to(dtype=prompt_embeds_dtype, device=device)
-
-        bs_embed, seq_len, _ = prompt_embeds.shape
-        # duplicate text embeddings for each generation per prompt, using mps friendly method
-        prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1)
-        prompt_embeds = prompt_embeds.view(bs_embed * num_images_per_prompt, seq_len, -1)
-
-        # get unconditional embeddings for classifier free guidance
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            if negative_prompt is None:
-                uncond_tokens = [""] * batch_size
-            elif isinstance(negative_prompt, str):
-                uncond_tokens = [negative_prompt] * batch_size
-            else:
-                uncond_tokens = list(negative_prompt)
-
-            max_length = prompt_embeds.shape[1]
-            uncond_input = self.tokenizer(
-                uncond_tokens,
-                padding="max_length",
-                max_length=max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            # Read from the same layer as the prompt (Diffusers reads the last layer here whatever `clip_skip`),
-            # so that guidance contrasts two embeddings of one kind.
-            negative_prompt_embeds = self._encode_token_ids(
-                uncond_input.input_ids, uncond_input.attention_mask, device, clip_skip
-            )
-
-        if do_classifier_free_guidance:
-            # duplicate unconditional embeddings for each generation per prompt, using mps friendly method
-            seq_len = negative_prompt_embeds.shape[1]
-
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype=prompt_embeds_dtype, device=device)
-
-            negative_prompt_embeds = negative_prompt_embeds.repeat(1, num_images_per_prompt, 1)
-            negative_prompt_embeds = negative_prompt_embeds.view(batch_size * num_images_per_prompt, seq_len, -1)
-
-        return prompt_embeds, negative_prompt_embeds
-
-    def _encode_token_ids(self, input_ids, attention_mask, device, clip_skip=None) -> torch.Tensor:
-        """Hidden states of the text encoder for `input_ids`, read through its public call only.
-
-        Any text encoder whose call returns the last hidden states at index 0 works. `clip_skip` also needs
-        `output_hidden_states=True` and the final layer norm as `text_model.final_layer_norm` (CLIP) or
-        `final_layer_norm`.
-        """
-        encoder_kwargs = {}
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            encoder_kwargs["attention_mask"] = attention_mask.to(device)
-        if clip_skip is None:
-            return self.text_encoder(input_ids.to(device), **encoder_kwargs)[0]
-
-        final_layer_norm = getattr(getattr(self.text_encoder, "text_model", None), "final_layer_norm", None)
-        final_layer_norm = final_layer_norm or getattr(self.text_encoder, "final_layer_norm", None)
-        if final_layer_norm is None:
-            raise ValueError(
-                f"`clip_skip`: the text encoder {type(self.text_encoder).__name__} exposes no final layer norm "
-                "(`text_model.final_layer_norm` or `final_layer_norm`), so intermediate layers cannot be used; "
-                "leave `clip_skip=None`"
-            )
-        outputs = self.text_encoder(input_ids.to(device), output_hidden_states=True, **encoder_kwargs)
-        hidden_states = getattr(outputs, "hidden_states", None)
-        if hidden_states is None:
-            raise ValueError(
-                f"`clip_skip`: the text encoder {type(self.text_encoder).__name__} returned no hidden states "
-                "for `output_hidden_states=True`; leave `clip_skip=None`"
-            )
-        if clip_skip + 1 > len(hidden_states):
-            raise ValueError(
-                f"`clip_skip`={clip_skip} skips more layers than the text encoder has ({len(hidden_states) - 1})"
-            )
-        # The last hidden state passes through the final layer norm; an earlier one must too.
-        return final_layer_norm(hidden_states[-(clip_skip + 1)])
-
-    # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.StableDiffusionPipeline.prepare_extra_step_kwargs
-    def prepare_extra_step_kwargs(self, generator, eta):
-        # prepare extra kwargs for the scheduler step, since not all schedulers have the same signature
-        # eta (η) is only used with the DDIMScheduler, it will be ignored for other schedulers.
-        # eta corresponds to η in DDIM paper: https://huggingface.co/papers/2010.02502
-        # and should be between [0, 1]
-
-        accepts_eta = "eta" in set(inspect.signature(self.scheduler.step).parameters.keys())
-        extra_step_kwargs = {}
-        if accepts_eta:
-            extra_step_kwargs["eta"] = eta
-
-        # check if the scheduler accepts generator
-        accepts_generator = "generator" in set(inspect.signature(self.scheduler.step).parameters.keys())
-        if accepts_generator:
-            extra_step_kwargs["generator"] = generator
-        return extra_step_kwargs
-
-    def check_inputs(
-        self,
-        prompt,
-        height,
-        width,
-        num_inference_steps,
-        num_images_per_prompt=1,
         negative_prompt=None,
         prompt_embeds=None,
         negative_prompt_embeds=None,
-        latents=None,
+        num_inference_steps=None,
+        guidance_scale=None,
+        eta=0.0,
+        num_images_per_prompt=1,
         generator=None,
         output_type="pil",
         clip_skip=None,
         callback_on_step_end_tensor_inputs=None,
-    ):
-        """Raise a `ValueError` naming the argument at the first invalid input, before any model runs."""
-        if height % self.vae_scale_factor != 0 or width % self.vae_scale_factor != 0:
-            raise ValueError(
-                f"`height` and `width` have to be divisible by {self.vae_scale_factor} (the autoencoder's"
-                f" downsampling factor) but are {height} and {width}."
-            )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        guidance_rescale=0.0,
+    ) -> int:
+        """Raise a `ValueError` naming the argument at the first invalid input, before any model runs; return the
+        number of prompts. `num_inference_steps=None` is not checked (custom `timesteps` or `sigmas` give the count).
+
+        Ranges: `num_inference_steps` a positive integer (not a bool); `guidance_scale` finite and >= 0 (guidance is
+        on above 1); `guidance_rescale` and `eta` (DDIM's η: 0 deterministic, 1 DDPM-like) in [0, 1].
+        """
+        if num_inference_steps is not None and not _is_positive_int(num_inference_steps):
             raise ValueError(f"`num_inference_steps` has to be a positive integer but is {num_inference_steps!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(
-                f"`num_images_per_prompt` has to be a positive integer but is {num_images_per_prompt!r}."
-            )
+        if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"`guidance_scale` has to be a finite number >= 0 (1: no guidance) but is {guidance_scale!r}.")
+        for name, value in (("eta", eta), ("guidance_rescale", guidance_rescale)):
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise ValueError(f"`{name}` has to be a number in [0, 1] but is {value!r}.")
+        if not _is_positive_int(num_images_per_prompt):
+            raise ValueError(f"`num_images_per_prompt` has to be a positive integer but is {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` has to be one of {OUTPUT_TYPES} but is {output_type!r}.")
-        if clip_skip is not None and (not isinstance(clip_skip, int) or clip_skip < 0):
+        if clip_skip is not None and (not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or clip_skip < 0):
             raise ValueError(f"`clip_skip` has to be a non-negative integer or None but is {clip_skip!r}.")
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found"
-                f" {[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
-            )
+        unknown = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found {unknown}")
 
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        elif prompt is None and prompt_embeds is None:
+        if prompt is None and prompt_embeds is None:
             raise ValueError("Provide either `prompt` or `prompt_embeds`.")
-        elif prompt is not None and not (
+        if prompt is not None and not (
             isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
         ):
             raise ValueError(f"`prompt` has to be a string or a non-empty list of strings but is {prompt!r}.")
@@ -369,9 +215,7 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             if not isinstance(negative_prompt, list) or not all(isinstance(p, str) for p in negative_prompt):
-                raise ValueError(
-                    f"`negative_prompt` has to be a string or a list of strings but is {negative_prompt!r}."
-                )
+                raise ValueError(f"`negative_prompt` has to be a string or a list of strings but is {negative_prompt!r}.")
             if len(negative_prompt) != batch_size:
                 raise ValueError(
                     f"`negative_prompt` has {len(negative_prompt)} entries but the prompt batch has {batch_size};"
@@ -384,39 +228,30 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
                     f" got: `prompt_embeds` {tuple(prompt_embeds.shape)} != `negative_prompt_embeds`"
                     f" {tuple(negative_prompt_embeds.shape)}."
                 )
-
         num_images = batch_size * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != num_images:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators, but {num_images} images are requested"
                 f" ({batch_size} prompts x {num_images_per_prompt} images per prompt); pass one per image."
             )
-        if latents is not None:
-            expected = (
-                num_images,
-                self.unet.config.in_channels,
-                height // self.vae_scale_factor,
-                width // self.vae_scale_factor,
+        return batch_size
+
+    def check_size(self, height, width) -> None:
+        """`height` and `width` have to be positive multiples of `vae_scale_factor`."""
+        f = self.vae_scale_factor
+        if not all(_is_positive_int(size) and size % f == 0 for size in (height, width)):
+            raise ValueError(
+                f"`height` and `width` have to be divisible by {f} (the autoencoder's downsampling factor) and"
+                f" positive, but are {height!r} and {width!r}."
             )
+
+    def check_latents(self, latents, num_images: int, height: int, width: int, channels: int | None = None) -> None:
+        """Check the shape of user-given noise `latents` for `num_images` outputs of `height` x `width` pixels."""
+        if latents is not None:
+            f = self.vae_scale_factor
+            expected = (num_images, channels or self.latent_channels, height // f, width // f)
             if tuple(latents.shape) != expected:
                 raise ValueError(f"`latents` has to have shape {expected} but has {tuple(latents.shape)}.")
-
-    def prepare_latents(self, batch_size, num_channels_latents, height, width, dtype, device, generator, latents=None):
-        """The initial noise x_T, scaled by the scheduler's `init_noise_sigma` (as in `StableDiffusionPipeline`)."""
-        shape = (
-            batch_size,
-            num_channels_latents,
-            int(height) // self.vae_scale_factor,
-            int(width) // self.vae_scale_factor,
-        )
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            latents = latents.to(device=device, dtype=dtype)
-
-        # scale the initial noise by the standard deviation required by the scheduler
-        latents = latents * self.scheduler.init_noise_sigma
-        return latents
 
     def check_timesteps(self, num_inference_steps: int) -> None:
         """Raise a `ValueError` when the scheduler's timesteps (after `set_timesteps`) reach past the training ones.
@@ -435,6 +270,106 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
                 "(Scheduler.from_config(config, steps_offset=0))"
             )
 
+    # ------------------------------------------------------------------------------------------------
+    # Text, latents and pixels
+    # ------------------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """Stable Diffusion's `encode_prompt` (LoRA scale, textual inversion), with three differences: one
+        `negative_prompt` string applies to every prompt; `clip_skip` works with any text encoder that returns its
+        hidden states and has a final layer norm (Diffusers reads `text_encoder.text_model`, which transformers 5's
+        `CLIPTextModel` no longer has); and the negative prompt is read at the same layer as the prompt, so that
+        guidance contrasts two embeddings of one kind."""
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, str) and not isinstance(prompt, str):
+            negative_prompt = [negative_prompt] * batch_size
+        if prompt_embeds is None:
+            self._warn_if_truncated(prompt)
+        if clip_skip is not None:
+            if prompt_embeds is None:
+                prompt_embeds = self._encode_text(prompt, device, clip_skip)
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                negative = negative_prompt if negative_prompt is not None else [""] * batch_size
+                negative_prompt_embeds = self._encode_text(negative, device, clip_skip)
+                negative_prompt = None
+        return super().encode_prompt(
+            prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
+        )  # fmt: skip
+
+    def _warn_if_truncated(self, prompt) -> None:
+        # Diffusers warns too, on its own logger, which does not propagate to Python's root logger.
+        limit = self.tokenizer.model_max_length
+        for text in [prompt] if isinstance(prompt, str) else prompt:
+            ids = self.tokenizer(text, truncation=False).input_ids
+            if len(ids) > limit:
+                dropped = self.tokenizer.decode(ids[limit - 1 : -1])
+                logger.warning(f"`prompt` was truncated: the text encoder reads at most {limit} tokens; dropped: {dropped}")
+
+    def _encode_text(self, text, device, clip_skip: int) -> torch.Tensor:
+        if isinstance(self, TextualInversionLoaderMixin):
+            text = self.maybe_convert_prompt(text, self.tokenizer)
+        inputs = self.tokenizer(
+            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        return self._encode_token_ids(inputs.input_ids, inputs.attention_mask, device, clip_skip)
+
+    def _encode_token_ids(self, input_ids, attention_mask, device, clip_skip: int) -> torch.Tensor:
+        """Hidden states `clip_skip` layers before the last, through the final layer norm (as the last one is).
+
+        Needs `output_hidden_states=True` and the final layer norm as `text_model.final_layer_norm` or
+        `final_layer_norm`.
+        """
+        encoder_kwargs = {}
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            encoder_kwargs["attention_mask"] = attention_mask.to(device)
+        name = type(self.text_encoder).__name__
+        final_layer_norm = getattr(getattr(self.text_encoder, "text_model", None), "final_layer_norm", None)
+        final_layer_norm = final_layer_norm or getattr(self.text_encoder, "final_layer_norm", None)
+        if final_layer_norm is None:
+            raise ValueError(
+                f"`clip_skip`: the text encoder {name} exposes no final layer norm (`text_model.final_layer_norm` or"
+                " `final_layer_norm`), so intermediate layers cannot be used; leave `clip_skip=None`"
+            )
+        outputs = self.text_encoder(input_ids.to(device), output_hidden_states=True, **encoder_kwargs)
+        hidden_states = getattr(outputs, "hidden_states", None)
+        if hidden_states is None:
+            raise ValueError(
+                f"`clip_skip`: the text encoder {name} returned no hidden states for `output_hidden_states=True`;"
+                " leave `clip_skip=None`"
+            )
+        if clip_skip + 1 > len(hidden_states):
+            raise ValueError(f"`clip_skip`={clip_skip} skips more layers than the text encoder has ({len(hidden_states) - 1})")
+        return final_layer_norm(hidden_states[-(clip_skip + 1)])
+
+    def encode_image_to_latents(self, image: torch.Tensor, generator=None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents z_0 = (E(x) - shift) * scale; a pixel-space pipeline keeps the image.
+
+        With a list of generators, image `i` is encoded with `generator[i]`.
+        """
+        if self.vae is None:
+            return image
+        image = image.to(self.vae.dtype)
+        if isinstance(generator, list):
+            latents = torch.cat(
+                [self.vae.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(image.shape[0])]
+            )
+        else:
+            latents = self.vae.encode(image).latent_dist.sample(generator)
+        shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift_factor) * self.vae.config.scaling_factor
+
     def decode_latents_to_image(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
         """Latents -> images in [-1, 1] (`B x 3 x H x W`): undo the latent scale and shift, then decode.
 
@@ -446,252 +381,89 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
         latents = latents / self.vae.config.scaling_factor + shift_factor
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[0]
 
-    def default_height_width(self) -> tuple[int, int]:
-        """The size the U-Net was built for: `unet.config.sample_size` times the autoencoder's factor."""
-        sample_size = self.unet.config.sample_size
-        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-        return height * self.vae_scale_factor, width * self.vae_scale_factor
-
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
-    @property
-    def guidance_rescale(self):
-        return self._guidance_rescale
-
-    @property
-    def clip_skip(self):
-        return self._clip_skip
-
-    # `guidance_scale` is the guidance weight w of equation (2) of the Imagen paper
-    # (https://huggingface.co/papers/2205.11487): `guidance_scale = 1` means no classifier-free guidance.
-    @property
-    def do_classifier_free_guidance(self):
-        return self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self):
-        return self._num_timesteps
-
-    @property
-    def interrupt(self):
-        return self._interrupt
-
     @torch.no_grad()
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        num_images_per_prompt: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        eta: float = 0.0,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
-        guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
-    ) -> LatentPipelineOutput | tuple:
-        r"""
-        Generate images from text.
+    def __call__(self, *args, **kwargs) -> LatentPipelineOutput | tuple:
+        r"""The Diffusers pipeline's own `__call__` (the same arguments: see its documentation), with these
+        differences, written once for every pipeline built on one:
 
-        Args:
-            prompt (`str` or `list[str]`, *optional*):
-                The prompt or prompts to guide image generation. If not defined, pass `prompt_embeds`.
-            negative_prompt (`str` or `list[str]`, *optional*):
-                What to guide away from: one string for every prompt, or one per prompt. Ignored without
-                guidance (`guidance_scale <= 1`).
-            height (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
-                The height in pixels of the generated image; a multiple of `vae_scale_factor`.
-            width (`int`, *optional*, defaults to `self.unet.config.sample_size * self.vae_scale_factor`):
-                The width in pixels of the generated image; a multiple of `vae_scale_factor`.
-            num_inference_steps (`int`, *optional*, defaults to 50):
-                The number of denoising steps (at least 1).
-            guidance_scale (`float`, *optional*, defaults to 7.5):
-                Classifier-free guidance weight w (Ho & Salimans 2022): `eps = eps_uncond + w (eps_text -
-                eps_uncond)`. Guidance is on when `guidance_scale > 1`.
-            num_images_per_prompt (`int`, *optional*, defaults to 1):
-                The number of images to generate per prompt.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                Generator(s) for the initial noise (and stochastic schedulers), one per image when a list.
-            latents (`torch.Tensor`, *optional*):
-                Pre-generated initial noise of shape `(batch, unet.in_channels, height / f, width / f)`,
-                unscaled (the scheduler's `init_noise_sigma` is applied here).
-            prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated text embeddings, instead of `prompt`.
-            negative_prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated negative text embeddings, instead of `negative_prompt`.
-            eta (`float`, *optional*, defaults to 0.0):
-                The η of the DDIM paper (Song et al. 2021): 0 is deterministic DDIM. Only used by `DDIMScheduler`.
-            output_type (`str`, *optional*, defaults to `"pil"`):
-                `"pil"`, `"np"`, `"pt"` or `"latent"`.
-            return_dict (`bool`, *optional*, defaults to `True`):
-                Return a [`LatentPipelineOutput`] instead of a plain tuple.
-            callback_on_step_end (`Callable`, `PipelineCallback`, `MultiPipelineCallbacks`, *optional*):
-                Called at the end of each denoising step as `callback_on_step_end(self, step, timestep,
-                callback_kwargs)`; may return replacements for the tensors in `callback_kwargs`.
-            callback_on_step_end_tensor_inputs (`list`, *optional*):
-                The tensors passed to `callback_on_step_end`, from `self._callback_tensor_inputs`.
-            guidance_rescale (`float`, *optional*, defaults to 0.0):
-                Guidance rescale factor φ of Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
-                are Flawed", Sec. 3.4; for models trained with zero terminal SNR.
-            clip_skip (`int`, *optional*):
-                Number of final text-encoder layers to skip (1: use the pre-final layer).
-
-        Examples:
-
-        Returns:
-            [`LatentPipelineOutput`] or `tuple`: the images, as `LatentPipelineOutput(images=...)` or `(images,)`.
+        * `num_inference_steps` and `guidance_scale`, when not given, are the model's saved sampling defaults
+          (`self.sampling_defaults`, from `latentdiff.json`), else the Diffusers pipeline's own (50 and 7.5);
+        * every argument is checked before any model runs (`check_sampling_inputs`, `check_call_inputs`): sizes are
+          multiples of `vae_scale_factor` (1 in pixel space), not of 8; `eta` (DDIM's η) is in [0, 1];
+        * the latents are decoded here, with the autoencoder's `shift_factor` or none in pixel space;
+        * the result is a [`LatentPipelineOutput`] (there is no safety checker), or `(images,)`.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-
-        # 0. Default height and width to unet
-        if not height or not width:
-            default_height, default_width = self.default_height_width()
-            height, width = height or default_height, width or default_width
-
-        # 1. Check inputs. Raise error if not correct
-        self.check_inputs(
-            prompt,
-            height,
-            width,
-            num_inference_steps,
-            num_images_per_prompt,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            latents,
-            generator,
-            output_type,
-            clip_skip,
-            callback_on_step_end_tensor_inputs,
-        )
-
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._interrupt = False
-
-        # 2. Define call parameters
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-
-        device = self._execution_device
-
-        # 3. Encode input prompt
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            clip_skip=self.clip_skip,
-        )
-
-        # For classifier free guidance, we need to do two forward passes.
-        # Here we concatenate the unconditional and text embeddings into a single batch
-        # to avoid doing two forward passes
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-
-        # 4. Prepare timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self.check_timesteps(num_inference_steps)
-        timesteps = self.scheduler.timesteps
-
-        # 5. Prepare latent variables
-        num_channels_latents = self.unet.config.in_channels
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt,
-            num_channels_latents,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
-
-        # 6. Prepare extra step kwargs.
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
-
-        # 7. Denoising loop
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-
-                # expand the latents if we are doing classifier free guidance
-                latent_model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
-
-                # predict the noise residual
-                noise_pred = self.unet(
-                    latent_model_input,
-                    t,
-                    encoder_hidden_states=prompt_embeds,
-                    return_dict=False,
-                )[0]
-
-                # perform guidance
-                if self.do_classifier_free_guidance:
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
-
-                if self.do_classifier_free_guidance and self.guidance_rescale > 0.0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
-
-                # compute the previous noisy sample x_t -> x_t-1
-                latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    callback_kwargs = {}
-                    for k in callback_on_step_end_tensor_inputs:
-                        callback_kwargs[k] = locals()[k]
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
-
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-
+        diffusers_call = next(base for base in type(self).__mro__ if base.__module__.startswith("diffusers.")).__call__
+        call = inspect.signature(diffusers_call).bind(self, *args, **kwargs)
+        given = dict(call.arguments)
+        unknown = sorted(set(given.get("kwargs", {})) - {"callback", "callback_steps"})  # Diffusers' would ignore them
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__call__() got unexpected keyword arguments {unknown}")
+        call.apply_defaults()
+        arguments = call.arguments
+        for name in ("num_inference_steps", "guidance_scale"):
+            arguments[name] = self.sampling_default(name, given.get(name))
+        custom_schedule = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
+        if custom_schedule:  # the step count comes from the schedule
+            arguments["num_inference_steps"] = None
+        # 1. Check inputs, before any model runs
+        self.check_all_inputs(arguments)
+        if not custom_schedule:
+            self.scheduler.set_timesteps(arguments["num_inference_steps"])
+            self.check_timesteps(arguments["num_inference_steps"])
+        # 2-7. The Diffusers pipeline's own steps, up to the latents
+        output_type, return_dict = arguments["output_type"], arguments["return_dict"]
+        arguments.update(output_type="latent", return_dict=True)
+        latents = diffusers_call(*call.args, **call.kwargs).images
         # 8. Decode
         if output_type == "latent":
             image = latents
         else:
-            image = self.decode_latents_to_image(latents, generator=generator)
-        image = self.image_processor.postprocess(image, output_type=output_type)
-
-        # Offload all models
+            image = self.decode_latents_to_image(latents, generator=arguments["generator"])
+            image = self.image_processor.postprocess(image, output_type=output_type)
         self.maybe_free_model_hooks()
+        return LatentPipelineOutput(images=image) if return_dict else (image,)
 
-        if not return_dict:
-            return (image,)
+    def check_all_inputs(self, arguments: dict) -> int:
+        """Check a call's arguments (by name): `check_sampling_inputs`, then `check_call_inputs`; return the number of
+        prompts."""
+        checked = inspect.signature(self.check_sampling_inputs).parameters
+        batch_size = self.check_sampling_inputs(**{name: arguments[name] for name in checked if name in arguments})
+        self.check_call_inputs(arguments, batch_size)
+        return batch_size
 
-        return LatentPipelineOutput(images=image)
+    def check_call_inputs(self, arguments: dict, batch_size: int) -> None:
+        """The checks of one pipeline's own arguments (`arguments`: the call's, by name), after `check_sampling_inputs`."""
+
+
+class LatentPipeline(LatentDiffusionMixin, StableDiffusionPipeline):
+    r"""Text-to-image generation with a latent diffusion model (or a pixel-space one when `vae` is `None`).
+
+    A [`StableDiffusionPipeline`] (every argument and loader of it) with what [`LatentDiffusionMixin`] adds:
+    pixel space, the model's saved sampling defaults, stricter input checks, safetensors-only loading, a model
+    card and `push_to_hub` ([`~latentdiff.hub.PipelineHubMixin`]); and :meth:`interpolate`.
+
+    Examples:
+        ```py
+        >>> from latentdiff import LatentPipeline
+
+        >>> pipe = LatentPipeline.from_pretrained("runs/shapes/pipeline")
+        >>> image = pipe("a red circle at the top left").images[0]  # the model's own steps and guidance
+        >>> image.save("circle.png")
+        ```
+    """
+
+    def check_inputs(self, prompt, height, width, *args, **kwargs):
+        # Stable Diffusion's own checks (IP-Adapter arguments among them) but for the size, which it wants a multiple
+        # of 8; here it is checked against the autoencoder's factor (1 in pixel space) by `check_sampling_inputs`.
+        super().check_inputs(prompt, 0, 0, *args, **kwargs)
+
+    def check_call_inputs(self, arguments: dict, batch_size: int) -> None:
+        default_height, default_width = self.default_height_width()
+        height, width = arguments["height"] or default_height, arguments["width"] or default_width
+        self.check_size(height, width)
+        num_images = batch_size * arguments["num_images_per_prompt"]
+        self.check_latents(arguments["latents"], num_images, height, width, self.unet.config.in_channels)
 
     @torch.no_grad()
     def interpolate(
@@ -704,8 +476,8 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         batch_size: int = 8,
         output_type: str = "pil",
     ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
@@ -720,14 +492,9 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
         The first frame equals `self(prompt, generator=torch.Generator().manual_seed(seed_a), ...)` under
         `DDIMScheduler`, the last the same for `seed_b`.
 
-        Args:
-            prompt (`str`): The prompt of every frame.
-            seed_a (`int`), seed_b (`int`): The seeds of the first and the last frame.
-            num_frames (`int`, defaults to 8): The number of frames, both ends included (at least 2).
-            batch_size (`int`, defaults to 8): Frames denoised per pipeline call.
-            negative_prompt, height, width, num_inference_steps, guidance_scale: as in `__call__`.
-            output_type (`str`, defaults to `"pil"`): `"pil"` (a list of images), `"np"` or `"pt"` (one stacked
-                array / tensor, frames first).
+        `num_frames` counts both ends (at least 2); `batch_size` frames are denoised per pipeline call; `output_type`
+        is `"pil"` (a list of images), `"np"` or `"pt"` (one stacked array / tensor, frames first); the other
+        arguments are those of `__call__`.
 
         Returns:
             The `num_frames` frames, in order.
@@ -739,15 +506,17 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
                 raise ValueError(f"`{name}` has to be an integer seed but is {seed!r}.")
         if not isinstance(num_frames, int) or num_frames < 2:
             raise ValueError(f"`num_frames` has to be an integer >= 2 but is {num_frames!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not _is_positive_int(batch_size):
             raise ValueError(f"`batch_size` has to be a positive integer but is {batch_size!r}.")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` has to be one of ('pil', 'np', 'pt') but is {output_type!r}.")
-        if not height or not width:
-            default_height, default_width = self.default_height_width()
-            height, width = height or default_height, width or default_width
+        num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
+        guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
+        default_height, default_width = self.default_height_width()
+        height, width = height or default_height, width or default_width
         # Fail on a bad size or step count before any noise is drawn.
-        self.check_inputs(prompt, height, width, num_inference_steps, negative_prompt=negative_prompt)
+        self.check_sampling_inputs(prompt, negative_prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        self.check_size(height, width)
 
         device = self._execution_device
         dtype = self.text_encoder.dtype  # the dtype `__call__` draws its noise in (that of the prompt embeddings)
@@ -755,8 +524,7 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
         # The same draw as `prepare_latents` makes for a one-image call with a seeded CPU generator.
         noise_a = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed_a), device=device, dtype=dtype)
         noise_b = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed_b), device=device, dtype=dtype)
-        fractions = [index / (num_frames - 1) for index in range(num_frames)]
-        noises = torch.cat([slerp(fraction, noise_a, noise_b) for fraction in fractions])
+        noises = torch.cat([slerp(index / (num_frames - 1), noise_a, noise_b) for index in range(num_frames)])
 
         original_scheduler = self.scheduler
         self.scheduler = DDIMScheduler.from_config(original_scheduler.config)
@@ -764,20 +532,12 @@ class LatentPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
             frames = []
             for start in range(0, num_frames, batch_size):
                 chunk = noises[start : start + batch_size]
-                frames.append(
-                    self(
-                        prompt,
-                        negative_prompt=negative_prompt,
-                        height=height,
-                        width=width,
-                        num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale,
-                        num_images_per_prompt=len(chunk),
-                        latents=chunk,
-                        eta=0.0,
-                        output_type=output_type,
-                    ).images
-                )
+                frame = self(
+                    prompt, negative_prompt=negative_prompt, height=height, width=width, eta=0.0, latents=chunk,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    num_images_per_prompt=len(chunk), output_type=output_type,
+                )  # fmt: skip
+                frames.append(frame.images)
         finally:
             self.scheduler = original_scheduler
 

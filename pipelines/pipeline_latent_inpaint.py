@@ -24,60 +24,37 @@ The white part of a mask is repainted under a prompt; the black part is kept. Tw
 
 In every case the decoded image is pasted onto the input under the full-resolution mask, so the
 pixels outside the mask are the input's, exactly (``feather`` widens the pasted edge into a
-linear ramp outside the mask; pixels farther than ``feather`` from the mask stay exact). It takes
-the components of :class:`~latentdiff.pipelines.LatentPipeline`: ``LatentInpaintPipeline(**pipe.components)``
-and ``LatentInpaintPipeline.from_pipe(pipe)`` share its weights.
+linear ramp outside the mask; pixels farther than ``feather`` from the mask stay exact). It is a
+``diffusers.StableDiffusionInpaintPipeline`` (its loaders: LoRA, textual inversion, ...) with what
+:class:`~latentdiff.pipelines.pipeline_latent.LatentDiffusionMixin` adds, and its own denoising loop for the
+resampling; with jump_n_sample=1 and a 4- or 9-channel U-Net it gives Diffusers' latents. It takes the
+components of :class:`~latentdiff.pipelines.LatentPipeline` (``LatentInpaintPipeline.from_pipe(pipe)``).
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
-    DiffusionPipeline,
     DPMSolverMultistepScheduler,
-    ModelMixin,
     RePaintScheduler,
-    UNet2DConditionModel,
+    StableDiffusionInpaintPipeline,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
-from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
-from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils import logging, replace_example_docstring
+from diffusers.image_processor import PipelineImageInput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 from scipy import ndimage
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from latentdiff.hub import PipelineHubMixin
-
-from .pipeline_latent import OUTPUT_TYPES, LatentPipelineOutput
-
-logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
-
-EXAMPLE_DOC_STRING = """
-    Examples:
-        ```py
-        >>> from PIL import Image
-        >>> from latentdiff import LatentInpaintPipeline
-
-        >>> pipe = LatentInpaintPipeline.from_pretrained("runs/shapes/pipeline")
-        >>> image = Image.open("scene.png").convert("RGB")
-        >>> mask = Image.open("mask.png")  # white: repaint, black: keep
-        >>> result = pipe(
-        ...     "a blue square at the top left", image=image, mask_image=mask, jump_length=5, jump_n_sample=3
-        ... ).images[0]
-        ```
-"""
+from .pipeline_latent import LatentDiffusionMixin, LatentPipelineOutput, _is_number, _is_positive_int
+from .pipeline_latent_img2img import check_image_input
 
 #: A mask value (in [0, 1], after conversion to one channel) at or above this is repainted.
 MASK_THRESHOLD = 0.5
@@ -86,52 +63,6 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 #: Schedulers that RePaint resampling can jump back in (see `LatentInpaintPipeline.check_inputs`).
 RESAMPLING_SCHEDULERS = (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler)
 
-
-# Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion.rescale_noise_cfg
-def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale=0.0):
-    r"""
-    Rescales `noise_cfg` tensor based on `guidance_rescale` to improve image quality and fix overexposure. Based on
-    Section 3.4 from [Common Diffusion Noise Schedules and Sample Steps are
-    Flawed](https://huggingface.co/papers/2305.08891).
-    """
-    std_text = noise_pred_text.std(dim=list(range(1, noise_pred_text.ndim)), keepdim=True)
-    std_cfg = noise_cfg.std(dim=list(range(1, noise_cfg.ndim)), keepdim=True)
-    # rescale the results from guidance (fixes overexposure)
-    noise_pred_rescaled = noise_cfg * (std_text / std_cfg)
-    # mix with the original results from guidance by factor guidance_rescale to avoid "plain looking" images
-    noise_cfg = guidance_rescale * noise_pred_rescaled + (1 - guidance_rescale) * noise_cfg
-    return noise_cfg
-
-
-# Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.retrieve_latents
-def retrieve_latents(
-    encoder_output: torch.Tensor, generator: torch.Generator | None = None, sample_mode: str = "sample"
-):
-    if hasattr(encoder_output, "latent_dist") and sample_mode == "sample":
-        return encoder_output.latent_dist.sample(generator)
-    elif hasattr(encoder_output, "latent_dist") and sample_mode == "argmax":
-        return encoder_output.latent_dist.mode()
-    elif hasattr(encoder_output, "latents"):
-        return encoder_output.latents
-    else:
-        raise AttributeError("Could not access latents of provided encoder_output")
-
-
-# Copied from latentdiff.pipelines.pipeline_latent_img2img._image_count_and_size
-def _image_count_and_size(image) -> tuple[int, int, int, int | None]:
-    """`(number of images, height, width, channels or None)` of a pipeline image input, without converting it."""
-    items = image if isinstance(image, list) else [image]
-    count, first = 0, items[0]
-    for item in items:
-        count += item.shape[0] if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4 else 1
-    if isinstance(first, PIL.Image.Image):
-        return count, first.height, first.width, None
-    if isinstance(first, np.ndarray):  # (H, W), (H, W, C) or (N, H, W, C)
-        if first.ndim == 2:
-            return count, first.shape[0], first.shape[1], 1
-        return count, first.shape[-3], first.shape[-2], first.shape[-1]
-    # (C, H, W) or (N, C, H, W)
-    return count, first.shape[-2], first.shape[-1], first.shape[-3] if first.ndim >= 3 else 1
 
 
 def repaint_schedule(num_steps: int, jump_length: int = 1, jump_n_sample: int = 1) -> list[int]:
@@ -274,365 +205,36 @@ def feather_alpha(mask: torch.Tensor, feather: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(alphas))[:, None].to(mask.device)
 
 
-class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusionMixin):
-    r"""
-    Text-guided inpainting with any latent text-to-image model (blending with optional RePaint resampling), with
+class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline):
+    r"""Text-guided inpainting with any latent text-to-image model (blending with optional RePaint resampling), with
     a Stable-Diffusion-inpainting-layout U-Net (mask conditioning), or with a pixel-space model (`vae=None`).
 
-    This model inherits from [`DiffusionPipeline`] and [`~latentdiff.hub.PipelineHubMixin`] (safe loading, model
-    card, `push_to_hub`). The components are those of [`~latentdiff.pipelines.LatentPipeline`].
+    Examples:
+        ```py
+        >>> from PIL import Image
+        >>> from latentdiff import LatentInpaintPipeline
 
-    Args:
-        vae ([`AutoencoderKL`] or `None`):
-            Autoencoder between images and latents; `None` for a pixel-space model.
-        text_encoder ([`~transformers.CLIPTextModel`] or a [`ModelMixin`] text tower):
-            Any module whose call on token ids returns the hidden states at index `0`.
-        tokenizer ([`~transformers.CLIPTokenizer`]):
-            Tokenizer of the text encoder.
-        unet ([`UNet2DConditionModel`]):
-            The denoiser: `in_channels` equal to the latent channels (blending), or `2 * latent channels + 1` (an
-            inpainting U-Net: latents, mask and masked-image latents).
-        scheduler ([`SchedulerMixin`]):
-            Any Diffusers scheduler with `add_noise`; RePaint resampling needs `DDIMScheduler`, `DDPMScheduler` or
-            `DPMSolverMultistepScheduler`.
+        >>> pipe = LatentInpaintPipeline.from_pretrained("runs/shapes/pipeline")
+        >>> image = Image.open("scene.png").convert("RGB")
+        >>> mask = Image.open("mask.png")  # white: repaint, black: keep
+        >>> result = pipe("a blue square at the top left", image=image, mask_image=mask, jump_length=5, jump_n_sample=3)
+        ```
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
-    _optional_components = ["vae"]
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
-
-    def __init__(
-        self,
-        vae: AutoencoderKL | None,
-        text_encoder: PreTrainedModel | ModelMixin,
-        tokenizer: PreTrainedTokenizerBase,
-        unet: UNet2DConditionModel,
-        scheduler: KarrasDiffusionSchedulers,
-    ):
-        super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        # The model's own sampling settings (e.g. {"guidance_scale": 4.0}): read by `from_pretrained` from
-        # `latentdiff.json`, written back by `save_pretrained`.
-        self.sampling_defaults: dict = {}
-        # Pixel space (no autoencoder): the "latents" are the image itself, at full size, in [-1, 1].
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self.latent_channels = self.vae.config.latent_channels if self.vae is not None else 3
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        # Input pixels stay in [0, 1] and at their size, so that they can be pasted back exactly.
-        self.pixel_processor = VaeImageProcessor(
-            vae_scale_factor=self.vae_scale_factor, do_resize=False, do_normalize=False
-        )
-
-    # Copied from latentdiff.pipelines.pipeline_latent.LatentPipeline.encode_prompt
-    def encode_prompt(
-        self,
-        prompt,
-        device,
-        num_images_per_prompt,
-        do_classifier_free_guidance,
-        negative_prompt=None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        clip_skip: int | None = None,
-    ):
-        r"""
-        Encodes the prompt into text encoder hidden states (as `StableDiffusionPipeline.encode_prompt`, without LoRA
-        and textual inversion; a single `negative_prompt` string applies to every prompt, and `clip_skip` applies
-        to the negative prompt too).
-
-        Args:
-            prompt (`str` or `list[str]`, *optional*):
-                prompt to be encoded
-            device: (`torch.device`):
-                torch device
-            num_images_per_prompt (`int`):
-                number of images that should be generated per prompt
-            do_classifier_free_guidance (`bool`):
-                whether to use classifier free guidance or not
-            negative_prompt (`str` or `list[str]`, *optional*):
-                The prompt or prompts not to guide the image generation. Ignored when not using guidance.
-            prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated text embeddings. If not provided, they are computed from `prompt`.
-            negative_prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated negative text embeddings. If not provided, they are computed from `negative_prompt`.
-            clip_skip (`int`, *optional*):
-                Number of layers to be skipped from the text encoder: 1 uses the output of the pre-final layer.
-        """
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-
-        if prompt_embeds is None:
-            text_inputs = self.tokenizer(
-                prompt,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            text_input_ids = text_inputs.input_ids
-            untruncated_ids = self.tokenizer(prompt, padding="longest", return_tensors="pt").input_ids
-
-            if untruncated_ids.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(
-                text_input_ids, untruncated_ids
-            ):
-                removed_text = self.tokenizer.batch_decode(
-                    untruncated_ids[:, self.tokenizer.model_max_length - 1 : -1]
-                )
-                logger.warning(
-                    "`prompt` was truncated: the text encoder reads at most"
-                    f" {self.tokenizer.model_max_length} tokens; dropped: {removed_text}"
-                )
-
-            prompt_embeds = self._encode_token_ids(text_input_ids, text_inputs.attention_mask, device, clip_skip)
-
-        if self.text_encoder is not None:
-            prompt_embeds_dtype = self.text_encoder.dtype
-        elif self.unet is not None:
-            prompt_embeds_dtype = self.unet.dtype
-        else:
-            prompt_embeds_dtype = prompt_embeds.dtype
-
-        prompt_embeds = prompt_embeds.to(dtype=prompt_embeds_dtype, device=device)
-
-        bs_embed, seq_len, _ = prompt_embeds.shape
-        # duplicate text embeddings for each generation per prompt, using mps friendly method
-        prompt_embeds = prompt_embeds.repeat(1, num_images_per_prompt, 1)
-        prompt_embeds = prompt_embeds.view(bs_embed * num_images_per_prompt, seq_len, -1)
-
-        # get unconditional embeddings for classifier free guidance
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            if negative_prompt is None:
-                uncond_tokens = [""] * batch_size
-            elif isinstance(negative_prompt, str):
-                uncond_tokens = [negative_prompt] * batch_size
-            else:
-                uncond_tokens = list(negative_prompt)
-
-            max_length = prompt_embeds.shape[1]
-            uncond_input = self.tokenizer(
-                uncond_tokens,
-                padding="max_length",
-                max_length=max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            # Read from the same layer as the prompt (Diffusers reads the last layer here whatever `clip_skip`),
-            # so that guidance contrasts two embeddings of one kind.
-            negative_prompt_embeds = self._encode_token_ids(
-                uncond_input.input_ids, uncond_input.attention_mask, device, clip_skip
-            )
-
-        if do_classifier_free_guidance:
-            # duplicate unconditional embeddings for each generation per prompt, using mps friendly method
-            seq_len = negative_prompt_embeds.shape[1]
-
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype=prompt_embeds_dtype, device=device)
-
-            negative_prompt_embeds = negative_prompt_embeds.repeat(1, num_images_per_prompt, 1)
-            negative_prompt_embeds = negative_prompt_embeds.view(batch_size * num_images_per_prompt, seq_len, -1)
-
-        return prompt_embeds, negative_prompt_embeds
-
-    # Copied from latentdiff.pipelines.pipeline_latent.LatentPipeline._encode_token_ids
-    def _encode_token_ids(self, input_ids, attention_mask, device, clip_skip=None) -> torch.Tensor:
-        """Hidden states of the text encoder for `input_ids`, read through its public call only.
-
-        Any text encoder whose call returns the last hidden states at index 0 works. `clip_skip` also needs
-        `output_hidden_states=True` and the final layer norm as `text_model.final_layer_norm` (CLIP) or
-        `final_layer_norm`.
-        """
-        encoder_kwargs = {}
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            encoder_kwargs["attention_mask"] = attention_mask.to(device)
-        if clip_skip is None:
-            return self.text_encoder(input_ids.to(device), **encoder_kwargs)[0]
-
-        final_layer_norm = getattr(getattr(self.text_encoder, "text_model", None), "final_layer_norm", None)
-        final_layer_norm = final_layer_norm or getattr(self.text_encoder, "final_layer_norm", None)
-        if final_layer_norm is None:
-            raise ValueError(
-                f"`clip_skip`: the text encoder {type(self.text_encoder).__name__} exposes no final layer norm "
-                "(`text_model.final_layer_norm` or `final_layer_norm`), so intermediate layers cannot be used; "
-                "leave `clip_skip=None`"
-            )
-        outputs = self.text_encoder(input_ids.to(device), output_hidden_states=True, **encoder_kwargs)
-        hidden_states = getattr(outputs, "hidden_states", None)
-        if hidden_states is None:
-            raise ValueError(
-                f"`clip_skip`: the text encoder {type(self.text_encoder).__name__} returned no hidden states "
-                "for `output_hidden_states=True`; leave `clip_skip=None`"
-            )
-        if clip_skip + 1 > len(hidden_states):
-            raise ValueError(
-                f"`clip_skip`={clip_skip} skips more layers than the text encoder has ({len(hidden_states) - 1})"
-            )
-        # The last hidden state passes through the final layer norm; an earlier one must too.
-        return final_layer_norm(hidden_states[-(clip_skip + 1)])
-
-    # Copied from latentdiff.pipelines.pipeline_latent.LatentPipeline.prepare_extra_step_kwargs
-    def prepare_extra_step_kwargs(self, generator, eta):
-        # prepare extra kwargs for the scheduler step, since not all schedulers have the same signature
-        # eta (η) is only used with the DDIMScheduler, it will be ignored for other schedulers.
-        # eta corresponds to η in DDIM paper: https://huggingface.co/papers/2010.02502
-        # and should be between [0, 1]
-
-        accepts_eta = "eta" in set(inspect.signature(self.scheduler.step).parameters.keys())
-        extra_step_kwargs = {}
-        if accepts_eta:
-            extra_step_kwargs["eta"] = eta
-
-        # check if the scheduler accepts generator
-        accepts_generator = "generator" in set(inspect.signature(self.scheduler.step).parameters.keys())
-        if accepts_generator:
-            extra_step_kwargs["generator"] = generator
-        return extra_step_kwargs
-
-    def check_inputs(
-        self,
-        prompt,
-        image,
-        mask_image,
-        strength,
-        num_inference_steps,
-        jump_length=1,
-        jump_n_sample=1,
-        feather=0,
-        mask_threshold=MASK_THRESHOLD,
-        num_images_per_prompt=1,
-        negative_prompt=None,
-        prompt_embeds=None,
-        negative_prompt_embeds=None,
-        latents=None,
-        generator=None,
-        output_type="pil",
-        clip_skip=None,
-        callback_on_step_end_tensor_inputs=None,
-    ):
-        """Raise a `ValueError` naming the argument at the first invalid input, before any model runs."""
-        batch_size = self.check_sampling_inputs(
-            prompt,
-            strength,
-            num_inference_steps,
-            jump_length,
-            jump_n_sample,
-            feather,
-            num_images_per_prompt,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            generator,
-            output_type,
-            clip_skip,
-            callback_on_step_end_tensor_inputs,
-        )
-        height, width = self.check_image(image, batch_size)
-
-        # The mask: converted by the documented rules, then of the image's size.
-        if mask_image is None:
-            raise ValueError("`mask_image` is required: white (1) where to repaint, black (0) where to keep.")
-        mask = mask_to_tensor(mask_image, mask_threshold)
-        if mask.shape[0] not in (1, batch_size):
-            raise ValueError(
-                f"`mask_image` holds {mask.shape[0]} masks but the prompt batch has {batch_size}; pass one mask, or"
-                " one per prompt."
-            )
-        if tuple(mask.shape[-2:]) != (height, width):
-            raise ValueError(
-                f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]} (HxW) but `image` is {height}x{width}; the mask"
-                " has to cover the image pixel for pixel."
-            )
-        self.check_latents(latents, batch_size * num_images_per_prompt, height, width)
-
-    def check_sampling_inputs(
-        self,
-        prompt,
-        strength,
-        num_inference_steps,
-        jump_length=1,
-        jump_n_sample=1,
-        feather=0,
-        num_images_per_prompt=1,
-        negative_prompt=None,
-        prompt_embeds=None,
-        negative_prompt_embeds=None,
-        generator=None,
-        output_type="pil",
-        clip_skip=None,
-        callback_on_step_end_tensor_inputs=None,
-    ) -> int:
-        """Check everything but the image, the mask and `latents` (the prompts, the sampling and RePaint arguments,
-        and that the U-Net's input channels suit inpainting); return the number of prompts."""
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+    def check_call_inputs(self, arguments: dict, batch_size: int) -> None:
+        """`strength` in (0, 1], the RePaint arguments and scheduler, the U-Net's channels, the image and the mask."""
+        strength, num_inference_steps = arguments["strength"], arguments["num_inference_steps"]
+        feather, jump_length, jump_n_sample = arguments["feather"], arguments["jump_length"], arguments["jump_n_sample"]
+        if not _is_number(strength) or not 0 < strength <= 1:
             raise ValueError(f"`strength` has to be a number in (0.0, 1.0] but is {strength!r}.")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` has to be a positive integer but is {num_inference_steps!r}.")
         num_steps = min(int(num_inference_steps * strength), num_inference_steps)
         if num_steps < 1:
-            raise ValueError(
-                f"`strength`={strength} of `num_inference_steps`={num_inference_steps} leaves no denoising step;"
-                " raise one of them."
-            )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(
-                f"`num_images_per_prompt` has to be a positive integer but is {num_images_per_prompt!r}."
-            )
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` has to be one of {OUTPUT_TYPES} but is {output_type!r}.")
-        if clip_skip is not None and (not isinstance(clip_skip, int) or clip_skip < 0):
-            raise ValueError(f"`clip_skip` has to be a non-negative integer or None but is {clip_skip!r}.")
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found"
-                f" {[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
-            )
-
-        if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
-        elif prompt is None and prompt_embeds is None:
-            raise ValueError("Provide either `prompt` or `prompt_embeds`.")
-        elif prompt is not None and not (
-            isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt))
-        ):
-            raise ValueError(f"`prompt` has to be a string or a non-empty list of strings but is {prompt!r}.")
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
-
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            if not isinstance(negative_prompt, list) or not all(isinstance(p, str) for p in negative_prompt):
-                raise ValueError(
-                    f"`negative_prompt` has to be a string or a list of strings but is {negative_prompt!r}."
-                )
-            if len(negative_prompt) != batch_size:
-                raise ValueError(
-                    f"`negative_prompt` has {len(negative_prompt)} entries but the prompt batch has {batch_size};"
-                    " pass one negative prompt per prompt, or a single string for all of them."
-                )
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(
-                    "`prompt_embeds` and `negative_prompt_embeds` must have the same shape when passed directly, but"
-                    f" got: `prompt_embeds` {tuple(prompt_embeds.shape)} != `negative_prompt_embeds`"
-                    f" {tuple(negative_prompt_embeds.shape)}."
-                )
-
-        num_images = batch_size * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(
-                f"`generator` is a list of {len(generator)} generators, but {num_images} images are requested"
-                f" ({batch_size} prompts x {num_images_per_prompt} images per prompt); pass one per image."
-            )
-
-        if isinstance(feather, bool) or not isinstance(feather, int) or feather < 0:
+            message = f"`strength`={strength} of `num_inference_steps`={num_inference_steps} leaves no denoising step"
+            raise ValueError(message + "; raise one of them.")
+        if not _is_positive_int(feather + 1 if _is_number(feather) else feather):
             raise ValueError(f"`feather` has to be a non-negative integer (pixels) but is {feather!r}.")
         for name, value in (("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_positive_int(value):
                 raise ValueError(f"`{name}` has to be a positive integer but is {value!r}.")
         if jump_n_sample > 1:
             if jump_length >= num_steps:
@@ -644,9 +246,7 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
             # there (DPM-Solver's multistep history is cleared by `set_timesteps`, and `set_begin_index` points it at
             # the step), in the variance-preserving parametrization that q(z_t | z_s) is written in. Euler-type
             # samplers work on sigma-scaled latents and PNDM keeps a step counter, so they are refused.
-            if not isinstance(self.scheduler, RESAMPLING_SCHEDULERS) or getattr(
-                self.scheduler.config, "use_flow_sigmas", False
-            ):
+            if not isinstance(self.scheduler, RESAMPLING_SCHEDULERS) or self.scheduler.config.get("use_flow_sigmas"):
                 names = ", ".join(cls.__name__ for cls in RESAMPLING_SCHEDULERS)
                 raise ValueError(
                     f"RePaint resampling (`jump_n_sample` > 1) jumps back up the chain, which works with {names}"
@@ -661,69 +261,32 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
                 f" blending) or {2 * self.latent_channels + 1} (latents, mask and masked-image latents: an"
                 " inpainting U-Net)."
             )
-        return batch_size
+        height, width = self.check_image_and_mask(
+            arguments["image"], arguments["mask_image"], arguments["mask_threshold"], batch_size
+        )
+        self.check_latents(arguments["latents"], batch_size * arguments["num_images_per_prompt"], height, width)
 
-    def check_image(self, image, batch_size: int) -> tuple[int, int]:
-        """Check the input image(s) (one, or one per prompt; RGB; floats in [0, 1]; a multiple of the autoencoder's
-        factor in size) and return their height and width."""
-        if image is None:
-            raise ValueError("`image` is required: the image (or images) to inpaint.")
-        items = image if isinstance(image, list) else [image]
-        if not items or not all(isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)) for item in items):
+    def check_image_and_mask(self, image, mask_image, mask_threshold, batch_size: int) -> tuple[int, int]:
+        """Check the image(s) and the mask(s) (converted by the documented rules, then of the image's size); return
+        the height and width of the output."""
+        height, width, _ = check_image_input(self, image, batch_size)
+        if mask_image is None:
+            raise ValueError("`mask_image` is required: white (1) where to repaint, black (0) where to keep.")
+        mask = mask_to_tensor(mask_image, mask_threshold)
+        if mask.shape[0] not in (1, batch_size):
             raise ValueError(
-                "`image` has to be a PIL image, a numpy array, a torch tensor or a non-empty list of them,"
-                f" but is {type(image).__name__}."
-            )
-        if len({type(item) for item in items}) > 1:
-            raise ValueError("`image` lists have to hold items of one type (all PIL, all numpy or all torch).")
-        image_count, height, width, channels = _image_count_and_size(image)
-        if image_count not in (1, batch_size):
-            raise ValueError(
-                f"`image` holds {image_count} images but the prompt batch has {batch_size}; pass one image, or"
+                f"`mask_image` holds {mask.shape[0]} masks but the prompt batch has {batch_size}; pass one mask, or"
                 " one per prompt."
             )
-        if isinstance(items[0], PIL.Image.Image):
-            if any(item.mode != "RGB" for item in items):
-                modes = sorted({item.mode for item in items})
-                raise ValueError(
-                    f"`image` has to be RGB, got PIL mode(s) {modes}; convert with `image.convert('RGB')`."
-                )
-            if len({item.size for item in items}) > 1:
-                raise ValueError(f"`image` holds images of different sizes {sorted({i.size for i in items})} (WxH).")
-        else:
-            if channels != 3:
-                layout = "last axis" if isinstance(items[0], np.ndarray) else "axis -3"
-                raise ValueError(f"`image` arrays and tensors need 3 (RGB) channels ({layout}), got {channels}.")
-            if any(not (item.dtype.kind == "f" if isinstance(item, np.ndarray) else item.is_floating_point())
-                   for item in items):
-                raise ValueError(
-                    "`image` arrays and tensors hold floats in [0, 1] (divide uint8 pixels by 255), got"
-                    f" {items[0].dtype}."
-                )
-            low, high = min(float(item.min()) for item in items), max(float(item.max()) for item in items)
-            if low < 0 or high > 1:
-                raise ValueError(f"`image` values have to lie in [0, 1], got [{low:g}, {high:g}].")
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+        if tuple(mask.shape[-2:]) != (height, width):
             raise ValueError(
-                f"`image` height and width have to be divisible by {self.vae_scale_factor} (the autoencoder's"
-                f" downsampling factor) but are {height} and {width}."
+                f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]} (HxW) but `image` is {height}x{width}; the mask"
+                " has to cover the image pixel for pixel."
             )
         return height, width
 
-    def check_latents(self, latents, num_images: int, height: int, width: int) -> None:
-        """Check the shape of user-given noise `latents` for `num_images` outputs of `height` x `width` pixels."""
-        if latents is not None:
-            expected = (
-                num_images,
-                self.latent_channels,
-                height // self.vae_scale_factor,
-                width // self.vae_scale_factor,
-            )
-            if tuple(latents.shape) != expected:
-                raise ValueError(f"`latents` has to have shape {expected} but has {tuple(latents.shape)}.")
-
     def preprocess_image_and_mask(
-        self, image: PipelineImageInput, mask_image, mask_threshold: float = MASK_THRESHOLD
+        self, image: PipelineImageInput, mask_image, mask_threshold: float = MASK_THRESHOLD, generator=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The input pixels in [0, 1], `(n, 3, H, W)`, and the binary masks, `(n, 1, H, W)`, with `n` = 1 or the
         number of prompts (a single image or mask serves every prompt). See :func:`mask_to_tensor` for the mask."""
@@ -741,25 +304,6 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
             return tensor
         return torch.cat([tensor[i : i + 1] for i in range(tensor.shape[0]) for _ in range(repeats)])
 
-    # Copied from latentdiff.pipelines.pipeline_latent_img2img.LatentImg2ImgPipeline.encode_image_to_latents
-    def encode_image_to_latents(self, image: torch.Tensor, generator=None) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents z_0 = (E(x) - shift) * scale; a pixel-space pipeline keeps the image.
-
-        With a list of generators, image `i` is encoded with `generator[i]`.
-        """
-        if self.vae is None:
-            return image
-        if isinstance(generator, list):
-            latents = [
-                retrieve_latents(self.vae.encode(image[i : i + 1]), generator=generator[i])
-                for i in range(image.shape[0])
-            ]
-            latents = torch.cat(latents, dim=0)
-        else:
-            latents = retrieve_latents(self.vae.encode(image), generator=generator)
-        shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift_factor) * self.vae.config.scaling_factor
-
     def encode_expanded(self, images: torch.Tensor, num_images: int, generator=None) -> torch.Tensor:
         """Latents of `images` (`1` or one per prompt, in [-1, 1]) for all `num_images` outputs.
 
@@ -769,48 +313,6 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
         if isinstance(generator, list):
             return self.encode_image_to_latents(self._expand(images, num_images), generator)
         return self._expand(self.encode_image_to_latents(images, generator), num_images)
-
-    # Copied from latentdiff.pipelines.pipeline_latent.LatentPipeline.decode_latents_to_image
-    def decode_latents_to_image(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
-        """Latents -> images in [-1, 1] (`B x 3 x H x W`): undo the latent scale and shift, then decode.
-
-        A pixel-space pipeline (`vae=None`) only clamps its samples to [-1, 1].
-        """
-        if self.vae is None:
-            return latents.clamp(-1, 1)
-        shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
-        latents = latents / self.vae.config.scaling_factor + shift_factor
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[0]
-
-    # Copied from latentdiff.pipelines.pipeline_latent.LatentPipeline.check_timesteps
-    def check_timesteps(self, num_inference_steps: int) -> None:
-        """Raise a `ValueError` when the scheduler's timesteps (after `set_timesteps`) reach past the training ones.
-
-        Diffusers' SD-style configs ("leading" spacing, steps_offset=1) give timestep 1000 of 1000 when
-        `num_inference_steps` equals the training steps (diffusers issue #10003); say so before it fails deep inside.
-        """
-        scheduler_config = self.scheduler.config
-        last_timestep = int(self.scheduler.timesteps.max()) if len(self.scheduler.timesteps) else 0
-        if last_timestep >= scheduler_config.num_train_timesteps:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} with this scheduler's timestep_spacing="
-                f"{scheduler_config.get('timestep_spacing')!r} and steps_offset={scheduler_config.get('steps_offset')} "
-                f"reaches timestep {last_timestep}, past the model's {scheduler_config.num_train_timesteps} training "
-                "timesteps; use fewer steps or a scheduler built with steps_offset=0 or timestep_spacing='trailing' "
-                "(Scheduler.from_config(config, steps_offset=0))"
-            )
-
-    # Copied from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img.StableDiffusionImg2ImgPipeline.get_timesteps
-    def get_timesteps(self, num_inference_steps, strength, device):
-        # get the original timestep using init_timestep
-        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-
-        t_start = max(num_inference_steps - init_timestep, 0)
-        timesteps = self.scheduler.timesteps[t_start * self.scheduler.order :]
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(t_start * self.scheduler.order)
-
-        return timesteps, num_inference_steps - t_start
 
     def alpha_bar(self, step_index: int, timestep: torch.Tensor) -> torch.Tensor:
         r"""abar_t of the latent at the scheduler's step `step_index` (timestep `timestep`): the signal variance of
@@ -869,42 +371,15 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
         blended = torch.lerp(pixels, generated, alpha)
         return torch.where(alpha == 0, pixels, torch.where(alpha == 1, generated, blended))
 
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
-    @property
-    def guidance_rescale(self):
-        return self._guidance_rescale
-
-    @property
-    def clip_skip(self):
-        return self._clip_skip
-
-    # `guidance_scale` is the guidance weight w of equation (2) of the Imagen paper
-    # (https://huggingface.co/papers/2205.11487): `guidance_scale = 1` means no classifier-free guidance.
-    @property
-    def do_classifier_free_guidance(self):
-        return self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self):
-        return self._num_timesteps
-
-    @property
-    def interrupt(self):
-        return self._interrupt
-
     @torch.no_grad()
-    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] | None = None,
         image: PipelineImageInput = None,
         mask_image: PipelineImageInput = None,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         jump_length: int = 1,
         jump_n_sample: int = 1,
         strength: float = 1.0,
@@ -918,135 +393,55 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
         eta: float = 0.0,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict]
-        | PipelineCallback
-        | MultiPipelineCallbacks
-        | None = None,
+        callback_on_step_end: PipelineCallback | MultiPipelineCallbacks | Any | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> LatentPipelineOutput | tuple:
-        r"""
-        Repaint the white part of `mask_image` under a prompt; the output equals `image` outside the mask.
+        r"""Repaint the white part of `mask_image` under a prompt; the output equals `image` outside the mask.
 
-        Args:
-            prompt (`str` or `list[str]`, *optional*):
-                The prompt or prompts to guide image generation. If not defined, pass `prompt_embeds`.
-            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
-                The image(s) to inpaint: one for every prompt, or one per prompt. RGB; arrays `(H, W, 3)` and tensors
-                `(3, H, W)` (or batched) hold floats in [0, 1]. Height and width are multiples of `vae_scale_factor`;
-                the output has the same size.
-            mask_image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them):
-                White (1) where to repaint, black (0) where to keep; one mask, or one per prompt, of the image's
-                size. Converted to one channel and thresholded at `mask_threshold` as :func:`mask_to_tensor`
-                documents. For blending, the mask is max-pooled to latent size (a latent cell is generated when any
-                of its pixels is white); an inpainting U-Net gets it nearest-downsampled, as it was trained.
-            negative_prompt (`str` or `list[str]`, *optional*):
-                What to guide away from: one string for every prompt, or one per prompt.
-            num_inference_steps (`int`, *optional*, defaults to 50):
-                The number of denoising steps of the sampler's schedule (RePaint resampling adds U-Net calls; see
-                :func:`repaint_schedule`).
-            guidance_scale (`float`, *optional*, defaults to 7.5):
-                Classifier-free guidance weight w (Ho & Salimans 2022); on when `guidance_scale > 1`.
-            jump_length (`int`, *optional*, defaults to 1):
-                RePaint's j: how many steps each resampling jump goes back up the chain.
-            jump_n_sample (`int`, *optional*, defaults to 1):
-                RePaint's r: how many times each stretch of `jump_length` steps is denoised; 1 is plain blending.
-                More needs `DDIMScheduler`, `DDPMScheduler` or `DPMSolverMultistepScheduler`.
-            strength (`float`, *optional*, defaults to 1.0):
-                In (0, 1]: 1 starts the masked area from pure noise; less starts from the image noised to
-                `strength` x T (SDEdit) and runs the last `int(num_inference_steps * strength)` steps, so the
-                masked area keeps some of its colors and layout.
-            feather (`int`, *optional*, defaults to 0):
-                Width in pixels of the blended edge outside the mask when the result is pasted onto `image` (see
-                :func:`feather_alpha`); pixels farther than this from the mask are the input's, exactly.
-            mask_threshold (`float`, *optional*, defaults to 0.5):
-                Mask values at or above this are repainted.
-            num_images_per_prompt (`int`, *optional*, defaults to 1):
-                The number of images to generate per prompt.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
-                Generator(s) for the encoder's sample, the noise and the resampling jumps, one per image when a list;
-                the result is a function of them.
-            latents (`torch.Tensor`, *optional*):
-                The noise eps of shape `(batch, latent channels, height / f, width / f)`, instead of drawing it: the
-                start of the chain, and the noise of the known region at every step.
-            prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated text embeddings, instead of `prompt`.
-            negative_prompt_embeds (`torch.Tensor`, *optional*):
-                Pre-generated negative text embeddings, instead of `negative_prompt`.
-            eta (`float`, *optional*, defaults to 0.0):
-                The η of the DDIM paper (Song et al. 2021); only used by `DDIMScheduler`.
-            output_type (`str`, *optional*, defaults to `"pil"`):
-                `"pil"`, `"np"`, `"pt"` or `"latent"` (the final latents, before decoding and pasting).
-            return_dict (`bool`, *optional*, defaults to `True`):
-                Return a [`LatentPipelineOutput`] instead of a plain tuple.
-            callback_on_step_end (`Callable`, `PipelineCallback`, `MultiPipelineCallbacks`, *optional*):
-                Called after each U-Net call as `callback_on_step_end(self, call_index, timestep, callback_kwargs)`;
-                may return replacements for the tensors in `callback_kwargs`.
-            callback_on_step_end_tensor_inputs (`list`, *optional*):
-                The tensors passed to `callback_on_step_end`, from `self._callback_tensor_inputs`.
-            guidance_rescale (`float`, *optional*, defaults to 0.0):
-                Guidance rescale factor φ of Lin et al. 2024, Sec. 3.4.
-            clip_skip (`int`, *optional*):
-                Number of final text-encoder layers to skip (1: use the pre-final layer).
-
-        Examples:
-
-        Returns:
-            [`LatentPipelineOutput`] or `tuple`: the images, as `LatentPipelineOutput(images=...)` or `(images,)`.
+        The arguments of `LatentPipeline.__call__` (steps and guidance default to the model's saved ones), and:
+            image: one RGB image for every prompt, or one per prompt (arrays `(H, W, 3)`, tensors `(3, H, W)`, or
+                batched, hold floats in [0, 1]); a multiple of `vae_scale_factor` in size; the output has its size.
+            mask_image: white (1) where to repaint, black (0) where to keep, of the image's size; converted as
+                :func:`mask_to_tensor` documents; max-pooled to latent size for blending (a latent cell is generated
+                when any of its pixels is white), nearest-downsampled for an inpainting U-Net, as it was trained.
+            jump_length, jump_n_sample: RePaint's j and r (:func:`repaint_schedule`); `jump_n_sample=1` is plain
+                blending; more needs `DDIMScheduler`, `DDPMScheduler` or `DPMSolverMultistepScheduler`.
+            strength: in (0, 1]: 1 starts the masked area from pure noise; less from the image noised to
+                `strength` x T (SDEdit), running the last `int(num_inference_steps * strength)` steps.
+            feather: width in pixels of the blended edge outside the mask (:func:`feather_alpha`) when the result
+                is pasted onto `image`; pixels farther than this from the mask are the input's, exactly.
+            mask_threshold: mask values at or above this are repainted.
+            latents: the noise eps `(batch, latent channels, height / f, width / f)`: the start of the chain, and
+                the noise of the known region at every step.
+            output_type: `"latent"` gives the final latents, before decoding and pasting.
+            callback_on_step_end: called after each U-Net call, as `(self, call_index, timestep, callback_kwargs)`.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        # 1. Check inputs. Raise error if not correct
-        self.check_inputs(
-            prompt,
-            image,
-            mask_image,
-            strength,
-            num_inference_steps,
-            jump_length,
-            jump_n_sample,
-            feather,
-            mask_threshold,
-            num_images_per_prompt,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            latents,
-            generator,
-            output_type,
-            clip_skip,
-            callback_on_step_end_tensor_inputs,
-        )
-
+        num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
+        guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
+        # 1. Check inputs, before any model runs
+        batch_size = self.check_all_inputs(locals())
         self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
 
-        # 2. Define call parameters
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
         num_images = batch_size * num_images_per_prompt
 
         device = self._execution_device
 
         # 3. Preprocess image and mask: pixels in [0, 1] and a binary mask, one each, or one per prompt
-        pixels, mask = self.preprocess_image_and_mask(image, mask_image, mask_threshold)
+        pixels, mask = self.preprocess_image_and_mask(image, mask_image, mask_threshold, generator)
         empty = [index for index in range(mask.shape[0]) if not mask[index].any()]
         if empty:
             which = "every mask" if len(empty) == mask.shape[0] else f"the mask(s) at {empty}"
-            warnings.warn(
-                f"`mask_image`: {which} is empty (black everywhere: nothing to repaint), so the input image is"
-                " returned there unchanged.",
-                UserWarning,
-                stacklevel=2,
-            )
+            message = f"`mask_image`: {which} is empty (black everywhere: nothing to repaint), so the input image is"
+            warnings.warn(message + " returned there unchanged.", UserWarning, stacklevel=2)
         pixels, mask = pixels.to(device), mask.to(device)
         if len(empty) == mask.shape[0]:
             if output_type == "latent":  # the image's own latents
@@ -1067,6 +462,7 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
             negative_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=(cross_attention_kwargs or {}).get("scale"),
             clip_skip=self.clip_skip,
         )
         # For classifier free guidance, we need to do two forward passes.
@@ -1144,6 +540,7 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
                     latent_model_input,
                     t,
                     encoder_hidden_states=prompt_embeds,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
                     return_dict=False,
                 )[0]
 
@@ -1152,8 +549,8 @@ class LatentInpaintPipeline(PipelineHubMixin, DiffusionPipeline, StableDiffusion
                     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                     noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
 
-                if self.do_classifier_free_guidance and self.guidance_rescale > 0.0:
-                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=self.guidance_rescale)
+                if self.do_classifier_free_guidance and guidance_rescale > 0.0:
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_pred_text, guidance_rescale=guidance_rescale)
 
                 # compute the previous noisy sample x_t -> x_t-1
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]

@@ -170,6 +170,24 @@ def test_the_page_takes_its_defaults_from_the_model(pipelines):
     assert values["Guidance scale"] == 3.0 and values["Steps"] == STEPS and values["Prompt"] == "a red circle"
 
 
+def test_without_saved_defaults_the_page_starts_where_a_call_would():
+    """No latentdiff.json: Diffusers' defaults, as a pipeline call without steps or guidance, and the
+    sampler the model folder holds."""
+    import inspect
+
+    from diffusers import StableDiffusionPipeline
+
+    from latentdiff import LatentPipeline
+    from latentdiff.demo import DemoPipelines
+    from latentdiff.testing import tiny_components
+
+    pipelines = DemoPipelines.from_pipeline(LatentPipeline(**tiny_components(seed=0)))
+    diffusers_defaults = inspect.signature(StableDiffusionPipeline.__call__).parameters
+    assert pipelines.guidance_scale == diffusers_defaults["guidance_scale"].default == 7.5
+    assert pipelines.num_inference_steps == diffusers_defaults["num_inference_steps"].default == 50
+    assert pipelines.sampler == "ddim"  # tiny_components' DDIMScheduler
+
+
 def test_editor_mask_is_the_painted_pixels():
     image = Image.new("RGB", (8, 6), "red")
     layer = Image.new("RGBA", (8, 6), (0, 0, 0, 0))

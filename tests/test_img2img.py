@@ -3,8 +3,6 @@ component sharing with LatentPipeline. Tiny random components, 2 denoising steps
 
 from __future__ import annotations
 
-import inspect
-import re
 
 import numpy as np
 import PIL.Image
@@ -155,17 +153,3 @@ def test_shares_components_with_the_text_to_image_pipeline(components, tmp_path)
     np.testing.assert_allclose(
         run(loaded, "a red circle", random_image(5)), run(image_to_image, "a red circle", random_image(5)), atol=1e-6
     )
-
-
-def test_copied_methods_match_their_source():
-    """Each `# Copied from latentdiff...` method is the same code as its source (Diffusers' fix-copies rule)."""
-    import latentdiff.pipelines.pipeline_latent as source_module
-    import latentdiff.pipelines.pipeline_latent_img2img as copy_module
-
-    text = inspect.getsource(copy_module)
-    copies = re.findall(r"# Copied from latentdiff\.pipelines\.pipeline_latent\.LatentPipeline\.(\w+)", text)
-    assert copies, "no copied methods found"
-    for name in copies:
-        original = inspect.getsource(getattr(source_module.LatentPipeline, name))
-        copied = inspect.getsource(getattr(copy_module.LatentImg2ImgPipeline, name))
-        assert copied == original, f"LatentImg2ImgPipeline.{name} differs from LatentPipeline.{name}"

@@ -367,27 +367,6 @@ def test_builds_from_a_text_to_image_pipeline_and_loads_its_folder(components, t
     np.testing.assert_allclose(run(loaded, "a circle", image, mask), run(inpaint, "a circle", image, mask), atol=1e-6)
 
 
-def test_copied_code_matches_its_source():
-    """Each `# Copied from latentdiff...` function or method is the same code as its source (Diffusers' fix-copies)."""
-    import importlib
-
-    import latentdiff.pipelines.pipeline_latent_inpaint as module
-
-    text = inspect.getsource(module)
-    copies = re.findall(r"# Copied from latentdiff\.pipelines\.(\w+)\.(\w+)(?:\.(\w+))?", text)
-    assert len(copies) >= 6
-    for source_module, owner, method in copies:
-        source = importlib.import_module(f"latentdiff.pipelines.{source_module}")
-        if method:
-            original, copied = getattr(getattr(source, owner), method), getattr(module.LatentInpaintPipeline, method)
-        else:
-            original, copied = getattr(source, owner), getattr(module, owner)
-        assert inspect.getsource(copied) == inspect.getsource(original), f"{owner}.{method or ''} differs"
-
-
-# --- the seam measure and the benchmark ---------------------------------------------------------------------------
-
-
 def test_seam_measures():
     from latentdiff.inpaint_metrics import border_gradient, mask_border, seam_score
 

@@ -14,7 +14,7 @@ from PIL import Image
 from latentdiff.config import DataConfig
 from latentdiff.data.loading import make_training_dataset
 from latentdiff.trainer.latent_cache import CachedLatentDataset, TextEmbeddingCache, collate_latents, encode_posteriors
-from latentdiff.trainer.train_utils import tokenize
+from latentdiff.trainer.encoding import tokenize
 
 CAPTIONS = ["a red circle", "a blue square", "two green triangles", "a red circle above a blue square", ""]
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from latentdiff.config import ConfigError, config_to_dict, load_config
 from latentdiff.testing import tensorboard_records
-from latentdiff.trainer.train_utils import check_report_to, init_trackers, log_images, make_accelerator, tracker_hyperparameters
+from latentdiff.trainer.loop import check_report_to, init_trackers, log_images, make_accelerator, tracker_hyperparameters
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[str]:

@@ -85,7 +85,7 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     assert saved.output_dir == str(tmp_path) and saved.model.preset == "tiny"
     # The tracker got the configuration as saved, and the final sample grid.
     from latentdiff.testing import tensorboard_records
-    from latentdiff.trainer.train_utils import tracker_hyperparameters
+    from latentdiff.trainer.loop import tracker_hyperparameters
 
     hyperparameters, images, _ = tensorboard_records(tmp_path / "logs" / "ldm")
     assert hyperparameters == tracker_hyperparameters(saved)
@@ -95,7 +95,9 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     stock = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
     kwargs = dict(num_inference_steps=2, output_type="np", height=32, width=32)
     a = ours("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
-    b = stock("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    # ours samples with the model's own guidance (latentdiff.json) when none is given; stock Diffusers needs it said
+    guidance = ours.sampling_defaults["guidance_scale"]
+    b = stock("a red circle", generator=torch.Generator().manual_seed(0), guidance_scale=guidance, **kwargs).images
     assert a.shape == (1, 32, 32, 3)
     assert abs(a - b).max() <= 1e-5
     # the exported U-Net holds the EMA weights, not the last raw weights

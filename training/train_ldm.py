@@ -46,11 +46,9 @@ from latentdiff.trainer.latent_cache import (
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
 from latentdiff.sampling import SAMPLES_FILE, export_pipeline, make_pipeline, sample_grid
-from latentdiff.trainer.train_utils import (
-    TrainingRNG,
+from latentdiff.trainer.encoding import encode_images, tokenize
+from latentdiff.trainer.loop import (
     batch_size_of,
-    drop_captions,
-    encode_images,
     epoch_batches,
     full_model,
     init_trackers,
@@ -59,8 +57,8 @@ from latentdiff.trainer.train_utils import (
     make_train_dataloader,
     per_process_batch_size,
     setup_logging,
-    tokenize,
 )
+from latentdiff.trainer.rng import TrainingRNG, drop_captions
 
 logger = logging.getLogger("latentdiff.train_ldm")
 

@@ -24,6 +24,7 @@ import time
 import torch
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from latentdiff.trainer.autoencoder import (
@@ -40,20 +41,18 @@ from latentdiff.trainer.checkpointing import TrainingState, load_checkpoint, rem
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import collate_image_text, make_training_dataset
 from latentdiff.models import build_vae
-from latentdiff.trainer.train_utils import (
-    TrainingRNG,
+from latentdiff.trainer.loop import (
     batch_size_of,
     epoch_batches,
-    image_grid,
     init_trackers,
     log_images,
     make_accelerator,
     make_train_dataloader,
     per_process_batch_size,
-    random_crop,
     setup_logging,
     tensor_to_pil,
 )
+from latentdiff.trainer.rng import TrainingRNG, random_crop
 
 logger = logging.getLogger("latentdiff.train_vae")
 
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         originals = next(b["pixel_values"] for b in measure_loader if batch_size_of(b))[:8].to(accelerator.device)
         with torch.no_grad():
             reconstructed = vae.decode(vae.encode(originals).latent_dist.mode()).sample
-        grid = image_grid(tensor_to_pil(torch.cat([originals, reconstructed])), rows=2, cols=originals.shape[0])
+        grid = make_image_grid(tensor_to_pil(torch.cat([originals, reconstructed])), rows=2, cols=originals.shape[0])
         grid.save(os.path.join(config.output_dir, "vae_reconstructions.png"))
         log_images(accelerator, "reconstructions", grid, state.global_step)
         logger.info("autoencoder saved to %s", folder)

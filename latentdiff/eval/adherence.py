@@ -31,6 +31,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..sampling import generate
+
 from .suite import (
     DEFAULT_HOLDOUT,
     SHAPES_SUITE_VERSION,
@@ -56,7 +58,7 @@ __all__ = [
 ]
 
 #: Guidance when neither the caller nor the model's sampling defaults (``latentdiff.json``) name one.
-DEFAULT_GUIDANCE_SCALE = 4.0
+from ..config import DEFAULT_GUIDANCE_SCALE  # noqa: E402  (re-exported)
 RESULTS_FILE = "results.json"
 GRID_FILE = "grid.png"
 
@@ -172,6 +174,18 @@ def _check_sampling(steps: int, guidance: float, batch_size: int) -> None:
         raise ValueError(f"guidance must be a non-negative number, got {guidance!r}")
 
 
+def _model_guidance(pipeline: Any, guidance: float | None) -> float:
+    """``guidance`` if given, else the pipeline's own default (the model's saved one, then Diffusers')."""
+    if guidance is not None:
+        return guidance
+    resolve = getattr(pipeline, "sampling_default", None)
+    return float(resolve("guidance_scale", None)) if resolve is not None else DEFAULT_GUIDANCE_SCALE
+
+
+def _call_settings(steps: int | None, guidance: float | None, negative_prompt: str | None) -> dict[str, Any]:
+    return {"num_inference_steps": steps, "guidance_scale": guidance, "negative_prompt": negative_prompt}
+
+
 @contextlib.contextmanager
 def _sampler(pipeline: Any, scheduler: str | None) -> Iterator[None]:
     """Swap in the scheduler called ``scheduler`` (built from the pipeline's own config) and silence the
@@ -189,40 +203,12 @@ def _sampler(pipeline: Any, scheduler: str | None) -> Iterator[None]:
         pipeline.scheduler = original
 
 
-def _generate_batches(
-    pipeline: Any,
-    jobs: Sequence[tuple[str, int]],
-    steps: int,
-    guidance: float,
-    batch_size: int,
-    negative_prompt: str | None,
-) -> Iterator[tuple[int, list[Image.Image]]]:
-    """``(start, images)`` for consecutive batches of ``(prompt, generator seed)`` jobs, one pipeline call each."""
-    import torch
-
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        call_kwargs: dict[str, Any] = {
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            # one CPU generator per image: its noise does not depend on the rest of the batch
-            "generator": [torch.Generator("cpu").manual_seed(job_seed) for _, job_seed in chunk],
-        }
-        if negative_prompt is not None:
-            call_kwargs["negative_prompt"] = negative_prompt
-        output = pipeline([prompt for prompt, _ in chunk], **call_kwargs)
-        images = list(output.images if hasattr(output, "images") else output[0])
-        if len(images) != len(chunk):
-            raise RuntimeError(f"the pipeline returned {len(images)} images for {len(chunk)} prompts")
-        yield start, images
-
-
 def generate_images(
     pipeline: Any,
     prompts: Sequence[str],
     steps: int = 25,
     scheduler: str | None = "dpm",
-    guidance: float = DEFAULT_GUIDANCE_SCALE,
+    guidance: float | None = None,
     seed: int = 0,
     batch_size: int = 32,
     *,
@@ -234,11 +220,12 @@ def generate_images(
     :func:`image_seed` ``(seed, prompt, i)``, so repeated prompts get different images."""
     from tqdm.auto import tqdm
 
+    guidance = _model_guidance(pipeline, guidance)
     _check_sampling(steps, guidance, batch_size)
     jobs = [(prompt, image_seed(seed, prompt, index)) for index, prompt in enumerate(prompts)]
     images: list[Image.Image] = []
     with _sampler(pipeline, scheduler), tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar:
-        for _, batch in _generate_batches(pipeline, jobs, steps, guidance, batch_size, negative_prompt):
+        for _, batch in generate(pipeline, jobs, batch_size, **_call_settings(steps, guidance, negative_prompt)):
             images += batch
             bar.update(len(batch))
     return images
@@ -250,7 +237,7 @@ def evaluate_adherence(
     images_per_prompt: int = 4,
     steps: int = 25,
     scheduler: str | None = "dpm",
-    guidance: float = DEFAULT_GUIDANCE_SCALE,
+    guidance: float | None = None,
     seed: int = 0,
     batch_size: int = 32,
     *,
@@ -265,7 +252,7 @@ def evaluate_adherence(
         suite: the prompts (:func:`~latentdiff.eval.suite.shapes_suite`, or :func:`select_prompts` of it).
         scheduler: a name of :mod:`latentdiff.models.schedulers` (``dpm``, ``ddim``, ``ddpm``, ...); ``None``
             keeps the pipeline's own.
-        guidance: classifier-free guidance scale.
+        guidance: classifier-free guidance scale; ``None``: the model's own (then Diffusers' default).
         seed: base seed; image ``j`` of a prompt uses :func:`image_seed` ``(seed, prompt, j)``.
         batch_size: images per pipeline call (prompts are mixed freely; images do not depend on it).
     """
@@ -277,6 +264,7 @@ def evaluate_adherence(
         raise ValueError("the suite is empty")
     if not isinstance(images_per_prompt, int) or isinstance(images_per_prompt, bool) or images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be a positive integer, got {images_per_prompt!r}")
+    guidance = _model_guidance(pipeline, guidance)
     _check_sampling(steps, guidance, batch_size)
 
     specs = [(spec, j) for spec in suite for j in range(images_per_prompt)]
@@ -286,7 +274,7 @@ def evaluate_adherence(
     started = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=f"eval {SHAPES_SUITE_VERSION}", unit="img", disable=not progress)
     with _sampler(pipeline, scheduler), bar:
-        for start, batch in _generate_batches(pipeline, jobs, steps, guidance, batch_size, negative_prompt):
+        for start, batch in generate(pipeline, jobs, batch_size, **_call_settings(steps, guidance, negative_prompt)):
             for (spec, image_index), (_, job_seed), image in zip(specs[start:], jobs[start:], batch):
                 judged = judge_image(image)
                 reason = failure_reason(spec, judged)
@@ -502,9 +490,9 @@ def evaluate_model(
 
     The suite's holdout comes from :func:`model_holdout`; ``guidance=None`` takes the model's own
     ``guidance_scale`` (``latentdiff.json``, or the ``sample`` section of its ``config.yaml``), else
-    :data:`DEFAULT_GUIDANCE_SCALE`. ``out`` defaults to ``MODEL/eval``. Returns the results and the
-    paths written (``{"results": ..., "grid": ...}``). ``dtype``: the torch dtype name the pipeline
-    runs in (``float32``, ``float16``, ``bfloat16``).
+    Diffusers' default. ``out`` defaults to ``MODEL/eval``. Returns the results and the paths written
+    (``{"results": ..., "grid": ...}``). ``dtype``: the torch dtype name the pipeline runs in (``float32``,
+    ``float16``, ``bfloat16``).
     """
     import torch
 
@@ -517,23 +505,21 @@ def evaluate_model(
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if scheduler not in SCHEDULER_NAMES:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     holdout, holdout_source = model_holdout(model)
     suite = select_prompts(shapes_suite(holdout), tasks, max_prompts_per_task)
     out = out if out is not None else os.path.join(model, "eval") if os.path.isdir(model) else "eval"
 
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     pipeline = LatentPipeline.from_pretrained(model, allow_pickle=allow_pickle, torch_dtype=getattr(torch, dtype))
     pipeline = pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if guidance is None:
-        model_default = (getattr(pipeline, "sampling_defaults", None) or {}).get("guidance_scale")
-        guidance, guidance_source = (
-            (float(model_default), "the model's sampling defaults")
-            if model_default is not None
-            else (DEFAULT_GUIDANCE_SCALE, "default")
-        )
-    else:
+    if guidance is not None:
         guidance_source = "given"
+    elif "guidance_scale" in pipeline.sampling_defaults:
+        guidance_source = "the model's sampling defaults"
+    else:
+        guidance_source = "Diffusers' default"
+    guidance = float(pipeline.sampling_default("guidance_scale", guidance))
     results = evaluate_adherence(
         pipeline,
         suite,

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 from accelerate import Accelerator
 
-from .train_utils import TrainingRNG
+from .rng import TrainingRNG
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_PREFIX = ".partial-"

@@ -64,7 +64,7 @@ def _collate_indexed(items):
 @torch.no_grad()
 def encode_posteriors(dataset: ImageTextDataset, vae, batch_size: int, device, num_workers: int = 0) -> dict[str, torch.Tensor]:
     """Posterior mean and std (scaled as training latents are) of every decodable image, by index."""
-    from .train_utils import latent_scale_and_shift
+    from .encoding import latent_scale_and_shift
 
     scale, shift = latent_scale_and_shift(vae)
     dataset.set_epoch(0)
@@ -164,7 +164,7 @@ class TextEmbeddingCache:
 
     @torch.no_grad()
     def _encode(self, captions: list[str]) -> torch.Tensor:
-        from .train_utils import tokenize
+        from .encoding import tokenize
 
         hidden = self.text_encoder(tokenize(self.tokenizer, captions).to(self.device))[0]
         self.bytes_per_caption = hidden[0].numel() * hidden.element_size()

@@ -1,5 +1,5 @@
-"""Pieces the training scripts share: Accelerate set-up, batch arithmetic, the training RNG,
-image encoding, caption dropout, image grids and the checks made before training starts.
+"""The loop's plumbing that both training scripts share: Accelerate set-up, batch arithmetic, the data
+loader and its epochs, logging set-up, images to the trackers, and the full model for sampling and saving.
 
 The training loops themselves stay in ``training/train_vae.py`` and ``training/train_ldm.py`` and
 read top to bottom; what lives here is what both need, or what would hide the loop's shape.
@@ -8,7 +8,6 @@ read top to bottom; what lives here is what both need, or what would hide the lo
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import numpy as np
@@ -124,81 +123,6 @@ def per_process_batch_size(batch_size: int, num_processes: int, gradient_accumul
     return batch_size // share
 
 
-class TrainingRNG:
-    """The one random generator of a training process: noise, timesteps, latent samples, caption dropout.
-
-    A dedicated generator, not torch's global one, because code outside the loop draws from the global
-    generator at moments that differ between an uninterrupted run and a resumed one (creating a
-    DataLoader iterator draws a worker seed from it, for instance). Each process seeds its own
-    (``seed + process index``) and its state is saved with every checkpoint, one file per process.
-    """
-
-    def __init__(self, seed: int, accelerator: Accelerator):
-        self.process_index = accelerator.process_index
-        self.generator = torch.Generator(device=accelerator.device).manual_seed(seed + self.process_index)
-
-    def file_name(self) -> str:
-        return f"training_rng_{self.process_index}.pt"
-
-    def save(self, folder: str) -> None:
-        torch.save(self.generator.get_state(), os.path.join(folder, self.file_name()))
-
-    def load(self, folder: str) -> None:
-        path = os.path.join(folder, self.file_name())
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"checkpoint {folder!r} has no random-generator state for process {self.process_index} ({path}); "
-                "was it written by a run with fewer processes? Resume with the same number of processes."
-            )
-        self.generator.set_state(torch.load(path, weights_only=True))
-
-
-def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Replace each caption by ``""`` with ``probability``, for classifier-free guidance.
-
-    Ho & Salimans 2022, "Classifier-Free Diffusion Guidance", Alg. 1: the unconditional model is the
-    same network trained on the empty prompt ``p_uncond`` of the time.
-    """
-    if probability <= 0:
-        return list(captions)
-    keep = torch.rand(len(captions), generator=generator, device=generator.device) >= probability
-    return [caption if kept else "" for caption, kept in zip(captions, keep.tolist())]
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids padded / truncated to the tokenizer's context (77 for CLIP), as the pipelines do."""
-    return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-
-
-def latent_scale_and_shift(vae) -> tuple[float, float]:
-    """``(scaling_factor, shift_factor)`` of a VAE config; latents are ``(z - shift) * scale``."""
-    scale = float(vae.config.scaling_factor)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return scale, float(shift)
-
-
-@torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Scaled latents ``z ~ q(z | x)`` of images in [-1, 1] (Rombach et al. 2022, Sec. 3 and App. G).
-
-    ``vae=None`` is a pixel-space model: the images are the "latents".
-    """
-    if vae is None:
-        return pixel_values
-    scale, shift = latent_scale_and_shift(vae)
-    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator=generator)
-    return (latents - shift) * scale
-
-
-def image_grid(images: list[Image.Image], rows: int, cols: int) -> Image.Image:
-    """Paste ``rows * cols`` equally sized images into one grid, row by row."""
-    from diffusers.utils import make_image_grid
-
-    return make_image_grid(images, rows=rows, cols=cols)
-
-
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Images in [-1, 1], shape (N, C, H, W), as PIL images."""
     array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -217,13 +141,6 @@ def log_images(accelerator: Accelerator, tag: str, grid: Image.Image, step: int)
             tracker.log_images({tag: pixels[None]}, step=step, dataformats="NHWC")
         else:
             tracker.log_images({tag: [pixels]}, step=step)
-
-
-def steps_per_epoch(num_batches: int | None, gradient_accumulation_steps: int) -> int | None:
-    """Optimizer steps in one pass over a data loader of ``num_batches`` batches (None: a stream)."""
-    if num_batches is None:
-        return None
-    return max(1, math.floor(num_batches / gradient_accumulation_steps))
 
 
 def setup_logging(accelerator: Accelerator) -> None:
@@ -308,11 +225,3 @@ def full_model(accelerator: Accelerator, model):
     plain = type(sharded).from_config(config) if hasattr(type(sharded), "from_config") else type(sharded)(config)
     plain.load_state_dict(state)
     return plain.to(accelerator.device)
-
-
-def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """One random ``size`` x ``size`` crop per image of a batch ``(N, C, H, W)``."""
-    batch, _, height, width = images.shape
-    top = torch.randint(0, height - size + 1, (batch,), generator=generator, device=generator.device).tolist()
-    left = torch.randint(0, width - size + 1, (batch,), generator=generator, device=generator.device).tolist()
-    return torch.stack([image[:, y : y + size, x : x + size] for image, y, x in zip(images, top, left)])
