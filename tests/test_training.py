@@ -273,6 +273,8 @@ def test_pixel_space_training_with_the_mnist_config(tmp_path, source):
     assert result.returncode == 0, result.stderr[-4000:]
     pipe = LatentPipeline.from_pretrained(output_dir / "pipeline")
     assert pipe.vae is None and pipe.unet.config.in_channels == 3
+    # pixel space: the exported sampler clips its predicted x0 to the data range (latentdiff.sampling.PIXEL_SPACE_SAMPLING)
+    assert pipe.scheduler.config.thresholding and pipe.scheduler.config.sample_max_value == 1.0
     image = pipe("a handwritten digit seven", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
 
