@@ -89,8 +89,17 @@ def describe_machine(info: dict[str, Any]) -> str:
     return text
 
 
+COMMIT_ENV = "LATENTDIFF_BENCH_COMMIT"
+"""Set by ``bench/gpu.py`` on a machine that received the repository's files without ``.git``: the
+commit those files were checked against (``bench/gpu.py`` compares them with the stamp that
+``bench/gpu.py wheels`` wrote)."""
+
+
 def git_commit() -> str:
-    """``git rev-parse --short HEAD`` of the repository, with a note when the working tree differs."""
+    """``git rev-parse --short HEAD`` of the repository, with a note when the working tree differs
+    (outside a git checkout: :data:`COMMIT_ENV` if set)."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
 
     def git(*arguments: str) -> str:
         return subprocess.run(
@@ -375,23 +384,7 @@ class Report:
         """Add this run as the last section of the part ``## <part>`` of ``path`` (default :attr:`part`;
         a missing part is started at the end of the file). ``path`` must exist: it holds the format's
         header. The file is rewritten atomically (a new file renamed over it)."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--record: no results file at {path!r}; create it with its header first")
-        part = part or self.part
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-        section = "\n" + self.markdown()
-        heading = re.search(rf"^## {re.escape(part)}$", text, flags=re.MULTILINE)
-        if heading is None:
-            text = text.rstrip("\n") + f"\n\n## {part}\n" + section
-        else:
-            next_part = re.search(r"^## ", text[heading.end():], flags=re.MULTILINE)
-            end = len(text) if next_part is None else heading.end() + next_part.start()
-            text = text[:end].rstrip("\n") + "\n" + section + ("\n" + text[end:] if end < len(text) else "")
-        temporary = f"{path}.tmp-{os.getpid()}"
-        with open(temporary, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
+        append_sections(path, part or self.part, "\n" + self.markdown())
 
     def publish(self, record: str | None, json_path: str | None, summary: dict[str, Any]) -> None:
         """Print the report; append it to ``record`` (``--record``) and write ``summary`` to ``json_path``
@@ -403,6 +396,77 @@ class Report:
         if json_path:
             with open(json_path, "w", encoding="utf-8") as file:
                 json.dump(summary, file, indent=2, default=str)
+
+
+def _rewrite(path: str, text: str) -> None:
+    """Replace ``path`` by ``text`` atomically (a new file renamed over it)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, path)
+
+
+def append_sections(path: str, part: str, sections: str) -> None:
+    """Add ``sections`` (Markdown starting with a ``### `` heading) at the end of the part
+    ``## <part>`` of the results file ``path``; a missing part is started at the end of the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--record: no results file at {path!r}; create it with its header first")
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    heading = re.search(rf"^## {re.escape(part)}$", text, flags=re.MULTILINE)
+    if heading is None:
+        text = text.rstrip("\n") + f"\n\n## {part}\n" + sections
+    else:
+        next_part = re.search(r"^## ", text[heading.end():], flags=re.MULTILINE)
+        end = len(text) if next_part is None else heading.end() + next_part.start()
+        text = text[:end].rstrip("\n") + "\n" + sections + ("\n" + text[end:] if end < len(text) else "")
+    _rewrite(path, text)
+
+
+def results_parts(path: str) -> list[tuple[str, str]]:
+    """``(part, sections)`` for each ``## <part>`` of a results file that holds ``### `` sections, in
+    file order: the text from the part's first section heading to the part's end, unchanged."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    headings = list(re.finditer(r"^## (.+)$", text, flags=re.MULTILINE))
+    parts = []
+    for index, heading in enumerate(headings):
+        end = headings[index + 1].start() if index + 1 < len(headings) else len(text)
+        body = text[heading.end():end]
+        first = re.search(r"^### ", body, flags=re.MULTILINE)
+        if first is not None:
+            parts.append((heading.group(1).strip(), "\n" + body[first.start():].strip("\n") + "\n"))
+    return parts
+
+
+def take_in(results_file: str, into: str = DEFAULT_RESULTS_FILE) -> list[str]:
+    """Append every section of ``results_file`` (a file that ``--record`` wrote, e.g. by
+    ``bench/gpu.sh`` on another machine) to the same part of ``into``, unchanged; return the parts.
+
+    Raises:
+        ValueError: ``results_file`` holds no ``### `` section under a ``## `` part.
+    """
+    parts = results_parts(results_file)
+    if not parts:
+        raise ValueError(f"{results_file!r} holds no '### ' section under a '## ' part: nothing to take in")
+    for part, sections in parts:
+        append_sections(into, part, sections)
+    return [part for part, _ in parts]
+
+
+def logged_scalars(log_folder: str, tag: str) -> list[tuple[int, float, float]]:
+    """``(step, value, wall_time)`` of every ``tag`` scalar in the tensorboard events under ``log_folder``."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = []
+    for path in glob.glob(os.path.join(log_folder, "**", "events.out.tfevents.*"), recursive=True):
+        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags().get("scalars", []):
+            events += [(event.step, event.value, event.wall_time) for event in accumulator.Scalars(tag)]
+    return sorted(events)
 
 
 def check_device(device: str) -> str:

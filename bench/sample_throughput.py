@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--quick", action="store_true", help="Tiny model, two steps, one round: a smoke test.")
     shared = parser.add_argument_group("both sides (defaults from the preset)")
+    shared.add_argument("--model", help="model.preset (tiny, small, sd15, sd2), e.g. tiny for a dry run.")
     shared.add_argument("--resolution", type=int)
     shared.add_argument("--batch-size", type=int, help="Images per call (one prompt, repeated).")
     shared.add_argument("--steps", type=int, help="num_inference_steps (at least 2).")
@@ -106,6 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ours.add_argument("--compile", action="store_true", help="torch.compile our pipeline's U-Net.")
     ours.add_argument("--compile-mode", default="reduce-overhead",
                       help="torch.compile mode (default reduce-overhead: CUDA graphs on a GPU).")
+    ours.add_argument("--compile-backend", default="inductor",
+                      help="torch.compile backend (default inductor; eager traces the graph and generates no code, "
+                           "for a quick check of the compiled path on a CPU).")
     ours.add_argument("--channels-last", action="store_true", help="Our U-Net in channels_last memory format.")
     output = parser.add_argument_group("output")
     output.add_argument("--peak-tflops", type=float, help="Dense bf16 peak of the device (default: by GPU name).")
@@ -122,7 +126,7 @@ def resolve_settings(args: argparse.Namespace) -> SamplePreset:
 
     preset = QUICK if args.quick else PRESETS[args.preset]
     values = {
-        "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps,
+        "model": args.model, "resolution": args.resolution, "batch_size": args.batch_size, "steps": args.steps,
         "guidance_scale": args.guidance_scale, "scheduler": args.scheduler, "device": args.device,
         "dtype": args.dtype, "rounds": args.rounds, "warmup_calls": args.warmup_calls, "threads": args.threads,
     }
@@ -169,7 +173,9 @@ def build_pipelines(settings: SamplePreset, args: argparse.Namespace, device: st
     if args.channels_last:
         our_unet.to(memory_format=torch.channels_last)
     if args.compile:
-        our_unet = torch.compile(our_unet, mode=args.compile_mode)
+        # A mode is Inductor's: other backends take none.
+        mode = args.compile_mode if args.compile_backend == "inductor" else None
+        our_unet = torch.compile(our_unet, backend=args.compile_backend, mode=mode)
     shared = {name: components[name] for name in ("vae", "text_encoder", "tokenizer")}
     ours = LatentPipeline(**shared, unet=our_unet, scheduler=scheduler_from_name(settings.scheduler, noise_config))
     theirs = StableDiffusionPipeline(
@@ -244,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "diffusers": "diffusers StableDiffusionPipeline (safety checker off)",
     }
     if args.compile:
-        sides["ours"] += f" (mode {args.compile_mode})"
+        sides["ours"] += (f" (mode {args.compile_mode})" if args.compile_backend == "inductor"
+                          else f" (backend {args.compile_backend})")
 
     # 3. Warm-up calls, then timed calls, A and B alternating.
     from tqdm.auto import tqdm

@@ -29,7 +29,6 @@ bf16 peak (n/a on CPU).
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import os
@@ -54,6 +53,7 @@ from common import (  # noqa: E402  (bench/ is a folder of scripts, not a packag
     format_flops,
     git_commit,
     interleaved,
+    logged_scalars,
     machine_info,
     median,
     paired_ratios,
@@ -125,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
     parser.add_argument("--quick", action="store_true", help="Tiny model, one short round, in-process: a smoke test.")
     shared = parser.add_argument_group("both sides (defaults from the preset)")
+    shared.add_argument("--model", help="model.preset of the trainer's config (tiny, small, sd15, sd2), e.g. tiny for a dry run.")
     shared.add_argument("--resolution", type=int, help="Image size in pixels.")
     shared.add_argument("--batch-size", type=int, help="Images per optimizer step.")
     shared.add_argument("--device", help="cpu or cuda (the trainer takes the GPU whenever one is visible).")
@@ -165,7 +166,7 @@ def resolve_settings(args: argparse.Namespace) -> TrainPreset:
     if not args.quick and args.preset == "sd15" and args.resolution == 256 and args.batch_size is None:
         preset = replace(preset, resolution=256, batch_size=SD15_BATCH_AT_256)
     values = {
-        "resolution": args.resolution, "batch_size": args.batch_size, "device": args.device,
+        "model": args.model, "resolution": args.resolution, "batch_size": args.batch_size, "device": args.device,
         "mixed_precision": args.mixed_precision, "num_workers": args.num_workers, "num_samples": args.num_samples,
         "rounds": args.rounds, "warmup_steps": args.warmup_steps, "steps": args.steps, "log_every": args.log_every,
         "threads": args.threads,
@@ -292,26 +293,13 @@ def _load_trainer():
     return module
 
 
-def _logged_scalars(log_folder: str, tag: str) -> list[tuple[int, float, float]]:
-    """``(step, value, wall_time)`` of every ``tag`` scalar in the tensorboard events under ``log_folder``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = []
-    for path in glob.glob(os.path.join(log_folder, "**", "events.out.tfevents.*"), recursive=True):
-        accumulator = EventAccumulator(path, size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if tag in accumulator.Tags().get("scalars", []):
-            events += [(event.step, event.value, event.wall_time) for event in accumulator.Scalars(tag)]
-    return sorted(events)
-
-
 def ours_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the trainer for ``warmup + steps`` steps; its logged images/s after the warm-up."""
     memory = PeakMemory(spec["device"]).start()
     trainer = _load_trainer()
     trainer.main(list(spec["argv"]))
     memory.stop()
-    events = _logged_scalars(os.path.join(spec["output_dir"], "logs"), "images_per_s")
+    events = logged_scalars(os.path.join(spec["output_dir"], "logs"), "images_per_s")
     timed = [(step, value, wall) for step, value, wall in events if step > spec["warmup_steps"]]
     if not timed:
         raise RuntimeError(f"the trainer logged no images_per_s after step {spec['warmup_steps']}: {events}")
@@ -461,6 +449,18 @@ def recipe_worker(spec: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _release_memory(device: str) -> None:
+    """After an in-process run: collect its garbage (modules hold reference cycles) and return CUDA's
+    cached blocks, so that the next run's peak (reset when it starts) holds none of this one's tensors."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def run_rounds(settings: TrainPreset, workdir: str, shared: list[str], ours_only: list[str], device: str,
                env: dict[str, str], in_process: bool, keep: bool) -> dict[str, list[dict[str, Any]]]:
     """Every run of the comparison, in the interleaved order; each side's results by round."""
@@ -482,6 +482,7 @@ def run_rounds(settings: TrainPreset, workdir: str, shared: list[str], ours_only
                         overrides=shared + [f"output_dir={os.path.join(workdir, 'recipe')}"])
         if in_process:
             result = (ours_worker if side == "ours" else recipe_worker)(spec)
+            _release_memory(device)
         else:
             result = run_worker(os.path.abspath(__file__), side, spec, env)
         if side == "ours" and not keep:  # the run's final checkpoint and export are not needed again

