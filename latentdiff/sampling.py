@@ -18,13 +18,32 @@ from .hub import write_model_card
 PIPELINE_DIR = "pipeline"
 SAMPLES_FILE = "samples.png"
 
+PIXEL_SPACE_SAMPLING = {"clip_sample": True, "clip_sample_range": 1.0, "thresholding": True, "sample_max_value": 1.0}
+"""Scheduler settings of a pixel-space model (no autoencoder): every predicted x0 is clipped to the data range
+[-1, 1] before the sampler steps, as in DDPM (Ho et al. 2020, Algorithm 2 with the clipping of their code) and
+in Diffusers' own pixel-space pipelines (``DDPMScheduler``'s default ``clip_sample=True``).
+
+Without it, sampling from pure noise diverges: with epsilon prediction, x0 = (x_t - sqrt(1 - abar_t) eps) /
+sqrt(abar_t), and on DDPM's linear schedule sqrt(abar_t) is about 0.006 at the first step, so an epsilon error
+of 0.1 is an x0 error of about 15; the next inputs are then unlike anything the network was trained on, and
+it does not steer back (the first MNIST model sampled saturated noise with every sampler). ``clip_sample`` is read by DDPM and DDIM; ``thresholding`` by DPM-Solver++ (Diffusers recommends it
+for pixel-space models), and with ``sample_max_value`` 1 its dynamic threshold is this same clip to [-1, 1].
+Samplers with neither (Euler, PNDM) do not clip. Latents have no fixed range, so latent models keep both off.
+"""
+
 
 def make_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler: str = "dpm"):
     """A ``LatentPipeline`` over the given (unwrapped) modules; its scheduler is ``sampler`` built from
-    the training noise schedule (DPM-Solver++ by default: good images in 25 steps)."""
+    the training noise schedule (DPM-Solver++ by default: good images in 25 steps). A pixel-space model
+    (``vae=None``) samples with :data:`PIXEL_SPACE_SAMPLING` (saved with the pipeline, so every sampler built
+    from its scheduler's config clips too)."""
     from .pipelines import LatentPipeline
     from .models.schedulers import scheduler_from_name
 
+    if vae is None:
+        # Through `from_config`, not a dict update: keys left at their defaults are listed in the config's
+        # `_use_default_values` and would be reset to the defaults again by the next `from_config`.
+        noise_scheduler = type(noise_scheduler).from_config(noise_scheduler.config, **PIXEL_SPACE_SAMPLING)
     return LatentPipeline(
         vae=vae,
         text_encoder=text_encoder,

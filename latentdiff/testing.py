@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import glob
+import os
+
 import torch
 
 from .config import load_config
@@ -33,3 +36,32 @@ def tiny_components(seed: int = 0, resolution: int = 32, text_encoder_kind: str 
         steps_offset=1,
     )
     return components
+
+
+def tensorboard_records(logdir: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """``(hyperparameters, images, scalars)`` read back from every event file under ``logdir``:
+    hyperparameters by name; images by tag as a list of ``(step, width, height)``; scalars by tag as a
+    list of ``(step, value)``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hyperparameters, images, scalars = {}, {}, {}
+    folders = {os.path.dirname(path) for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)}
+    for folder in sorted(folders):
+        events = EventAccumulator(folder, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+        events.Reload()
+        try:
+            hparams = events.PluginTagToContent("hparams")  # in the sub-folder torch's add_hparams writes
+        except KeyError:
+            hparams = {}
+        for content in hparams.values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            if data.HasField("session_start_info"):
+                for name, value in data.session_start_info.hparams.items():
+                    hyperparameters[name] = getattr(value, value.WhichOneof("kind"))
+        tags = events.Tags()
+        for tag in tags["images"]:
+            images[tag] = [(image.step, image.width, image.height) for image in events.Images(tag)]
+        for tag in tags["scalars"]:
+            scalars[tag] = [(scalar.step, scalar.value) for scalar in events.Scalars(tag)]
+    return hyperparameters, images, scalars

@@ -21,3 +21,8 @@ def tiny_components():
     from latentdiff.testing import tiny_components as build
 
     return build(seed=0)
+
+
+def pytest_report_header(config):
+    """Which torch the suite runs on (LATENTDIFF_TORCH=lowest runs it on the lowest accepted)."""
+    return f"torch {torch.__version__}"

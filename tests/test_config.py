@@ -66,7 +66,7 @@ def test_command_line_values_are_typed():
     assert load_config(overrides=["diffusion.snr_gamma=5"]).diffusion.snr_gamma == 5.0
     # YAML 1.1 reads 1e-3 (no dot) as text; a number field still takes it, on the command line and in files
     assert load_config(overrides=["train.optimizer.learning_rate=1e-3"]).train.optimizer.learning_rate == 1e-3
-    assert load_config(overrides=["train.optimizer.learning_rate=-2.5E+2"]).train.optimizer.learning_rate == -250.0
+    assert load_config(overrides=["train.optimizer.learning_rate=2.5E-2"]).train.optimizer.learning_rate == 0.025
 
 
 def test_a_number_without_a_dot_in_a_yaml_file_is_a_number(tmp_path):
@@ -128,3 +128,119 @@ def test_the_config_command_prints_the_resolved_config_or_one_line_error():
     bad = subprocess.run([sys.executable, "-m", "latentdiff.cli", "config", "train.max_stepz=3"], capture_output=True, text=True)
     assert bad.returncode != 0
     assert "unknown config key 'train.max_stepz'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # the gaps named in the issue, then one of each kind of range
+        ("train.max_steps=-5", "config key 'train.max_steps': expected an integer >= 1, got -5"),
+        ("train.caption_dropout=2.0", "config key 'train.caption_dropout': expected a number in [0, 1), got 2.0"),
+        ("data.resolution=-32", "config key 'data.resolution': expected an integer >= 1, got -32"),
+        ("train.ema_decay=1.5", "config key 'train.ema_decay': expected a number in (0, 1), got 1.5"),
+        ("diffusion.snr_gamma=-1", "config key 'diffusion.snr_gamma': expected a number > 0, got -1.0"),
+        ("train.report_to=comet", "config key 'train.report_to': expected one of 'tensorboard', 'wandb', 'all', 'none'"),
+        ("train.optimizer.lr_scheduler=nonsense", "config key 'train.optimizer.lr_scheduler': expected one of 'linear'"),
+        ("train.mixed_precision=fp32", "config key 'train.mixed_precision': expected one of 'no', 'fp16', 'bf16'"),
+        ("vae_train.batch_size=0", "config key 'vae_train.batch_size': expected an integer >= 1, got 0"),
+        ("train.optimizer.learning_rate=0", "config key 'train.optimizer.learning_rate': expected a number > 0, got 0.0"),
+        ("train.optimizer.learning_rate=.nan", "config key 'train.optimizer.learning_rate': expected a finite number, got nan"),
+        ("train.optimizer.adam_beta2=1.0", "config key 'train.optimizer.adam_beta2': expected a number in [0, 1), got 1.0"),
+        ("train.optimizer.max_grad_norm=0", "config key 'train.optimizer.max_grad_norm': expected a number > 0, got 0.0"),
+        ("vae_train.kl_weight=-1e-6", "config key 'vae_train.kl_weight': expected a number >= 0, got -1e-06"),
+        ("train.checkpoints_total_limit=0", "config key 'train.checkpoints_total_limit': expected an integer >= 1, got 0"),
+        ("seed=-1", "config key 'seed': expected an integer in [0, 4294967295], got -1"),
+        ("sample.prompts=[]", "config key 'sample.prompts': expected a non-empty list, got []"),
+        ("model.unet.block_out_channels=[32, 0]", "config key 'model.unet.block_out_channels': expected a list of integers >= 1"),
+        # relations between fields
+        ("data.resolution=66", "config key 'data.resolution': expected a positive multiple of 4, the autoencoder's downsampling"),
+        ("vae_train.crop_size=128", "config key 'vae_train.crop_size': expected a multiple of the autoencoder's downsampling factor 4"),
+        ("diffusion.beta_end=0.0001", "config key 'diffusion.beta_end': expected more than diffusion.beta_start=0.00085, got 0.0001"),
+        ("data.shapes.min_objects=3", "config key 'data.shapes.max_objects': expected at least data.shapes.min_objects=3, got 2"),
+        ("model.text_encoder.hidden_size=130", "config key 'model.text_encoder.hidden_size': expected a multiple of model.text_encoder.num_attention_heads=4"),
+        ("model.vae.norm_num_groups=24", "config key 'model.vae.block_out_channels': expected multiples of model.vae.norm_num_groups=24"),
+    ],
+)
+def test_out_of_range_values_name_the_key_the_value_and_what_is_allowed(override, message):
+    overrides = [override] + (["data.shapes.max_objects=2"] if "min_objects" in override else [])
+    with pytest.raises(ConfigError) as error:
+        load_config(overrides=overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_the_edges_of_each_range_are_accepted():
+    config = load_config(
+        overrides=[
+            "train.caption_dropout=0", "diffusion.noise_offset=0", "train.checkpointing_steps=0",
+            "train.validation_steps=0", "model.text_encoder.num_hidden_layers=0", "train.optimizer.adam_beta1=0",
+            "seed=4294967295", "vae_train.optimizer.max_grad_norm=null", "diffusion.snr_gamma=null",
+            "data.resolution=4", "model.pixel_space=true",
+        ]
+    )
+    assert config.train.caption_dropout == 0 and config.seed == 2**32 - 1
+    # a pixel-space model has no autoencoder factor; a pretrained one is checked when it is loaded
+    assert load_config(overrides=["model.pixel_space=true", "data.resolution=30"]).data.resolution == 30
+    assert load_config(overrides=["model.vae.pretrained=runs/x/vae", "data.resolution=30"]).data.resolution == 30
+
+
+def test_every_number_field_has_a_range():
+    """A new numeric field without an entry in VALUE_RULES would take any value silently."""
+    import dataclasses
+    import typing
+
+    from latentdiff.config import VALUE_RULES
+
+    def numeric_fields(cls):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            annotation = hints[f.name]
+            if dataclasses.is_dataclass(annotation):
+                yield from numeric_fields(annotation)
+                continue
+            flat = set()
+            for argument in typing.get_args(annotation) or (annotation,):
+                flat |= set(typing.get_args(argument) or (argument,))
+            if flat & {int, float}:
+                yield cls, f.name
+
+    missing = [f"{cls.__name__}.{name}" for cls, name in numeric_fields(Config) if name not in VALUE_RULES.get(cls, {})]
+    assert not missing, missing
+
+
+def test_the_name_lists_match_the_libraries():
+    import typing
+
+    from accelerate.utils import LoggerType, PrecisionType
+    from diffusers.optimization import SchedulerType
+
+    from latentdiff.config import LRSchedulerName, MixedPrecision, SchedulerName, TrackerName
+    from latentdiff.schedulers import SCHEDULER_NAMES
+
+    # piecewise_constant needs step_rules, which the config has no field for
+    assert set(typing.get_args(LRSchedulerName)) == {s.value for s in SchedulerType} - {"piecewise_constant"}
+    assert set(typing.get_args(TrackerName)) == {t.value for t in LoggerType} | {"none"}
+    # fp8 needs an extra backend (Transformer Engine, MS-AMP or torchao) and an fp8-capable GPU
+    assert set(typing.get_args(MixedPrecision)) == {p.value for p in PrecisionType} - {"fp8"}
+    assert set(typing.get_args(SchedulerName)) == set(SCHEDULER_NAMES)
+
+
+def test_the_object_count_range_is_the_shapes_generators():
+    from latentdiff.config import VALUE_RULES, ShapesConfig
+    from latentdiff.data.shapes import MAX_OBJECTS
+
+    assert VALUE_RULES[ShapesConfig]["max_objects"].high == VALUE_RULES[ShapesConfig]["min_objects"].high == MAX_OBJECTS
+
+
+def test_the_config_module_imports_no_deep_learning_library():
+    code = "import sys, latentdiff.config; print(sorted({'torch', 'diffusers', 'transformers', 'accelerate'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_an_out_of_range_value_on_the_command_line_is_one_line_and_status_2():
+    bad = subprocess.run(
+        [sys.executable, "-m", "latentdiff.cli", "config", "train.max_steps=-5"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "latentdiff config: error: config key 'train.max_steps': expected an integer >= 1, got -5"

@@ -239,7 +239,36 @@ def test_hub_mixin_is_used_by_both_pipelines():
     from latentdiff import LatentImg2ImgPipeline
 
     assert issubclass(LatentPipeline, PipelineHubMixin) and issubclass(LatentImg2ImgPipeline, PipelineHubMixin)
-    with pytest.raises(FileNotFoundError, match="no pipeline folder at"):
+    with pytest.raises(FileNotFoundError, match="no folder at './does/not/exist'"):
         LatentPipeline.from_pretrained("./does/not/exist")
     with pytest.raises(ValueError, match="is a file"):
         LatentPipeline.from_pretrained(__file__)
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        # not a valid Hub repo id (huggingface_hub's own validation): a local path, and missing
+        ("runs/shapes/pipeline", "no folder at 'runs/shapes/pipeline'; expected a pipeline folder"),
+        ("~/models/x", "no folder at '~/models/x'; expected a pipeline folder"),
+        # a valid repo id whose first part is a folder here: a local path too, never a Hub look-up
+        ("runs/nope", "no folder at 'runs/nope' (the folder 'runs' has no 'nope'); expected a pipeline folder"),
+        # a valid repo id, no such folder, and the Hub off: both said in one line
+        ("someone/nope", "no folder at 'someone/nope', and it cannot be loaded as a Hub repo id (the Hub is off"),
+    ],
+)
+def test_a_missing_model_path_is_no_folder_at(path, message, tmp_path, monkeypatch):
+    from latentdiff.cli import main
+    from latentdiff.config import load_config
+    from latentdiff.models import build_vae
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        LatentPipeline.from_pretrained(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    # the same for a component named in a training config, and on the command line
+    config = load_config(overrides=[f"model.vae.pretrained={path}"]).model
+    with pytest.raises(FileNotFoundError, match=f"model.vae.pretrained: no folder at {path!r}"):
+        build_vae(config)
+    assert main(["generate", path, "a red circle"]) == 2

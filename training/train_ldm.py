@@ -19,20 +19,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm.auto import tqdm
 
 from latentdiff.trainer.checkpointing import (
+    NonFiniteLossGuard,
     TrainingState,
+    find_resume_checkpoint,
     load_checkpoint,
-    remove_partial_checkpoints,
-    resolve_resume,
+    local_tensor,
     save_checkpoint,
 )
 from latentdiff.config import Config, ConfigError, parse_args, save_config
@@ -46,16 +47,18 @@ from latentdiff.trainer.latent_cache import (
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
 from latentdiff.trainer.probes import CaptionGapProbe, adherence_probe, held_examples
-from latentdiff.sampling import export_pipeline, make_pipeline, sample_grid
+from latentdiff.sampling import SAMPLES_FILE, export_pipeline, make_pipeline, sample_grid
 from latentdiff.trainer.encoding import encode_images, tokenize
 from latentdiff.trainer.loop import (
     batch_size_of,
     epoch_batches,
     full_model,
+    init_trackers,
     log_images,
     make_accelerator,
     make_train_dataloader,
     per_process_batch_size,
+    run_training_script,
     setup_logging,
 )
 from latentdiff.trainer.rng import TrainingRNG, drop_captions
@@ -75,6 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     batch_per_process = per_process_batch_size(
         train.batch_size, accelerator.num_processes, train.gradient_accumulation_steps, "train.batch_size"
     )
+    if accelerator.distributed_type == DistributedType.FSDP and config.model.text_encoder.train:
+        raise ConfigError(
+            "model.text_encoder.train=true under FSDP: Accelerate's FSDP 2 prepares a single model, the U-Net; "
+            "set model.text_encoder.train=false (a frozen or pretrained text encoder), or launch without FSDP"
+        )
     if not config.model.pixel_space and not config.model.vae.pretrained:
         stage1_vae = os.path.join(config.output_dir, "vae")
         if not os.path.isfile(os.path.join(stage1_vae, "config.json")):
@@ -120,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     trained_modules = [unet, text_encoder] if train_text_encoder else [unet]
-    trained_parameters = [p for module in trained_modules for p in module.parameters() if p.requires_grad]
 
     # 3. Data: images and captions, or latents (and text embeddings) cached once by the frozen encoders.
     dataset = make_training_dataset(
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     if train.scale_lr:
         learning_rate *= train.batch_size
     optimizer = torch.optim.AdamW(
-        trained_parameters,
+        [p for module in trained_modules for p in module.parameters() if p.requires_grad],
         lr=learning_rate,
         betas=(optimizer_config.adam_beta1, optimizer_config.adam_beta2),
         weight_decay=optimizer_config.adam_weight_decay,
@@ -170,33 +177,40 @@ def main(argv: list[str] | None = None) -> None:
         num_warmup_steps=optimizer_config.lr_warmup_steps,
         num_training_steps=train.max_steps,
     )
+    prepared = accelerator.prepare(*trained_modules, optimizer, lr_scheduler)
+    trained_modules, (optimizer, lr_scheduler) = list(prepared[:-2]), prepared[-2:]
+    unet = trained_modules[0]
+    if train_text_encoder:
+        text_encoder = trained_modules[1]
+    # The parameters as Accelerate prepared them: under FSDP they are new (sharded) tensors, so the
+    # EMA, gradient clipping, validation and export must use these, not the ones from before prepare.
+    trained_parameters = [p for module in trained_modules for p in module.parameters() if p.requires_grad]
+    # Each process averages its own part of the weights: under FSDP its shards (views into the
+    # parameters; the average is elementwise, so averaging the shards averages the whole), which keeps
+    # the EMA in plain tensors. Otherwise these are the parameters themselves.
+    ema_parameters = [local_tensor(p) for p in trained_parameters]
     ema = None
     if train.use_ema:
+        # Saved by save_checkpoint as safetensors + JSON, not registered with Accelerate (which pickles).
         ema = EMAModel(
-            trained_parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup, power=3 / 4, foreach=True
+            ema_parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup, power=3 / 4, foreach=True
         )
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-
-    prepared = accelerator.prepare(*trained_modules, optimizer, lr_scheduler)
-    unet = prepared[0]
-    if train_text_encoder:
-        text_encoder = prepared[1]
-    optimizer, lr_scheduler = prepared[-2:]
     if train.compile:
         unet = torch.compile(unet)
 
-    # 5. Resume: weights, optimizer, EMA, RNG states and the position in the data.
+    # 5. Resume: weights, optimizer, EMA, RNG states and the position in the data, from the newest
+    # intact checkpoint.
     state = TrainingState()
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(config.output_dir)
-    accelerator.wait_for_everyone()
-    checkpoint = resolve_resume(config.output_dir, config.resume)
+    checkpoint = find_resume_checkpoint(accelerator, config.output_dir, config.resume)
     if checkpoint:
-        state = load_checkpoint(accelerator, checkpoint, rng)
+        state = load_checkpoint(accelerator, checkpoint, rng, ema)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("latentdiff-ldm", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
+    guard = NonFiniteLossGuard(config.output_dir)  # no checkpoint, validation or export of non-finite weights
+
+    def weights_to_save() -> list[torch.Tensor]:
+        return trained_parameters + (ema.shadow_params if ema is not None else [])
+
+    init_trackers(accelerator, "latentdiff-ldm", config)
 
     def measure_caption_gap(step: int) -> None:
         """The caption gap of the weights being trained, on the held batch; logged per band."""
@@ -209,9 +223,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def validate(step: int) -> None:
         """Sample the fixed validation prompts with the EMA weights; save and log the grid."""
+        guard.check(accelerator, step, weights_to_save())
         if ema is not None:
-            ema.store(trained_parameters)
-            ema.copy_to(trained_parameters)
+            ema.store(ema_parameters)
+            ema.copy_to(ema_parameters)
         unet.eval()
         text_encoder.eval()
         sampled_unet, sampled_text_encoder = full_model(accelerator, unet), full_model(accelerator, text_encoder)
@@ -232,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                 adherence_history.append({"step": step, **probe})
                 logger.info("adherence probe at step %d: %.3f overall", step, probe["adherence_probe/overall"])
         if ema is not None:
-            ema.restore(trained_parameters)
+            ema.restore(ema_parameters)
         unet.train()
         text_encoder.train(train_text_encoder)
 
@@ -285,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
                     timestep_sampling=timestep_sampling,
                     snr_weight_floor=config.diffusion.snr_weight_floor,
                 )
+                guard.observe(output.loss, state.global_step + 1)
                 accelerator.backward(output.loss * loss_weight)
                 if accelerator.sync_gradients and train.optimizer.max_grad_norm:
                     accelerator.clip_grad_norm_(trained_parameters, train.optimizer.max_grad_norm)
@@ -299,11 +315,12 @@ def main(argv: list[str] | None = None) -> None:
             # One optimizer step done.
             lr_scheduler.step()
             if ema is not None:
-                ema.step(trained_parameters)
+                ema.step(ema_parameters)
             state.global_step += 1
             state.images_seen += train.batch_size
             progress.update(1)
             if state.global_step % train.log_every == 0 or state.global_step == train.max_steps:
+                guard.check(accelerator, state.global_step)  # syncs
                 loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()  # syncs
                 images_per_second = interval_images / (time.perf_counter() - interval_start)
                 logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
@@ -315,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
             if train.checkpointing_steps and (
                 state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps
             ):
-                save_checkpoint(accelerator, config.output_dir, state, train.checkpoints_total_limit, rng)
+                guard.check(accelerator, state.global_step, weights_to_save())
+                save_checkpoint(accelerator, config.output_dir, state, train.checkpoints_total_limit, rng, ema)
             if caption_gap_probe is not None and (
                 state.global_step % train.caption_gap_steps == 0 or state.global_step == train.max_steps
             ):
@@ -349,8 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     # 7. Export: the Diffusers pipeline folder with the EMA weights, a sample grid and a model card.
     accelerator.wait_for_everyone()
     if train.export:
+        guard.check(accelerator, state.global_step, weights_to_save())
         if ema is not None:
-            ema.copy_to(trained_parameters)
+            ema.copy_to(ema_parameters)
         unet.eval()
         text_encoder.eval()
         exported_unet, exported_text_encoder = full_model(accelerator, unet), full_model(accelerator, text_encoder)
@@ -362,14 +381,11 @@ def main(argv: list[str] | None = None) -> None:
         if accelerator.is_main_process:
             pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, exported_unet, noise_scheduler)
             folder = export_pipeline(pipeline, config, state, device=accelerator.device)
+            with Image.open(os.path.join(folder, SAMPLES_FILE)) as samples:
+                log_images(accelerator, "samples", samples, state.global_step)
             logger.info("pipeline saved to %s", folder)
     accelerator.end_training()
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as error:
-        # Bad input is reported in one line before training starts, not as a traceback.
-        print(f"train_ldm.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_training_script(main, "train_ldm.py")

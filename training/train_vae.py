@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import shutil
-import sys
 import time
 
 import torch
@@ -38,17 +37,25 @@ from latentdiff.trainer.autoencoder import (
     normalize_latents,
     reconstruction_loss,
 )
-from latentdiff.trainer.checkpointing import TrainingState, load_checkpoint, remove_partial_checkpoints, resolve_resume, save_checkpoint
+from latentdiff.trainer.checkpointing import (
+    NonFiniteLossGuard,
+    TrainingState,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import collate_image_text, make_training_dataset
 from latentdiff.models import build_vae
 from latentdiff.trainer.loop import (
     batch_size_of,
     epoch_batches,
+    init_trackers,
     log_images,
     make_accelerator,
     make_train_dataloader,
     per_process_batch_size,
+    run_training_script,
     setup_logging,
     tensor_to_pil,
 )
@@ -65,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     config: Config = parse_args(argv, description=__doc__.split("\n\n")[0])
     train = config.vae_train
     stage_dir = os.path.join(config.output_dir, STAGE_DIR)
-    accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, "tensorboard", "vae")
+    report_to = train.report_to if train.report_to is not None else config.train.report_to
+    accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, report_to, "vae")
     setup_logging(accelerator)
 
     # 1. Check the configuration before any heavy work.
@@ -79,17 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     batch_per_process = per_process_batch_size(
         train.batch_size, accelerator.num_processes, train.gradient_accumulation_steps, "vae_train.batch_size"
     )
-    factor = 2 ** (len(config.model.vae.block_out_channels) - 1)
-    if train.crop_size is not None and not (factor <= train.crop_size <= config.data.resolution and train.crop_size % factor == 0):
-        raise ConfigError(
-            f"vae_train.crop_size={train.crop_size} must be a multiple of the autoencoder's downsampling factor "
-            f"{factor} and at most data.resolution={config.data.resolution}"
-        )
-    if config.data.resolution % factor:
-        raise ConfigError(
-            f"data.resolution={config.data.resolution} is not divisible by the autoencoder's downsampling factor "
-            f"{factor} (from model.vae.block_out_channels); use a multiple of {factor}"
-        )
     perceptual = VGGPerceptualLoss(train.lpips_weights) if train.perceptual_weight > 0 else None
     if accelerator.is_main_process:
         save_config(config, config.output_dir, name="config_vae.yaml")
@@ -127,17 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         autoencoder, optimizer, lr_scheduler = accelerator.prepare(autoencoder, optimizer, lr_scheduler)
 
-    # 3. Resume.
+    # 3. Resume from the newest intact checkpoint.
     state = TrainingState()
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(stage_dir)
-    accelerator.wait_for_everyone()
-    checkpoint = resolve_resume(stage_dir, config.resume)
+    checkpoint = find_resume_checkpoint(accelerator, stage_dir, config.resume)
     if checkpoint:
         state = load_checkpoint(accelerator, checkpoint, rng)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("latentdiff-vae", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
+    init_trackers(accelerator, "latentdiff-vae", config)
+    guard = NonFiniteLossGuard(stage_dir)  # no checkpoint or export of non-finite weights
+    saved_modules = [autoencoder] + ([discriminator] if discriminator is not None else [])
 
     # 4. The training loop.
     progress = tqdm(total=train.max_steps, initial=state.global_step, desc="train vae",
@@ -173,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                 if use_adversarial:
                     terms["generator_adversarial"] = generator_adversarial_loss(discriminator(reconstructions))
                     loss = loss + train.adversarial_weight * terms["generator_adversarial"]
+                guard.observe(loss, state.global_step + 1)
                 accelerator.backward(loss * loss_weight)
                 if accelerator.sync_gradients and optimizer_config.max_grad_norm:
                     accelerator.clip_grad_norm_(autoencoder.parameters(), optimizer_config.max_grad_norm)
@@ -185,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                     # Real and fake in one forward: DistributedDataParallel expects one forward per backward.
                     logits_real, logits_fake = discriminator(torch.cat([images, reconstructions.detach()])).chunk(2)
                     terms["discriminator"] = hinge_discriminator_loss(logits_real, logits_fake)
+                    guard.observe(terms["discriminator"], state.global_step + 1)
                     accelerator.backward(terms["discriminator"] * loss_weight)
                     discriminator_optimizer.step()
                     discriminator_optimizer.zero_grad(set_to_none=True)
@@ -200,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             state.images_seen += train.batch_size
             progress.update(1)
             if state.global_step % train.log_every == 0 or state.global_step == train.max_steps:
+                guard.check(accelerator, state.global_step)  # syncs
                 logs = {name: accelerator.reduce(total / log_count, reduction="mean").item() for name, total in log_sums.items()}
                 logs["images_per_s"] = interval_images / (time.perf_counter() - interval_start)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_s']:.1f}")
@@ -210,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             if train.checkpointing_steps and (
                 state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps
             ):
+                guard.check(accelerator, state.global_step, [p for m in saved_modules for p in m.parameters()])
                 save_checkpoint(accelerator, stage_dir, state, train.checkpoints_total_limit, rng)
             if state.global_step >= train.max_steps:
                 break
@@ -224,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 5. Measure the latent scale on the data, save the VAE and a grid of reconstructions.
     accelerator.wait_for_everyone()
+    guard.check(accelerator, state.global_step, [p for m in saved_modules for p in m.parameters()])
     if accelerator.is_main_process:
         vae = accelerator.unwrap_model(autoencoder).vae.eval()
         dataset.set_epoch(0)
@@ -261,9 +261,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as error:
-        # Bad input is reported in one line before training starts, not as a traceback.
-        print(f"train_vae.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_training_script(main, "train_vae.py")

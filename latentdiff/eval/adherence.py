@@ -482,6 +482,7 @@ def evaluate_model(
     tasks: Sequence[str] | None = None,
     max_prompts_per_task: int | None = None,
     device: str | None = None,
+    dtype: str = "float32",
     allow_pickle: bool = False,
     progress: bool = True,
 ) -> tuple[AdherenceResults, dict[str, str]]:
@@ -489,8 +490,9 @@ def evaluate_model(
 
     The suite's holdout comes from :func:`model_holdout`; ``guidance=None`` takes the model's own
     ``guidance_scale`` (``latentdiff.json``, or the ``sample`` section of its ``config.yaml``), else
-    Diffusers' default. ``out`` defaults to ``MODEL/eval``. Returns the results and the
-    paths written (``{"results": ..., "grid": ...}``).
+    Diffusers' default. ``out`` defaults to ``MODEL/eval``. Returns the results and the paths written
+    (``{"results": ..., "grid": ...}``). ``dtype``: the torch dtype name the pipeline runs in (``float32``,
+    ``float16``, ``bfloat16``).
     """
     import torch
 
@@ -503,11 +505,13 @@ def evaluate_model(
             raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if scheduler not in SCHEDULER_NAMES:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     holdout, holdout_source = model_holdout(model)
     suite = select_prompts(shapes_suite(holdout), tasks, max_prompts_per_task)
     out = out if out is not None else os.path.join(model, "eval") if os.path.isdir(model) else "eval"
 
-    pipeline = LatentPipeline.from_pretrained(model, allow_pickle=allow_pickle)
+    pipeline = LatentPipeline.from_pretrained(model, allow_pickle=allow_pickle, torch_dtype=getattr(torch, dtype))
     pipeline = pipeline.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if guidance is not None:
         guidance_source = "given"

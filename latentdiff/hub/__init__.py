@@ -10,6 +10,8 @@ from .loading import (
     UnsafeWeightsError,
     check_pipeline_folder,
     find_run_files,
+    hub_load_error,
+    locate_model,
     read_sampling_defaults,
 )
 from .mixin import PipelineHubMixin
@@ -23,6 +25,8 @@ __all__ = [
     "UnsafeWeightsError",
     "check_pipeline_folder",
     "find_run_files",
+    "hub_load_error",
+    "locate_model",
     "make_model_card",
     "prepare_upload",
     "push_folder_to_hub",

@@ -39,6 +39,48 @@ class UnsafeWeightsError(ValueError):
     """A folder holds pickle weights (``.bin``, ``.ckpt``, ``.pt``) and ``allow_pickle`` was not given."""
 
 
+def locate_model(name_or_path: str | os.PathLike, what: str, expected: str) -> str:
+    """Where ``name_or_path`` points: ``"folder"`` (an existing local folder) or ``"hub"`` (a Hub repo id).
+
+    A string that is not a valid Hub repo id (``huggingface_hub``'s own validation: ``runs/x/y``,
+    ``./x``, ``~/x``), or whose first part is a local folder (``runs/nope`` with a ``runs/`` here), is
+    a local path; missing, it is an error rather than a Hub look-up.
+
+    Args:
+        what: who asks, for the message (``model.vae.pretrained``, ``LatentPipeline.from_pretrained``).
+        expected: what should be there, for the message (``a pipeline folder (model_index.json ...)``).
+
+    Raises:
+        FileNotFoundError: ``no folder at ...``, with what was expected.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        return "folder"
+    if os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path!r} is a file; expected {expected}")
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"{what}: no folder at {path!r}; expected {expected}") from None
+    first = path.split("/")[0]
+    if "/" in path and os.path.isdir(first):
+        raise FileNotFoundError(f"{what}: no folder at {path!r} (the folder {first!r} has no {path[len(first) + 1:]!r}); expected {expected}")
+    return "hub"
+
+
+def hub_load_error(name_or_path: str, what: str, expected: str, error: Exception) -> FileNotFoundError:
+    """The one-line error for a Hub id that could not be loaded: it is no local folder either."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        reason = "the Hub is off (HF_HUB_OFFLINE=1) and it is not in the local Hub cache"
+    else:
+        reason = " ".join(str(error).split())
+    return FileNotFoundError(
+        f"{what}: no folder at {name_or_path!r}, and it cannot be loaded as a Hub repo id ({reason}); expected {expected}"
+    )
+
+
 def _read_model_index(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, MODEL_INDEX)
     if not os.path.isfile(path):

@@ -12,7 +12,15 @@ from typing import Any
 from huggingface_hub import ModelCard
 
 from .card import make_model_card
-from .loading import CARD_FILE, DEFAULT_COMMIT_MESSAGE, SAMPLING_DEFAULTS_FILE, check_pipeline_folder, read_sampling_defaults
+from .loading import (
+    CARD_FILE,
+    DEFAULT_COMMIT_MESSAGE,
+    SAMPLING_DEFAULTS_FILE,
+    check_pipeline_folder,
+    hub_load_error,
+    locate_model,
+    read_sampling_defaults,
+)
 from .upload import prepare_upload, upload
 
 class PipelineHubMixin:
@@ -42,15 +50,14 @@ class PipelineHubMixin:
             if use_safetensors is False:
                 raise ValueError("use_safetensors=False loads pickle weights; pass allow_pickle=True to allow that")
             use_safetensors = True
+        expected_here = "a pipeline folder (model_index.json and one subfolder per component) or a Hub repo id"
         if os.path.isfile(path):
-            raise ValueError(
-                f"{path!r} is a file; from_pretrained loads a pipeline folder (model_index.json and one "
-                "subfolder per component) or a Hub repository id"
-            )
+            raise ValueError(f"{path!r} is a file; from_pretrained loads {expected_here}")
         # Components a folder may list that the pipeline never loads from it (IP-Adapter's come with the adapter).
         for name in getattr(cls, "_not_loaded_from_folders", ()):
             kwargs.setdefault(name, None)
-        if os.path.isdir(path):
+        location = locate_model(path, f"{cls.__name__}.from_pretrained", expected_here)
+        if location == "folder":
             expected, _ = cls._get_signature_keys(cls)
             check_pipeline_folder(
                 path,
@@ -60,9 +67,12 @@ class PipelineHubMixin:
                 allow_pickle=allow_pickle,
                 pipeline_name=cls.__name__,
             )
-        elif path.startswith((".", "/", "~")) or path.count("/") > 1:
-            raise FileNotFoundError(f"no pipeline folder at {path!r}")
-        pipeline = super().from_pretrained(path, use_safetensors=use_safetensors, **kwargs)
+        try:
+            pipeline = super().from_pretrained(path, use_safetensors=use_safetensors, **kwargs)
+        except OSError as error:
+            if location == "folder":
+                raise
+            raise hub_load_error(path, f"{cls.__name__}.from_pretrained", expected_here, error) from error
         pipeline.sampling_defaults = read_sampling_defaults(path) if os.path.isdir(path) else {}
         return pipeline
 

@@ -39,24 +39,25 @@ def vae_scale_factor(config: ModelConfig) -> int:
     return 2 ** (len(config.vae.block_out_channels) - 1)
 
 
-def _is_local_path(name_or_path: str) -> bool:
-    """A Hub id is ``name`` or ``owner/name``; anything else (``./x``, ``/x``, ``a/b/c``) is a path."""
-    return os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-
-
 def _from_pretrained(model_class, name_or_path: str, subfolder: str | None, what: str, **kwargs):
-    """``model_class.from_pretrained`` with errors that name the config key and the path."""
-    if _is_local_path(name_or_path):
-        folder = os.path.join(name_or_path, subfolder or "")
-        if not os.path.isdir(name_or_path):
-            raise FileNotFoundError(f"{what}: no folder at {name_or_path!r} (expected a local folder or a Hub id)")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{what}: {name_or_path!r} has no subfolder {subfolder!r}")
+    """``model_class.from_pretrained`` with errors that name the config key and the path.
+
+    A missing local path is ``no folder at ...`` before anything is loaded; a Hub id that cannot be
+    loaded (offline, not cached, no such repo) says so in one line, as a missing folder.
+    """
+    from ..hub.loading import hub_load_error, locate_model
+
+    expected = f"a local folder or Hub repo id holding a {model_class.__name__}"
+    location = locate_model(name_or_path, what, expected)
+    if location == "folder" and subfolder and not os.path.isdir(os.path.join(name_or_path, subfolder)):
+        raise FileNotFoundError(f"{what}: {name_or_path!r} has no subfolder {subfolder!r}")
     try:
         if subfolder:  # transformers 5 refuses subfolder=None
             kwargs["subfolder"] = subfolder
         return model_class.from_pretrained(name_or_path, **kwargs)
     except OSError as error:
+        if location == "hub":
+            raise hub_load_error(name_or_path, what, expected, error) from error
         where = f"{name_or_path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         raise OSError(f"{what}: could not load {model_class.__name__} from {where}: {error}") from error
 

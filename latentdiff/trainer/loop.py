@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from accelerate.utils import ProjectConfiguration
 from PIL import Image
 
 from ..config import Config, ConfigError, MixedPrecision
+from .checkpointing import TrainingFailure
 
 logger = logging.getLogger("latentdiff")
 
@@ -28,14 +31,21 @@ def make_accelerator(
     report_to: str | None,
     logging_subdir: str,
 ) -> Accelerator:
-    """An ``Accelerator`` with a seedable data order (the same shuffle on resume) and trackers."""
-    log_with = None if report_to in (None, "none") else report_to
+    """An ``Accelerator`` with a seedable data order (the same shuffle on resume) and the trackers of
+    ``report_to`` (see :func:`check_report_to`).
+
+    Raises:
+        ConfigError: ``report_to`` names a tracker whose package is not installed (Accelerate would
+            silently log nothing).
+    """
+    log_with = check_report_to(report_to)
     # Several processes on a machine without a GPU: Accelerate's MULTI_GPU launcher starts them, but
     # without a CUDA device each would fall back to a lone, non-distributed process. cpu=True makes
     # them one process group on the gloo backend (MULTI_CPU), as torchrun-launched CPU runs expect.
     several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(
-        cpu=several_processes and not torch.cuda.is_available(),
+    cpu_processes = several_processes and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu_processes,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         log_with=log_with,
@@ -46,6 +56,110 @@ def make_accelerator(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,
     )
+    if cpu_processes and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _use_fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _use_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Turn an FSDP launch on CPU processes (gloo) into FSDP, as on GPUs.
+
+    Accelerate enables FSDP only for GPU-like process groups: on CPU processes it would silently
+    train plain data-parallel instead. PyTorch's FSDP2 (``fully_shard``) does run on gloo, so the
+    state Accelerate keeps for the run is set to FSDP here, with the plugin built from the launch's
+    ``FSDP_*`` settings, exactly as Accelerate does for GPUs. This makes a CPU-only machine run (and
+    test) the FSDP code path: sharded parameters, sharded checkpoints, gathered exports.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if not hasattr(torch.cpu.Stream, "record_event"):  # FSDP 2's all-gather records an event on the stream
+        raise ConfigError(
+            f"FSDP on CPU processes needs a torch whose FSDP 2 runs on CPU (torch.cpu.Stream.record_event); "
+            f"torch {torch.__version__} has none: use a newer torch, or a GPU"
+        )
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU processes needs FSDP 2 (fsdp_version: 2 in the accelerate config)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state = AcceleratorState()
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def run_training_script(main: Callable[[], None], name: str) -> None:
+    """Run a training script's ``main`` and report what went wrong in one line, not a traceback.
+
+    Exit status 2: the input is wrong (a config value, a path, data, a model, a checkpoint to
+    resume); 1: training stopped on a failure it detected (a non-finite loss, a checkpoint that
+    could not be written). Any other exception is a bug and keeps its traceback.
+    """
+    try:
+        main()
+    except (ConfigError, OSError, TrainingFailure) as error:
+        print(f"{name}: error: {error}", file=sys.stderr)
+        sys.exit(1 if isinstance(error, TrainingFailure) else 2)
+
+
+def check_report_to(report_to: str | None) -> str | None:
+    """The ``log_with`` argument of ``Accelerator`` for a ``report_to`` setting (``None`` for ``none``).
+
+    ``tensorboard``, ``wandb`` or any other tracker name Accelerate knows, ``all`` (every installed
+    tracker) or ``none``. Accelerate itself drops a named tracker whose package is not installed with
+    only a debug message; a run the user asked to record must not go unrecorded, so that is an error
+    here, before training starts.
+    """
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if report_to in (None, "none"):
+        return None
+    known = [str(kind) for kind in LoggerType]
+    if report_to not in known:
+        raise ConfigError(f"report_to={report_to!r} is not a tracker; expected one of {', '.join(known)} or none")
+    if report_to != "all" and report_to not in [str(kind) for kind in get_available_trackers()]:
+        raise ConfigError(
+            f"report_to={report_to!r}: the {report_to} package is not installed (for wandb: pip install "
+            "'latentdiff[wandb]'); install it, or choose another tracker or none"
+        )
+    return report_to
+
+
+def tracker_hyperparameters(config: Config) -> dict[str, bool | int | float | str]:
+    """The whole resolved configuration as one flat mapping of dotted keys (``train.max_steps``, the
+    spelling of command-line overrides) to scalars, as trackers take hyperparameters.
+
+    Accelerate's trackers accept only ``bool``, ``int``, ``float`` and ``str`` values (TensorBoard's
+    ``add_hparams`` rejects lists and silently skips ``None``), so lists are written as YAML flow
+    text (``[32, 64, 64]``) and ``None`` as ``null``, the way they are written in ``config.yaml``.
+    """
+    import yaml
+
+    from ..config import config_to_dict
+
+    flat: dict[str, bool | int | float | str] = {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{prefix}{key}.", item)
+        elif value is None:
+            flat[prefix[:-1]] = "null"
+        elif isinstance(value, list):
+            flat[prefix[:-1]] = yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip()
+        else:
+            flat[prefix[:-1]] = value
+
+    visit("", config_to_dict(config))
+    return flat
+
+
+def init_trackers(accelerator: Accelerator, project_name: str, config: Config) -> None:
+    """Start the run's trackers (main process) with the whole configuration as hyperparameters."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project_name, config=tracker_hyperparameters(config))
 
 
 def per_process_batch_size(batch_size: int, num_processes: int, gradient_accumulation_steps: int, key: str) -> int:
@@ -70,14 +184,17 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def log_images(accelerator: Accelerator, tag: str, grid: Image.Image, step: int) -> None:
-    """Send an image grid to every active tracker (tensorboard, wandb)."""
+    """Send an image grid to every active tracker that records images, through its ``log_images``
+    (Accelerate's tracker API: TensorBoard, wandb, Aim, ClearML, SwanLab; others have none)."""
+    pixels = np.asarray(grid.convert("RGB"))
     for tracker in accelerator.trackers:
+        if not callable(getattr(tracker, "log_images", None)):
+            continue
         if tracker.name == "tensorboard":
-            tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            tracker.log({tag: [wandb.Image(grid)]}, step=step)
+            # `SummaryWriter.add_images` takes one batched array, channels first unless told otherwise.
+            tracker.log_images({tag: pixels[None]}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({tag: [pixels]}, step=step)
 
 
 def setup_logging(accelerator: Accelerator) -> None:

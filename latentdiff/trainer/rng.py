@@ -6,6 +6,7 @@ import os
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 
 class TrainingRNG:
@@ -22,19 +23,19 @@ class TrainingRNG:
         self.generator = torch.Generator(device=accelerator.device).manual_seed(seed + self.process_index)
 
     def file_name(self) -> str:
-        return f"training_rng_{self.process_index}.pt"
+        return f"training_rng_{self.process_index}.safetensors"
 
     def save(self, folder: str) -> None:
-        torch.save(self.generator.get_state(), os.path.join(folder, self.file_name()))
+        save_file({"state": self.generator.get_state()}, os.path.join(folder, self.file_name()))
 
     def load(self, folder: str) -> None:
         path = os.path.join(folder, self.file_name())
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"checkpoint {folder!r} has no random-generator state for process {self.process_index} ({path}); "
-                "was it written by a run with fewer processes? Resume with the same number of processes."
+                "was it written by a run with fewer processes (resume with the same number) or by an older latentdiff?"
             )
-        self.generator.set_state(torch.load(path, weights_only=True))
+        self.generator.set_state(load_file(path)["state"])
 
 
 def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
