@@ -232,3 +232,21 @@ def test_snr_weight_floor_keeps_the_terminal_step_of_a_zero_snr_schedule():
     # where the min-SNR weight is above the floor, nothing changes
     torch.testing.assert_close(floored[plain >= 0.1], plain[plain >= 0.1])
     assert (floored >= 0.1).all()
+
+
+def test_caption_gap_of_a_small_dataset_uses_what_it_has(monkeypatch, caplog):
+    import latentdiff.data.loading
+    from latentdiff.config import ConfigError, DataConfig
+    from latentdiff.trainer.probes import held_examples
+
+    def fake_dataset(size):
+        examples = [{"pixel_values": torch.zeros(3, 8, 8), "caption": f"caption {i}"} for i in range(size)]
+        return lambda data, seed, batch_size: examples[:2] + [None] + examples[2:]  # one unusable example
+
+    monkeypatch.setattr(latentdiff.data.loading, "make_training_dataset", fake_dataset(10))
+    with caplog.at_level("WARNING"):
+        pixels, captions = held_examples(DataConfig(source="imagefolder", name="x"), seed=0, num_images=64)
+    assert pixels.shape[0] == len(captions) == 8 and "the caption gap uses 8" in caplog.text
+    monkeypatch.setattr(latentdiff.data.loading, "make_training_dataset", fake_dataset(3))
+    with pytest.raises(ConfigError, match="train.caption_gap_steps=0"):
+        held_examples(DataConfig(source="imagefolder", name="x"), seed=0, num_images=64)

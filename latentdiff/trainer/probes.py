@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from ..diffusion import CaptionGap, caption_gap
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ def held_examples(data: DataConfig, seed: int, num_images: int) -> tuple[torch.T
     For the built-in shapes: fresh scenes from another seed, never seen in training, each with its full
     description (:func:`~latentdiff.data.shapes.full_caption`). For any other
     source: the first ``num_images`` usable examples of the training data (the gap then also
-    measures how well those were learned).
+    measures how well those were learned); a dataset with fewer gives the largest multiple of 4 it
+    has, with a warning.
     """
     from ..data.loading import make_training_dataset
 
@@ -56,7 +57,17 @@ def held_examples(data: DataConfig, seed: int, num_images: int) -> tuple[torch.T
         if len(captions) == num_images:
             break
     if len(captions) < num_images:
-        raise ValueError(f"the caption gap needs {num_images} usable examples; the data has {len(captions)}")
+        usable = len(captions) - len(captions) % 4
+        if usable == 0:
+            raise ConfigError(
+                f"train.caption_gap_images={num_images}: the caption gap needs at least 4 usable examples and "
+                f"the data has {len(captions)}; set train.caption_gap_steps=0 to measure no caption gap"
+            )
+        logger.warning(
+            "train.caption_gap_images=%d but the data has %d usable examples: the caption gap uses %d",
+            num_images, len(captions), usable,
+        )
+        pixel_values, captions = pixel_values[:usable], captions[:usable]
     return torch.stack(pixel_values), captions
 
 
