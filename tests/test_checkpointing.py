@@ -114,3 +114,32 @@ def test_the_guard_check_names_the_step_and_the_last_good_checkpoint(tmp_path):
     message = str(error.value)
     assert "the training loss was not finite (nan or inf) at step 6" in message
     assert str(tmp_path / "checkpoints" / "checkpoint-4") in message
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    import shutil
+
+    from accelerate import Accelerator
+
+    import latentdiff.trainer.checkpointing as checkpointing
+
+    make_checkpoint(tmp_path, 1)
+    make_checkpoint(tmp_path, 2)
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, ignore_errors=False):
+        if (Path(path) / STATE_FILE).is_file():  # deleting an old checkpoint
+            (Path(path) / STATE_FILE).unlink()  # the deletion gets this far ...
+            raise KeyboardInterrupt  # ... and the process dies
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(Accelerator(cpu=True), str(tmp_path), checkpointing.TrainingState(global_step=3), 2)
+    folder = tmp_path / "checkpoints"
+    published = sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-"))
+    assert published == ["checkpoint-2", "checkpoint-3"]
+    assert all((folder / name / STATE_FILE).is_file() for name in published)  # none half deleted
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+    checkpointing.remove_partial_checkpoints(str(tmp_path))  # what the next start does
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-3"]

@@ -56,6 +56,7 @@ logger = logging.getLogger("latentdiff")
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_PREFIX = ".partial-"
 DAMAGED_PREFIX = ".damaged-"
+REMOVING_PREFIX = ".removing-"
 STATE_FILE = "training_state.json"
 EMA_CONFIG_FILE = "ema.json"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -205,11 +206,11 @@ def find_resume_checkpoint(accelerator: Accelerator, output_dir: str, resume: st
 
 
 def remove_partial_checkpoints(output_dir: str) -> None:
-    """Delete folders left by a process killed while writing a checkpoint."""
+    """Delete folders left by a process killed while writing a checkpoint or deleting an old one."""
     folder = checkpoints_dir(output_dir)
     if os.path.isdir(folder):
         for name in os.listdir(folder):
-            if name.startswith(PARTIAL_PREFIX):
+            if name.startswith((PARTIAL_PREFIX, REMOVING_PREFIX)):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
@@ -270,7 +271,12 @@ def save_checkpoint(
     _stop_if_any_failed(accelerator, error, final, partial)
     if accelerator.is_main_process and total_limit is not None:
         for _, old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed out of sight first: a process killed while deleting leaves a hidden folder (removed
+            # at the next start), not a published checkpoint with some of its files gone.
+            removing = os.path.join(os.path.dirname(old), REMOVING_PREFIX + os.path.basename(old))
+            shutil.rmtree(removing, ignore_errors=True)
+            os.replace(old, removing)
+            shutil.rmtree(removing, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
