@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import sys
 
 import torch
 
@@ -65,3 +67,17 @@ def tensorboard_records(logdir: str | os.PathLike) -> tuple[dict, dict, dict]:
         for tag in tags["scalars"]:
             scalars[tag] = [(scalar.step, scalar.value) for scalar in events.Scalars(tag)]
     return hyperparameters, images, scalars
+
+
+def load_bench_script(name: str):
+    """A script of the repository's bench/ folder as a module (bench/ is a folder of scripts, not a package)."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(bench, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(bench)

@@ -4,7 +4,6 @@ are consistent with each other."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,21 +12,13 @@ import sys
 
 import pytest
 
+from latentdiff.testing import load_bench_script
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO_ROOT, "bench")
 
 
-def _load(name: str):
-    """A bench script as a module (bench/ is a folder of scripts, not a package)."""
-    sys.path.insert(0, BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(BENCH)
+_load = load_bench_script  # a bench script as a module
 
 
 def _run(script: str, *arguments: str) -> subprocess.CompletedProcess:

@@ -171,12 +171,11 @@ def test_text_stage_feeds_stage_two(tmp_path):
 
 
 def test_normalize_vae_script_writes_a_standardized_copy(tmp_path, monkeypatch):
-    import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("bench_normalize_vae", Path(__file__).parents[1] / "bench" / "normalize_vae.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from latentdiff.testing import load_bench_script
+
+    script = load_bench_script("normalize_vae")
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
@@ -196,14 +195,10 @@ def test_normalize_vae_script_writes_a_standardized_copy(tmp_path, monkeypatch):
 
 
 def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path):
-    import importlib.util
-
     from latentdiff.pipelines import LatentPipeline
-    from latentdiff.testing import tiny_components
+    from latentdiff.testing import load_bench_script, tiny_components
 
-    spec = importlib.util.spec_from_file_location("bench_attribute_sensitivity", Path(__file__).parents[1] / "bench" / "attribute_sensitivity.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_bench_script("attribute_sensitivity")
     pipeline = LatentPipeline(**tiny_components(seed=0))
     pipeline.save_pretrained(tmp_path / "reads")
     reads = script.measure(str(tmp_path / "reads"), scenes=4, seed=0, timesteps=(900, 100))
