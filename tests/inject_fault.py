@@ -7,8 +7,11 @@
 ``--nan-loss-at-step N`` makes the training loss of optimizer step N a NaN (the loss function's
 result is multiplied by NaN, so the NaN also flows through backward into the gradients and weights,
 as a real divergence would). ``--disk-full-at-checkpoint N`` makes the first file write of
-checkpoint N fail with ``OSError(ENOSPC)`` on the process(es) chosen by ``--on-process``. The script
-then runs unchanged, as ``__main__``.
+checkpoint N fail with ``OSError(ENOSPC)`` on the process(es) chosen by ``--on-process``.
+``--late-process P`` makes process P raise a training failure two seconds after the others (as a
+process slowed by a busy machine would), so that a test sees whether the launcher, which stops the
+other processes once one exits with an error, cuts P off before it reports. The script then runs
+unchanged, as ``__main__``.
 """
 
 from __future__ import annotations
@@ -65,11 +68,27 @@ def inject_disk_full(step: int) -> None:
     accelerate.utils.other.safe_save_file = failing(accelerate.utils.other.safe_save_file)
 
 
+def delay_training_failures(seconds: float) -> None:
+    """Every :class:`TrainingFailure` takes ``seconds`` longer to raise on this process."""
+    import time
+
+    from latentdiff.trainer.checkpointing import TrainingFailure
+
+    original_init = TrainingFailure.__init__
+
+    def late_init(self, *args, **kwargs):
+        time.sleep(seconds)
+        original_init(self, *args, **kwargs)
+
+    TrainingFailure.__init__ = late_init
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nan-loss-at-step", type=int, default=None)
     parser.add_argument("--disk-full-at-checkpoint", type=int, default=None)
     parser.add_argument("--on-process", type=int, default=None, help="only on this process (default: all)")
+    parser.add_argument("--late-process", type=int, default=None, help="this process raises failures 2 s late")
     parser.add_argument("script", help="the training script; every argument after it is the script's")
     split = next(i for i, arg in enumerate(sys.argv[1:], 1) if arg.endswith(".py"))
     args = parser.parse_args(sys.argv[1 : split + 1])
@@ -79,6 +98,8 @@ def main() -> None:
         inject_nan_loss(args.nan_loss_at_step)
     if here and args.disk_full_at_checkpoint is not None:
         inject_disk_full(args.disk_full_at_checkpoint)
+    if args.late_process is not None and int(os.environ.get("RANK", "0")) == args.late_process:
+        delay_training_failures(2.0)
     sys.argv = [args.script, *script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
     runpy.run_path(args.script, run_name="__main__")

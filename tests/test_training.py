@@ -390,13 +390,14 @@ def test_a_nan_loss_stops_the_run_and_resume_skips_damaged_checkpoints(stage1, t
 def test_a_full_disk_while_checkpointing_is_one_line_on_every_process(stage1, tmp_path):
     """The main process fails to write checkpoint 6 (an injected ENOSPC) while the other succeeds:
     both stop with the same one-line error instead of waiting for each other, the half-written
-    checkpoint is removed and the older ones stay intact."""
+    checkpoint is removed and the older ones stay intact. The other process reports two seconds
+    late, as on a busy machine: the launcher must not stop it before it has printed its line."""
     from latentdiff.trainer.checkpointing import verify_checkpoint
 
     result = run_script(
         TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "train.checkpointing_steps=2",
         launcher=accelerate_launch(CPU_2PROC),
-        fault=["--disk-full-at-checkpoint", "6", "--on-process", "0"], check=False, timeout=600,
+        fault=["--disk-full-at-checkpoint", "6", "--on-process", "0", "--late-process", "1"], check=False, timeout=600,
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "train_ldm.py: error: could not write checkpoint" in line]

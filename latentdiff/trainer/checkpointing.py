@@ -67,11 +67,17 @@ class TrainingFailure(RuntimeError):
 
 
 class CheckpointWriteError(TrainingFailure):
-    """A checkpoint could not be written (e.g. a full disk); the older checkpoints are untouched."""
+    """A checkpoint could not be written (e.g. a full disk); the older checkpoints are untouched.
+    Raised on every process at once (see ``_stop_if_any_failed``)."""
+
+    raised_on_every_process = True
 
 
 class NonFiniteLossError(TrainingFailure):
-    """The training loss (or a weight) became NaN or infinite."""
+    """The training loss (or a weight) became NaN or infinite. Raised on every process at once
+    (see ``NonFiniteLossGuard``)."""
+
+    raised_on_every_process = True
 
 
 class DamagedCheckpointError(OSError):

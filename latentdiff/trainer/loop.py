@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import ProjectConfiguration
 from PIL import Image
 
@@ -99,7 +99,12 @@ def run_training_script(main: Callable[[], None], name: str) -> None:
     try:
         main()
     except (ConfigError, OSError, TrainingFailure) as error:
-        print(f"{name}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        if getattr(error, "raised_on_every_process", False):
+            # The launcher (torchrun) stops every other process as soon as one exits with an error,
+            # so a process that is a moment behind would die before it reports. A failure raised on
+            # every process at once waits here until each one has printed its line.
+            PartialState().wait_for_everyone()
         sys.exit(1 if isinstance(error, TrainingFailure) else 2)
 
 
