@@ -206,6 +206,9 @@ class DiffusionConfig:
     snr_weight_floor: float = 0.0
     """With ``snr_gamma``: the least loss weight of any timestep. Min-SNR weighs v at high noise about
     SNR (0 at the last step of a zero-terminal-SNR schedule), so nothing learns the background there."""
+    adaptive_loss_weighting: bool = False
+    """Learn a loss weight per noise level so that each contributes equally (Karras et al. 2024, EDM2;
+    :class:`latentdiff.diffusion.AdaptiveLossWeighting`). Applied on top of ``snr_gamma`` if both are set."""
     noise_offset: float = 0.0
     """Offset noise (Guttenberg 2023): add ``noise_offset * N(0, 1)`` per channel to the noise."""
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"

@@ -16,7 +16,8 @@ Options: the beta schedule (``linear``, ``scaled_linear`` as in Stable Diffusion
 = the cosine schedule of Nichol & Dhariwal 2021, eq. 17), zero-terminal-SNR rescaling (Lin et al.
 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1), min-SNR-gamma loss
 weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 8,
-through ``diffusers.training_utils.compute_snr``) and offset noise (Guttenberg 2023).
+through ``diffusers.training_utils.compute_snr``), a learned per-noise-level weighting (Karras et al.
+2024, EDM2) and offset noise (Guttenberg 2023).
 
 Every random draw comes from torch's global generator (or the one passed in), whose state Accelerate
 saves in each checkpoint, so a resumed run draws the same noise as an uninterrupted one.
@@ -163,13 +164,57 @@ def sample_timesteps(
     raise ValueError(f"unknown timestep sampling {sampling.kind!r}; expected uniform or logit_normal")
 
 
+class AdaptiveLossWeighting(torch.nn.Module):
+    """A learned weight per noise level: EDM2's uncertainty-based loss weighting (Karras et al. 2024,
+    "Analyzing and Improving the Training Dynamics of Diffusion Models", Sec. 5 and Appendix B.2,
+    after Kendall et al. 2018).
+
+    The loss of a sample at timestep ``t`` becomes ``L / exp(u(t)) + u(t)``, with ``u`` a linear layer
+    over fixed random Fourier features of ``t / T``, trained together with the network. Its optimum is
+    ``exp(u(t)) = E[L | t]``: every noise level then contributes the same share of the gradient,
+    whatever its loss scale. Unweighted v-prediction lets the large high-noise losses (the
+    background) dominate; min-SNR gives them almost no weight; this balances the two by measurement
+    instead of by a fixed formula (docs/conditioning.md).
+
+    Written here because Diffusers has no learned loss weighting. Not part of the exported pipeline.
+    """
+
+    def __init__(self, num_train_timesteps: int, num_features: int = 128, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        # EDM2's MPFourier: fixed frequencies and phases; cos(2 pi (f x + phi)) * sqrt(2) has unit variance.
+        self.register_buffer("frequencies", torch.randn(num_features, generator=generator))
+        self.register_buffer("phases", torch.rand(num_features, generator=generator))
+        self.num_train_timesteps = num_train_timesteps
+        self.linear = torch.nn.Linear(num_features, 1)
+        torch.nn.init.zeros_(self.linear.weight)  # u = 0: the plain loss until it has learned otherwise
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """``u(t)``, the log of the expected loss at each timestep, one value per sample."""
+        position = timesteps.float()[:, None] / self.num_train_timesteps
+        features = torch.cos(2 * torch.pi * (position * self.frequencies + self.phases)) * 2**0.5
+        return self.linear(features).squeeze(1)
+
+
+@torch.no_grad()
+def adaptive_weights(weighting: AdaptiveLossWeighting, num_bands: int = 4) -> dict[str, float]:
+    """The learned loss weight ``1 / exp(u(t))`` at the middle of each band of t, for the logs."""
+    width = weighting.num_train_timesteps // num_bands
+    middles = torch.arange(num_bands, device=weighting.frequencies.device) * width + width // 2
+    weights = (-weighting(middles)).exp().tolist()
+    return {f"adaptive_weight/t{i * width}-{(i + 1) * width}": w for i, w in enumerate(weights)}
+
+
 @dataclass
 class DiffusionLoss:
     """The training loss of one batch, with the pieces a caller may want to log."""
 
     loss: torch.Tensor
+    """What is minimized: the mean weighted error (with an adaptive weighting, ``L / exp(u) + u``)."""
     timesteps: torch.Tensor
     per_sample: torch.Tensor
+    """Each sample's error, weighted by min-SNR if on, before any adaptive weighting."""
 
 
 def diffusion_loss(
@@ -182,12 +227,15 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     timestep_sampling: TimestepSampling | None = None,
     snr_weight_floor: float = 0.0,
+    adaptive_weighting: AdaptiveLossWeighting | None = None,
 ) -> DiffusionLoss:
     """Monte-Carlo estimate of the denoising loss on a batch of clean latents ``x_0``.
 
     Draws ``t ~ U{0, ..., T-1}`` and ``eps`` per sample, forms ``x_t`` (DDPM eq. 4), and returns the
     (optionally min-SNR-weighted) mean squared error between ``denoiser(x_t, t, c)`` and the target of
-    the scheduler's prediction type. The mean is taken in float32 whatever the model's dtype.
+    the scheduler's prediction type. The mean is taken in float32 whatever the model's dtype. With
+    ``adaptive_weighting``, each sample's error ``L`` enters as ``L / exp(u(t)) + u(t)``
+    (:class:`AdaptiveLossWeighting`).
     """
     batch_size = latents.shape[0]
     noise = sample_noise(latents, noise_offset, generator)
@@ -200,7 +248,11 @@ def diffusion_loss(
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma, snr_weight_floor)
-    return DiffusionLoss(loss=per_sample.mean(), timesteps=timesteps, per_sample=per_sample)
+    if adaptive_weighting is None:
+        return DiffusionLoss(loss=per_sample.mean(), timesteps=timesteps, per_sample=per_sample)
+    log_expected = adaptive_weighting(timesteps).float()
+    loss = (per_sample / log_expected.exp() + log_expected).mean()
+    return DiffusionLoss(loss=loss, timesteps=timesteps, per_sample=per_sample)
 
 
 @dataclass

@@ -229,6 +229,42 @@ def test_snr_weight_floor_keeps_the_terminal_step_of_a_zero_snr_schedule():
     assert (floored >= 0.1).all()
 
 
+def test_adaptive_weighting_starts_as_the_plain_loss_and_learns_the_expected_loss_of_each_noise_level():
+    """EDM2's learned weighting: u(t) = 0 at first (the loss is unchanged); trained on errors whose
+    size depends on t, exp(u(t)) converges to the mean error at each t, so L / exp(u) is about 1 everywhere."""
+    from latentdiff.diffusion import AdaptiveLossWeighting, diffusion_loss
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    denoiser = lambda x, t, c: x * 0.5  # noqa: E731
+    plain = diffusion_loss(denoiser, scheduler, latents, None, generator=torch.Generator().manual_seed(1))
+    weighting = AdaptiveLossWeighting(scheduler.config.num_train_timesteps)
+    weighted = diffusion_loss(
+        denoiser, scheduler, latents, None, generator=torch.Generator().manual_seed(1), adaptive_weighting=weighting
+    )
+    torch.testing.assert_close(weighted.loss, plain.loss)
+    torch.testing.assert_close(weighted.per_sample, plain.per_sample)
+
+    def expected_error(t: torch.Tensor) -> torch.Tensor:  # 0.01 at t = 0 up to 1 at t = T: two decades
+        return 0.01 * 100 ** (t.float() / 1000)
+
+    optimizer = torch.optim.Adam(weighting.parameters(), lr=0.05)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 600)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(600):
+        t = torch.randint(0, 1000, (256,), generator=generator)
+        error = expected_error(t) * torch.empty(256).exponential_(generator=generator)  # noisy, with that mean
+        log_expected = weighting(t)
+        loss = (error / log_expected.exp() + log_expected).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    t = torch.arange(50, 1000, 100)
+    ratio = weighting(t).exp().detach() / expected_error(t)
+    assert ((ratio > 0.8) & (ratio < 1.25)).all(), ratio
+
+
 def test_caption_gap_of_a_small_dataset_uses_what_it_has(monkeypatch, caplog):
     import latentdiff.data.loading
     from latentdiff.config import ConfigError, DataConfig

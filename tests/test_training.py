@@ -150,8 +150,8 @@ def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "variant",
-    [[], ["train.cache=true", "model.text_encoder.train=false"]],
-    ids=["text-encoder-trained", "latents-and-text-embeddings-cached"],
+    [["diffusion.adaptive_loss_weighting=true"], ["train.cache=true", "model.text_encoder.train=false"]],
+    ids=["text-encoder-and-loss-weighting-trained", "latents-and-text-embeddings-cached"],
 )
 def test_resume_after_sigkill_is_exact(stage1, tmp_path, variant):
     """Killed with SIGKILL at a random moment and resumed with resume=latest, a run ends with the

@@ -38,7 +38,14 @@ from latentdiff.trainer.checkpointing import (
 )
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import ImageTextDataset, collate_image_text, make_training_dataset
-from latentdiff.diffusion import CaptionGap, TimestepSampling, diffusion_loss, make_noise_scheduler
+from latentdiff.diffusion import (
+    AdaptiveLossWeighting,
+    CaptionGap,
+    TimestepSampling,
+    adaptive_weights,
+    diffusion_loss,
+    make_noise_scheduler,
+)
 from latentdiff.trainer.latent_cache import (
     CachedLatentDataset,
     TextEmbeddingCache,
@@ -82,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(
             "model.text_encoder.train=true under FSDP: Accelerate's FSDP 2 prepares a single model, the U-Net; "
             "set model.text_encoder.train=false (a frozen or pretrained text encoder), or launch without FSDP"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP and config.diffusion.adaptive_loss_weighting:
+        raise ConfigError(
+            "diffusion.adaptive_loss_weighting=true under FSDP: Accelerate's FSDP 2 prepares a single model, the "
+            "U-Net; set diffusion.adaptive_loss_weighting=false, or launch without FSDP"
         )
     if not config.model.pixel_space and not config.model.vae.pretrained:
         stage1_vae = os.path.join(config.output_dir, "vae")
@@ -128,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     trained_modules = [unet, text_encoder] if train_text_encoder else [unet]
+    num_models = len(trained_modules)
+    loss_weighting = None
+    if config.diffusion.adaptive_loss_weighting:
+        # Optimized and checkpointed with the models; not averaged, clipped or exported: it only weights the loss.
+        loss_weighting = AdaptiveLossWeighting(config.diffusion.num_train_timesteps, seed=config.seed)
+        trained_modules.append(loss_weighting.to(accelerator.device))
 
     # 3. Data: images and captions, or latents (and text embeddings) cached once by the frozen encoders.
     dataset = make_training_dataset(
@@ -182,9 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     unet = trained_modules[0]
     if train_text_encoder:
         text_encoder = trained_modules[1]
+    if loss_weighting is not None:
+        loss_weighting = trained_modules[-1]
     # The parameters as Accelerate prepared them: under FSDP they are new (sharded) tensors, so the
     # EMA, gradient clipping, validation and export must use these, not the ones from before prepare.
-    trained_parameters = [p for module in trained_modules for p in module.parameters() if p.requires_grad]
+    trained_parameters = [p for module in trained_modules[:num_models] for p in module.parameters() if p.requires_grad]
     # Each process averages its own part of the weights: under FSDP its shards (views into the
     # parameters; the average is elementwise, so averaging the shards averages the whole), which keeps
     # the EMA in plain tensors. Otherwise these are the parameters themselves.
@@ -299,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                     generator=rng.generator,
                     timestep_sampling=timestep_sampling,
                     snr_weight_floor=config.diffusion.snr_weight_floor,
+                    adaptive_weighting=loss_weighting,
                 )
                 guard.observe(output.loss, state.global_step + 1)
                 accelerator.backward(output.loss * loss_weight)
@@ -306,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
                     accelerator.clip_grad_norm_(trained_parameters, train.optimizer.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += output.loss.detach()
+            loss_sum += output.per_sample.detach().mean()  # the error itself, also under adaptive weighting
             loss_count += 1
             interval_images += latents.shape[0] * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -324,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
                 loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()  # syncs
                 images_per_second = interval_images / (time.perf_counter() - interval_start)
                 logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+                if loss_weighting is not None:  # the learned weight 1 / exp(u(t)) at the middle of each band
+                    logs.update(adaptive_weights(accelerator.unwrap_model(loss_weighting)))
                 progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")
                 accelerator.log({**logs, "skipped_images": state.skipped_images}, step=state.global_step)
                 loss_sum.zero_()
