@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""What one stage-2 training step of a config costs, and where the time goes, for config variants
+side by side (one process, interleaved rounds).
+
+    python bench/stage2_step_cost.py --config configs/shapes.yaml \
+        --variant "model.text_encoder.max_position_embeddings=77 model.text_encoder.num_hidden_layers=3" \
+        --variant "model.text_encoder.num_hidden_layers=3" --variant ""
+
+Each variant builds the config's U-Net and text encoder (``latentdiff.models.build_components``) and
+times the step of ``training/train_ldm.py`` on random latents and the data's longest kind of caption
+(a full description of three objects): the text encoder's forward, the U-Net's forward with the
+backward of both, and the AdamW update. The first ``--warmup`` steps of each round are discarded.
+Reported: the median milliseconds per step and per part over ``--rounds`` rounds, and each variant's
+speed relative to the first. Used for the text-path ablation of docs/conditioning.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import time
+
+import torch
+
+from latentdiff.config import load_config
+from latentdiff.models import build_components
+from latentdiff.models.builders import vae_scale_factor
+
+CAPTION = "a large yellow circle at the top right, a small orange circle at the bottom left and a large blue triangle at the bottom right on a black background"
+
+
+def build(config_file: str, variant: str):
+    config = load_config(config_file, shlex.split(variant))
+    components = build_components(config.model, config.data.resolution)
+    unet, text_encoder, tokenizer = components["unet"], components["text_encoder"], components["tokenizer"]
+    text_encoder.requires_grad_(config.model.text_encoder.train)
+    parameters = [p for module in (unet, text_encoder) for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
+    batch = config.train.batch_size
+    ids = tokenizer([CAPTION] * batch, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    size = config.data.resolution // vae_scale_factor(config.model)
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+    return unet, text_encoder, optimizer, ids, latents, timesteps
+
+
+def time_steps(parts, steps: int, warmup: int) -> list[tuple[float, float, float]]:
+    unet, text_encoder, optimizer, ids, latents, timesteps = parts
+    times = []
+    for step in range(steps + warmup):
+        start = time.perf_counter()
+        with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
+            states = text_encoder(ids)[0]
+        text_done = time.perf_counter()
+        loss = (unet(latents, timesteps, encoder_hidden_states=states).sample - latents).pow(2).mean()
+        loss.backward()
+        backward_done = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        if step >= warmup:
+            times.append((text_done - start, backward_done - text_done, end - backward_done))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/shapes.yaml")
+    parser.add_argument("--variant", action="append", required=True, help="space-separated key=value overrides ('' = the config)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    models = [build(args.config, variant) for variant in args.variant]
+    results = {variant: [] for variant in args.variant}
+    for _ in range(args.rounds):
+        for variant, parts in zip(args.variant, models):
+            results[variant] += time_steps(parts, args.steps, args.warmup)
+    print(f"threads: {torch.get_num_threads()}, batch {models[0][3].shape[0]}, {args.rounds} rounds of {args.steps} steps")
+    print("| variant | ms per step | text encoder forward | U-Net forward + backward | AdamW | speed vs first |")
+    print("|---|---|---|---|---|---|")
+    first = None
+    for variant, times in results.items():
+        text, network, update = (1000 * statistics.median(t[i] for t in times) for i in range(3))
+        total = 1000 * statistics.median(sum(t) for t in times)
+        first = first or total
+        print(f"| {variant or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
