@@ -363,6 +363,20 @@ def _load_pipeline(pipeline_class, args: argparse.Namespace):
     return pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _sampling_arguments(args: argparse.Namespace) -> dict:
+    """The pipeline arguments every image command takes alike: negative prompt, steps, guidance and
+    ``--num-images`` images, image ``index`` drawn with seed ``--seed + index``."""
+    import torch
+
+    return dict(
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=args.num_images,
+        generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
+    )
+
+
 def _use_scheduler(pipe, name: str | None):
     """``--scheduler``, built from the model's schedule; ``None`` keeps the folder's own."""
     from .models.schedulers import scheduler_from_name
@@ -395,8 +409,6 @@ def _save_images(images, out: str, prompt: str, seed: int) -> None:
 
 def _cmd_inpaint(args: argparse.Namespace) -> int:
     """Repaint the white part of MASK in IMAGE (RePaint resampling with ``--repaint-samples`` > 1)."""
-    import torch
-
     from .pipelines import LatentInpaintPipeline
 
     image = _open_image(args.image, "IMAGE").convert("RGB")
@@ -406,14 +418,10 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
         args.prompt,
         image=image,
         mask_image=mask,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
         jump_length=args.repaint_jumps,
         jump_n_sample=args.repaint_samples,
         feather=args.feather,
-        num_images_per_prompt=args.num_images,
-        generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
+        **_sampling_arguments(args),
     )
     _save_images(result.images, args.out, args.prompt, args.seed)
     return 0
@@ -421,8 +429,6 @@ def _cmd_inpaint(args: argparse.Namespace) -> int:
 
 def _cmd_outpaint(args: argparse.Namespace) -> int:
     """Extend IMAGE by ``--left/--right/--top/--bottom`` pixels and paint the new area."""
-    import torch
-
     from .pipelines import LatentOutpaintPipeline
 
     for side in ("left", "right", "top", "bottom"):
@@ -443,11 +449,7 @@ def _cmd_outpaint(args: argparse.Namespace) -> int:
         strength=args.strength,
         jump_length=args.repaint_jumps,
         jump_n_sample=args.repaint_samples,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
+        **_sampling_arguments(args),
     )
     _save_images(result.images, args.out, args.prompt, args.seed)
     return 0
@@ -455,8 +457,6 @@ def _cmd_outpaint(args: argparse.Namespace) -> int:
 
 def _cmd_img2img(args: argparse.Namespace) -> int:
     """Redraw IMAGE under PROMPT (SDEdit: noise to ``--strength``, then denoise)."""
-    import torch
-
     from .pipelines import LatentImg2ImgPipeline
 
     if not 0.0 <= args.strength <= 1.0:
@@ -467,11 +467,7 @@ def _cmd_img2img(args: argparse.Namespace) -> int:
         args.prompt,
         image=image,
         strength=args.strength,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
-        generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
+        **_sampling_arguments(args),
     )
     _save_images(result.images, args.out, args.prompt, args.seed)
     return 0
