@@ -169,14 +169,14 @@ def _number(value, name: str):
     return int(value) if float(value).is_integer() else value
 
 
-def text_to_image(pipelines: DemoPipelines, prompt, negative_prompt, num_images, steps, guidance, sampler, seed,
-                  randomize_seed, progress=None):
-    """Images for a prompt: ``(gallery items, first seed used)``."""
-    pipe = pipelines.text_to_image
+def _sample(pipe, sampler, seed, randomize_seed, prompt, negative_prompt, num_images, steps, guidance, **inputs):
+    """Run ``pipe`` with the controls every tab shares plus its own ``inputs``: ``(gallery items, first
+    seed used)``."""
     _sampler(pipe, sampler)
     first, generators, seeds = _seeds(seed, randomize_seed, num_images)
     images = pipe(
         _prompt(prompt),
+        **inputs,
         negative_prompt=_prompt(negative_prompt),
         num_inference_steps=_number(steps, "steps"),
         guidance_scale=float(guidance),
@@ -184,6 +184,13 @@ def text_to_image(pipelines: DemoPipelines, prompt, negative_prompt, num_images,
         generator=generators,
     ).images
     return _captioned(images, seeds), first
+
+
+def text_to_image(pipelines: DemoPipelines, prompt, negative_prompt, num_images, steps, guidance, sampler, seed,
+                  randomize_seed, progress=None):
+    """Images for a prompt: ``(gallery items, first seed used)``."""
+    return _sample(pipelines.text_to_image, sampler, seed, randomize_seed, prompt, negative_prompt, num_images, steps,
+                   guidance)
 
 
 def image_to_image(pipelines: DemoPipelines, image, prompt, negative_prompt, strength, num_images, steps, guidance,
@@ -191,20 +198,8 @@ def image_to_image(pipelines: DemoPipelines, image, prompt, negative_prompt, str
     """``image`` redrawn under the prompt (SDEdit): ``(gallery items, first seed used)``."""
     if image is None:
         raise ValueError("`image` is required: upload the image to redraw.")
-    pipe = pipelines.image_to_image
-    _sampler(pipe, sampler)
-    first, generators, seeds = _seeds(seed, randomize_seed, num_images)
-    images = pipe(
-        _prompt(prompt),
-        image=image.convert("RGB"),
-        strength=float(strength),
-        negative_prompt=_prompt(negative_prompt),
-        num_inference_steps=_number(steps, "steps"),
-        guidance_scale=float(guidance),
-        num_images_per_prompt=_number(num_images, "images"),
-        generator=generators,
-    ).images
-    return _captioned(images, seeds), first
+    return _sample(pipelines.image_to_image, sampler, seed, randomize_seed, prompt, negative_prompt, num_images, steps,
+                   guidance, image=image.convert("RGB"), strength=float(strength))
 
 
 def editor_image_and_mask(editor_value, uploaded_mask=None) -> tuple[Image.Image | None, Image.Image | None]:
@@ -242,22 +237,9 @@ def inpaint(pipelines: DemoPipelines, editor_value, uploaded_mask, prompt, negat
         raise ValueError("`image` is required: upload the image to inpaint, then paint over the part to repaint.")
     if mask is not None and uploaded_mask is None and not np.asarray(mask).any():
         raise ValueError("nothing to repaint: paint over the part of the image to repaint, or upload a mask.")
-    pipe = pipelines.inpaint
-    _sampler(pipe, sampler)
-    first, generators, seeds = _seeds(seed, randomize_seed, num_images)
-    images = pipe(
-        _prompt(prompt),
-        image=image,
-        mask_image=mask,
-        negative_prompt=_prompt(negative_prompt),
-        jump_length=_number(jump_length, "jump length"),
-        jump_n_sample=_number(jump_n_sample, "resamplings"),
-        num_inference_steps=_number(steps, "steps"),
-        guidance_scale=float(guidance),
-        num_images_per_prompt=_number(num_images, "images"),
-        generator=generators,
-    ).images
-    return _captioned(images, seeds), first
+    return _sample(pipelines.inpaint, sampler, seed, randomize_seed, prompt, negative_prompt, num_images, steps,
+                   guidance, image=image, mask_image=mask, jump_length=_number(jump_length, "jump length"),
+                   jump_n_sample=_number(jump_n_sample, "resamplings"))
 
 
 def outpaint(pipelines: DemoPipelines, image, prompt, negative_prompt, left, right, top, bottom, jump_length,
@@ -265,25 +247,10 @@ def outpaint(pipelines: DemoPipelines, image, prompt, negative_prompt, left, rig
     """Extend the image by the four margins and paint the new area: ``(gallery items, first seed used)``."""
     if image is None:
         raise ValueError("`image` is required: upload the image to extend.")
-    pipe = pipelines.outpaint
-    _sampler(pipe, sampler)
-    first, generators, seeds = _seeds(seed, randomize_seed, num_images)
-    images = pipe(
-        _prompt(prompt),
-        image=image.convert("RGB"),
-        left=_number(left, "left"),
-        right=_number(right, "right"),
-        top=_number(top, "top"),
-        bottom=_number(bottom, "bottom"),
-        negative_prompt=_prompt(negative_prompt),
-        jump_length=_number(jump_length, "jump length"),
-        jump_n_sample=_number(jump_n_sample, "resamplings"),
-        num_inference_steps=_number(steps, "steps"),
-        guidance_scale=float(guidance),
-        num_images_per_prompt=_number(num_images, "images"),
-        generator=generators,
-    ).images
-    return _captioned(images, seeds), first
+    return _sample(pipelines.outpaint, sampler, seed, randomize_seed, prompt, negative_prompt, num_images, steps,
+                   guidance, image=image.convert("RGB"), left=_number(left, "left"), right=_number(right, "right"),
+                   top=_number(top, "top"), bottom=_number(bottom, "bottom"),
+                   jump_length=_number(jump_length, "jump length"), jump_n_sample=_number(jump_n_sample, "resamplings"))
 
 
 # --------------------------------------------------------------------------------------------
