@@ -206,6 +206,10 @@ class DiffusionConfig:
     snr_weight_floor: float = 0.0
     """With ``snr_gamma``: the least loss weight of any timestep. Min-SNR weighs v at high noise about
     SNR (0 at the last step of a zero-terminal-SNR schedule), so nothing learns the background there."""
+    snr_clamp_low: float = 0.0
+    """With ``snr_gamma``: clamp the SNR from below too, so the x_0-space weight is ``clamp(SNR,
+    snr_clamp_low, snr_gamma)``. For v, 1 gives the high-noise steps the unweighted loss's weight and
+    keeps min-SNR's at low noise (:func:`latentdiff.diffusion.min_snr_weights`). 0: plain min-SNR."""
     adaptive_loss_weighting: bool = False
     """Learn a loss weight per noise level so that each contributes equally (Karras et al. 2024, EDM2;
     :class:`latentdiff.diffusion.AdaptiveLossWeighting`). Applied on top of ``snr_gamma`` if both are set."""
@@ -459,7 +463,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
     DiffusionConfig: {
         "num_train_timesteps": Range(2), "beta_start": Range(0, 1, low_open=True, high_open=True),
         "beta_end": Range(0, 1, low_open=True, high_open=True), "snr_gamma": POSITIVE, "noise_offset": NON_NEGATIVE,
-        "snr_weight_floor": Range(0, 1), "timestep_mean": Range(), "timestep_std": POSITIVE,
+        "snr_weight_floor": Range(0, 1), "snr_clamp_low": NON_NEGATIVE, "timestep_mean": Range(), "timestep_std": POSITIVE,
     },
     OptimizerConfig: {
         "learning_rate": POSITIVE, "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY,
@@ -533,6 +537,14 @@ def check_values(config: Config) -> None:
     diffusion = config.diffusion
     if diffusion.beta_schedule != "squaredcos_cap_v2" and diffusion.beta_end <= diffusion.beta_start:
         fail("diffusion.beta_end", diffusion.beta_end, f"more than diffusion.beta_start={diffusion.beta_start}")
+    if diffusion.snr_clamp_low > 0:
+        if diffusion.snr_gamma is None:
+            fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, "0 without diffusion.snr_gamma (it clamps min-SNR's SNR)")
+        if diffusion.snr_clamp_low > diffusion.snr_gamma:
+            fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, f"at most diffusion.snr_gamma={diffusion.snr_gamma}")
+        if diffusion.prediction_type == "epsilon":
+            fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, "0 with prediction_type epsilon (its weight "
+                 "snr_clamp_low / SNR is unbounded at high noise); use v_prediction or sample")
 
 
 def _check_section(section: Any, prefix: str) -> None:

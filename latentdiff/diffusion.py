@@ -112,7 +112,11 @@ def predicted_clean_latents(
 
 
 def min_snr_weights(
-    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, floor: float = 0.0
+    scheduler: DDPMScheduler,
+    timesteps: torch.Tensor,
+    gamma: float,
+    floor: float = 0.0,
+    low: float = 0.0,
 ) -> torch.Tensor:
     """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, eq. 8 and Sec. 3.4).
 
@@ -121,12 +125,21 @@ def min_snr_weights(
     for x_0. SNR(t) = alpha_bar_t / (1 - alpha_bar_t).
 
     For v that weight is about SNR at high noise and exactly 0 at the last step of a zero-terminal-SNR
-    schedule, so the steps where a caption decides the background are not learned at all; ``floor``
-    is the least weight any timestep gets (docs/conditioning.md measures what it changes).
+    schedule, so the steps where a caption decides the layout are hardly learned. Two ways to keep them:
+
+    - ``low`` clamps the SNR from below as well: the x_0-space weight becomes ``clamp(SNR, low, gamma)``,
+      so for v a timestep with ``SNR <= low`` weighs ``low / (SNR + 1)`` (with ``low = 1``, the weight of
+      the unweighted loss there) while the low-noise steps keep min-SNR's weight. Not for epsilon, whose
+      weight ``low / SNR`` is unbounded at high noise.
+    - ``floor`` is the least weight any timestep gets, in the target's space. For v it raises the
+      high-noise steps to ``floor`` and also the lowest-noise ones (about ``gamma / SNR`` there: 0.004
+      at t = 0 of the default schedule); docs/conditioning.md measures both.
     """
     snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
+    clipped = torch.clamp(snr, min=low, max=gamma)
     prediction_type = scheduler.config.prediction_type
+    if low > 0 and prediction_type == "epsilon":
+        raise ValueError("a lower SNR clamp needs prediction_type v_prediction or sample; for epsilon its weight low / SNR is unbounded")
     if prediction_type == "epsilon":
         # A zero-terminal-SNR schedule has SNR = 0 at t = T; min(SNR, gamma) / SNR -> 1 there.
         weights = torch.where(snr > 0, clipped / snr.clamp(min=1e-8), torch.ones_like(snr))
@@ -228,6 +241,7 @@ def diffusion_loss(
     timestep_sampling: TimestepSampling | None = None,
     snr_weight_floor: float = 0.0,
     adaptive_weighting: AdaptiveLossWeighting | None = None,
+    snr_clamp_low: float = 0.0,
 ) -> DiffusionLoss:
     """Monte-Carlo estimate of the denoising loss on a batch of clean latents ``x_0``.
 
@@ -247,7 +261,7 @@ def diffusion_loss(
     prediction = denoiser(noisy_latents, timesteps, encoder_hidden_states)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma is not None:
-        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma, snr_weight_floor)
+        per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma, snr_weight_floor, snr_clamp_low)
     if adaptive_weighting is None:
         return DiffusionLoss(loss=per_sample.mean(), timesteps=timesteps, per_sample=per_sample)
     log_expected = adaptive_weighting(timesteps).float()

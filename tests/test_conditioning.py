@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from latentdiff.trainer.autoencoder import normalize_latents
 from latentdiff.diffusion import (
@@ -227,6 +228,36 @@ def test_snr_weight_floor_keeps_the_terminal_step_of_a_zero_snr_schedule():
     # where the min-SNR weight is above the floor, nothing changes
     torch.testing.assert_close(floored[plain >= 0.1], plain[plain >= 0.1])
     assert (floored >= 0.1).all()
+
+
+def test_snr_clamp_low_gives_high_noise_the_unweighted_loss_and_keeps_min_snr_at_low_noise():
+    from latentdiff.diffusion import min_snr_weights
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    timesteps = torch.arange(0, 1000, 7)
+    snr = compute_snr(scheduler, timesteps)
+    plain = min_snr_weights(scheduler, timesteps, gamma=5.0)
+    clamped = min_snr_weights(scheduler, timesteps, gamma=5.0, low=1.0)
+    torch.testing.assert_close(clamped[snr >= 1], plain[snr >= 1])  # low noise: min-SNR-5 unchanged
+    torch.testing.assert_close(clamped[snr < 1], 1 / (snr[snr < 1] + 1))  # high noise: x_0 weight 1
+    assert clamped[-1] > 0.99 and plain[-1] < 1e-3
+    with pytest.raises(ValueError, match="v_prediction or sample"):
+        min_snr_weights(_scheduler("epsilon", zero_snr=False), timesteps, gamma=5.0, low=1.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["diffusion.snr_clamp_low=1"], "without diffusion.snr_gamma"),
+        (["diffusion.snr_gamma=5", "diffusion.snr_clamp_low=6"], "at most diffusion.snr_gamma=5.0"),
+        (["diffusion.snr_gamma=5", "diffusion.snr_clamp_low=1"], "with prediction_type epsilon"),
+    ],
+)
+def test_snr_clamp_low_is_refused_where_it_cannot_mean_anything(overrides, message):
+    from latentdiff.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
 
 
 def test_adaptive_weighting_starts_as_the_plain_loss_and_learns_the_expected_loss_of_each_noise_level():

@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                     generator=rng.generator,
                     timestep_sampling=timestep_sampling,
                     snr_weight_floor=config.diffusion.snr_weight_floor,
+                    snr_clamp_low=config.diffusion.snr_clamp_low,
                     adaptive_weighting=loss_weighting,
                 )
                 guard.observe(output.loss, state.global_step + 1)
