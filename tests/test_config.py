@@ -122,6 +122,20 @@ def test_every_shipped_config_resolves():
         load_config(path)
 
 
+def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_and_steps():
+    """configs/shapes-patient.yaml measures what more images seen buy: it must not drift from the default."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    default, patient = load_config(configs / "shapes.yaml"), load_config(configs / "shapes-patient.yaml")
+    assert patient.model == default.model and patient.diffusion == default.diffusion
+    assert patient.vae_train == default.vae_train and patient.sample == default.sample
+    assert patient.data.shapes.holdout == default.data.shapes.holdout
+    assert patient.data.shapes.num_samples > default.data.shapes.num_samples
+    assert patient.train.max_steps > default.train.max_steps
+    assert patient.train.optimizer == default.train.optimizer and patient.train.batch_size == default.train.batch_size
+
+
 def test_the_config_command_prints_the_resolved_config_or_one_line_error():
     ok = subprocess.run([sys.executable, "-m", "latentdiff.cli", "config", "train.max_steps=3"], capture_output=True, text=True)
     assert ok.returncode == 0 and "max_steps: 3" in ok.stdout
