@@ -209,7 +209,8 @@ class DiffusionConfig:
     snr_clamp_low: float = 0.0
     """With ``snr_gamma``: clamp the SNR from below too, so the x_0-space weight is ``clamp(SNR,
     snr_clamp_low, snr_gamma)``. For v, 1 gives the high-noise steps the unweighted loss's weight and
-    keeps min-SNR's at low noise (:func:`latentdiff.diffusion.min_snr_weights`). 0: plain min-SNR."""
+    keeps min-SNR's at low noise (:func:`latentdiff.diffusion.min_snr_weights`). 0: plain min-SNR.
+    On the shapes default, 0.25 learns places but loses shapes and counts (docs/conditioning.md)."""
     adaptive_loss_weighting: bool = False
     """Learn a loss weight per noise level so that each contributes equally (Karras et al. 2024, EDM2;
     :class:`latentdiff.diffusion.AdaptiveLossWeighting`). Applied on top of ``snr_gamma`` if both are set."""
