@@ -66,6 +66,7 @@ def _add_sampling_arguments(
     *,
     choose_scheduler: bool = True,
     seed: bool = True,
+    interval: bool = True,
 ) -> None:
     """The sampling arguments; a default left ``None`` is the model's own (the pipeline resolves it)."""
     own = "the model's own from latentdiff.json, else Diffusers'"
@@ -79,6 +80,11 @@ def _add_sampling_arguments(
         "--guidance", type=float, default=None,
         help=f"classifier-free guidance scale; 1 turns guidance off (default: {own})",
     )
+    if interval:
+        parser.add_argument(
+            "--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+            help="guidance only at timesteps LOW <= t <= HIGH, e.g. 0 600 (default: the model's own, else every step)",
+        )
     if seed:
         parser.add_argument(
             "--seed", type=int, default=0, help="random seed of the first image; image i uses seed + i (default %(default)s)"
@@ -190,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument("--size", type=_size, default=None, help="HxW in pixels (default: the model's size)")
     interpolate.add_argument("--batch-size", type=int, default=8, help="frames denoised per pipeline call (default %(default)s)")
     # Interpolation always samples with deterministic DDIM, from the noise of each of --seeds.
-    _add_sampling_arguments(interpolate, choose_scheduler=False, seed=False)
+    _add_sampling_arguments(interpolate, choose_scheduler=False, seed=False, interval=False)
 
     demo = commands.add_parser(
         "demo", help="a web page to try the model: text-to-image, image-to-image, inpainting, outpainting",
@@ -302,7 +308,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     steps = pipe.sampling_default("num_inference_steps", args.steps)
     guidance = pipe.sampling_default("guidance_scale", args.guidance)
     settings = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                    negative_prompt=args.negative_prompt)
+                    negative_prompt=args.negative_prompt, guidance_interval=args.guidance_interval)
     jobs = [(prompt, args.seed + index) for index, prompt in enumerate(p for p in args.prompt for _ in range(args.num_images))]
     digits = max(3, len(str(len(jobs) - 1)))
     images = []
@@ -372,6 +378,7 @@ def _sampling_arguments(args: argparse.Namespace) -> dict:
         negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
+        guidance_interval=args.guidance_interval,
         num_images_per_prompt=args.num_images,
         generator=[torch.Generator("cpu").manual_seed(args.seed + index) for index in range(args.num_images)],
     )
@@ -550,6 +557,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         negative_prompt=args.negative_prompt,
+        guidance_interval=args.guidance_interval,
         tasks=args.tasks,
         max_prompts_per_task=args.max_prompts_per_task,
         device=args.device,

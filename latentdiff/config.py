@@ -376,6 +376,9 @@ class SampleConfig:
     images_per_prompt: int = 4
     num_inference_steps: int = 25
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    guidance_interval: tuple[float, ...] | None = None
+    """``[low, high]``: classifier-free guidance only at timesteps ``low <= t <= high`` (Kynkäänniemi et al. 2024;
+    ``LatentPipeline``'s ``guidance_interval``); saved with the model. ``null``: at every step."""
     scheduler: SchedulerName = "dpm"
     seed: int = 0
 
@@ -493,7 +496,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
     },
     SampleConfig: {
         "prompts": Range(non_empty=True), "images_per_prompt": AT_LEAST_1, "num_inference_steps": AT_LEAST_1,
-        "guidance_scale": NON_NEGATIVE, "seed": SEED,
+        "guidance_scale": NON_NEGATIVE, "guidance_interval": NON_NEGATIVE, "seed": SEED,
     },
     Config: {"seed": SEED},
 }
@@ -546,6 +549,9 @@ def check_values(config: Config) -> None:
         if diffusion.prediction_type == "epsilon":
             fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, "0 with prediction_type epsilon (its weight "
                  "snr_clamp_low / SNR is unbounded at high noise); use v_prediction or sample")
+    interval = config.sample.guidance_interval
+    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
+        fail("sample.guidance_interval", list(interval), "null or [low, high] timesteps with 0 <= low <= high")
 
 
 def _check_section(section: Any, prefix: str) -> None:

@@ -128,7 +128,8 @@ def sample_images(pipeline, prompts: list[str], sample: SampleConfig, device: to
     pipeline.scheduler = scheduler_from_name(sample.scheduler, pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     jobs = [(prompt, sample.seed + j) for prompt in prompts for j in range(sample.images_per_prompt)]
-    settings = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale}
+    settings = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale,
+                "guidance_interval": sample.guidance_interval}
     return [image for _, batch in generate(pipeline, jobs, batch_size, **settings) for image in batch]
 
 

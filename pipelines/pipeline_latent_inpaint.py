@@ -53,7 +53,13 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils.torch_utils import randn_tensor
 from scipy import ndimage
 
-from .pipeline_latent import LatentDiffusionMixin, LatentPipelineOutput, _is_number, _is_positive_int
+from .pipeline_latent import (
+    LatentDiffusionMixin,
+    LatentPipelineOutput,
+    _is_number,
+    _is_positive_int,
+    with_guidance_interval,
+)
 from .pipeline_latent_img2img import check_image_input
 
 #: A mask value (in [0, 1], after conversion to one channel) at or above this is repainted.
@@ -372,6 +378,7 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         return torch.where(alpha == 0, pixels, torch.where(alpha == 1, generated, blended))
 
     @torch.no_grad()
+    @with_guidance_interval
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -401,7 +408,8 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
     ) -> LatentPipelineOutput | tuple:
         r"""Repaint the white part of `mask_image` under a prompt; the output equals `image` outside the mask.
 
-        The arguments of `LatentPipeline.__call__` (steps and guidance default to the model's saved ones), and:
+        The arguments of `LatentPipeline.__call__` (steps, guidance and `guidance_interval` default to the model's
+        saved ones), and:
             image: one RGB image for every prompt, or one per prompt (arrays `(H, W, 3)`, tensors `(3, H, W)`, or
                 batched, hold floats in [0, 1]); a multiple of `vae_scale_factor` in size; the output has its size.
             mask_image: white (1) where to repaint, black (0) where to keep, of the image's size; converted as

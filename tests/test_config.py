@@ -173,6 +173,9 @@ def test_the_config_command_prints_the_resolved_config_or_one_line_error():
         ("data.shapes.min_objects=3", "config key 'data.shapes.max_objects': expected at least data.shapes.min_objects=3, got 2"),
         ("model.text_encoder.hidden_size=130", "config key 'model.text_encoder.hidden_size': expected a multiple of model.text_encoder.num_attention_heads=4"),
         ("model.vae.norm_num_groups=24", "config key 'model.vae.block_out_channels': expected multiples of model.vae.norm_num_groups=24"),
+        ("sample.guidance_interval=[600, 0]", "config key 'sample.guidance_interval': expected null or [low, high] timesteps with 0 <= low <= high, got [600.0, 0.0]"),
+        ("sample.guidance_interval=[0, 300, 600]", "config key 'sample.guidance_interval': expected null or [low, high] timesteps with 0 <= low <= high, got [0.0, 300.0, 600.0]"),
+        ("sample.guidance_interval=[-1, 600]", "config key 'sample.guidance_interval': expected a list of numbers >= 0"),
     ],
 )
 def test_out_of_range_values_name_the_key_the_value_and_what_is_allowed(override, message):

@@ -119,6 +119,7 @@ def test_eval_command_end_to_end(pipeline_folder, tmp_path, capsys):
     seen = [results["tasks"][task]["accuracy"] for task in SEEN_TASKS]
     assert results["overall"] == pytest.approx(sum(seen) / len(seen))
     assert results["unseen"] == results["tasks"]["unseen"]["accuracy"]
+    assert results["sampler"]["guidance_interval"] is None  # the model saved none: guidance at every step
 
     # the table: one line per task, then overall and unseen
     lines = printed.splitlines()
@@ -133,6 +134,20 @@ def test_eval_command_end_to_end(pipeline_folder, tmp_path, capsys):
     has = {color: bool((grid == np.array(color, dtype=np.uint8)).all(-1).any()) for color in (_PASS_COLOR, _FAIL_COLOR)}
     assert has[_PASS_COLOR] == any(record["passed"] for record in records)
     assert has[_FAIL_COLOR] == (not all(record["passed"] for record in records))
+
+
+def test_eval_guidance_interval_is_passed_to_the_pipeline_and_recorded(pipeline_folder, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    argv = ["eval", pipeline_folder, "--tasks", "color", "--max-prompts-per-task", "1", "--steps", "2",
+            "--images-per-prompt", "1", "--guidance-interval", "0", "600"]
+    assert main(argv + ["--out", str(tmp_path / "interval")]) == 0
+    assert "at timesteps 0-600" in capsys.readouterr().out
+    results = json.loads((tmp_path / "interval" / "results.json").read_text())
+    assert results["sampler"]["guidance_interval"] == [0.0, 600.0]
+    assert main(argv[:-2] + ["600", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "`guidance_interval` has to be None or a pair (low, high)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_eval_command_rejects_bad_input_before_loading(tmp_path, capsys):

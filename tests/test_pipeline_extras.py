@@ -181,6 +181,10 @@ COMMON_BAD = [
     ({"num_inference_steps": True}, "`num_inference_steps` has to be a positive integer"),
     ({"num_inference_steps": 2.5}, "`num_inference_steps` has to be a positive integer"),
     ({"num_inference_steps": -3}, "`num_inference_steps` has to be a positive integer"),
+    ({"guidance_interval": (600, 0)}, r"`guidance_interval` has to be None or a pair \(low, high\) of training timesteps"),
+    ({"guidance_interval": (-1, 600)}, r"`guidance_interval` has to be None or a pair"),
+    ({"guidance_interval": (0, float("nan"))}, r"`guidance_interval` has to be None or a pair"),
+    ({"guidance_interval": "0 600"}, r"`guidance_interval` has to be None or a pair"),
 ]
 PER_PIPELINE_BAD = [
     (LatentPipeline, {"height": -64}, r"`height` and `width` have to be divisible by 2 .* positive"),
@@ -223,6 +227,47 @@ def check_rejected(pipe, kwargs, match):
     finally:
         calls.remove()
     assert calls.total == 0
+
+
+class GuidanceByTimestep:
+    """Records, after each U-Net call, its timestep and the guidance scale the step used."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        self.seen.append((int(timestep), pipe.guidance_scale))
+        return callback_kwargs
+
+
+@pytest.mark.parametrize("pipeline_class", list(NEEDS))
+def test_guidance_interval_guides_only_the_timesteps_inside_it(components, pipeline_class, tmp_path):
+    pipe = make(pipeline_class, components)
+    full_strength = {"strength": 1.0} if pipeline_class is LatentImg2ImgPipeline else {}
+    record = GuidanceByTimestep()
+    run(pipe, num_inference_steps=4, guidance_scale=5.0, guidance_interval=(0, 600), callback_on_step_end=record,
+        **full_strength)
+    timesteps = [t for t, _ in record.seen]
+    assert len(timesteps) == 4 and min(timesteps) <= 600 < max(timesteps)
+    assert record.seen == [(t, 5.0 if t <= 600 else 1.0) for t in timesteps]
+    assert pipe.guidance_scale == 5.0  # after the call, the call's scale again
+
+    # An interval holding every timestep is plain guidance; one holding none is the conditional prediction alone.
+    everywhere = run(pipe, guidance_scale=5.0, guidance_interval=(0, 1000), **full_strength)
+    np.testing.assert_array_equal(everywhere, run(pipe, guidance_scale=5.0, **full_strength))
+    nowhere = run(pipe, guidance_scale=5.0, guidance_interval=(1000, 2000), **full_strength)
+    np.testing.assert_allclose(nowhere, run(pipe, guidance_scale=1.0, **full_strength), atol=1e-5)
+    assert np.abs(nowhere - everywhere).max() > 1e-4
+
+    # The model's saved interval is the default of a call, through save_pretrained / from_pretrained.
+    if pipeline_class is LatentPipeline:
+        pipe.sampling_defaults = {"guidance_scale": 5.0, "guidance_interval": [0, 600]}
+        pipe.save_pretrained(tmp_path, model_card=False)
+        loaded = LatentPipeline.from_pretrained(tmp_path)
+        loaded.set_progress_bar_config(disable=True)
+        saved = GuidanceByTimestep()
+        run(loaded, num_inference_steps=4, callback_on_step_end=saved)
+        assert saved.seen == record.seen
 
 
 def test_guidance_between_zero_and_one_is_accepted(components):

@@ -182,8 +182,18 @@ def _model_guidance(pipeline: Any, guidance: float | None) -> float:
     return float(resolve("guidance_scale", None)) if resolve is not None else DEFAULT_GUIDANCE_SCALE
 
 
-def _call_settings(steps: int | None, guidance: float | None, negative_prompt: str | None) -> dict[str, Any]:
-    return {"num_inference_steps": steps, "guidance_scale": guidance, "negative_prompt": negative_prompt}
+def _model_guidance_interval(pipeline: Any, interval: Sequence[float] | None) -> list[float] | None:
+    """``interval`` if given, else the pipeline's saved one (``None``: guidance at every step)."""
+    if interval is None:
+        interval = getattr(pipeline, "sampling_defaults", {}).get("guidance_interval")
+    return [float(value) for value in interval] if interval is not None else None
+
+
+def _call_settings(
+    steps: int | None, guidance: float | None, negative_prompt: str | None, guidance_interval: Sequence[float] | None = None
+) -> dict[str, Any]:
+    return {"num_inference_steps": steps, "guidance_scale": guidance, "negative_prompt": negative_prompt,
+            "guidance_interval": guidance_interval}
 
 
 @contextlib.contextmanager
@@ -242,6 +252,7 @@ def evaluate_adherence(
     batch_size: int = 32,
     *,
     negative_prompt: str | None = None,
+    guidance_interval: Sequence[float] | None = None,
     progress: bool = True,
 ) -> AdherenceResults:
     """Generate and judge ``images_per_prompt`` images for every prompt of ``suite``.
@@ -253,6 +264,8 @@ def evaluate_adherence(
         scheduler: a name of :mod:`latentdiff.models.schedulers` (``dpm``, ``ddim``, ``ddpm``, ...); ``None``
             keeps the pipeline's own.
         guidance: classifier-free guidance scale; ``None``: the model's own (then Diffusers' default).
+        guidance_interval: ``(low, high)``: guidance only at timesteps ``low <= t <= high``; ``None``: the model's
+            own (``pipeline.sampling_defaults``), else every step.
         seed: base seed; image ``j`` of a prompt uses :func:`image_seed` ``(seed, prompt, j)``.
         batch_size: images per pipeline call (prompts are mixed freely; images do not depend on it).
     """
@@ -274,7 +287,8 @@ def evaluate_adherence(
     started = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=f"eval {SHAPES_SUITE_VERSION}", unit="img", disable=not progress)
     with _sampler(pipeline, scheduler), bar:
-        for start, batch in generate(pipeline, jobs, batch_size, **_call_settings(steps, guidance, negative_prompt)):
+        settings = _call_settings(steps, guidance, negative_prompt, guidance_interval)
+        for start, batch in generate(pipeline, jobs, batch_size, **settings):
             for (spec, image_index), (_, job_seed), image in zip(specs[start:], jobs[start:], batch):
                 judged = judge_image(image)
                 reason = failure_reason(spec, judged)
@@ -297,6 +311,7 @@ def evaluate_adherence(
         "scheduler": scheduler if scheduler is not None else type(pipeline.scheduler).__name__,
         "steps": steps,
         "guidance_scale": float(guidance),
+        "guidance_interval": _model_guidance_interval(pipeline, guidance_interval),
         "seed": seed,
         "images_per_prompt": images_per_prompt,
         "negative_prompt": negative_prompt,
@@ -334,6 +349,7 @@ def format_report(results: AdherenceResults) -> str:
         f"{SHAPES_SUITE_VERSION}: {results.num_prompts} prompts x {settings['images_per_prompt']} images, "
         f"{settings['steps']} {settings['scheduler']} steps, guidance {settings['guidance_scale']:g}"
         + (f" ({settings['guidance_source']})" if "guidance_source" in settings else "")
+        + (f" at timesteps {interval[0]:g}-{interval[1]:g}" if (interval := settings.get("guidance_interval")) else "")
         + (f"\nholdout {extra['holdout']} from {extra['holdout_source']}" if "holdout" in extra else "")
     )
     return f"{header}\n{format_table(results.summary)}"
@@ -479,6 +495,7 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = 32,
     negative_prompt: str | None = None,
+    guidance_interval: Sequence[float] | None = None,
     tasks: Sequence[str] | None = None,
     max_prompts_per_task: int | None = None,
     device: str | None = None,
@@ -507,6 +524,9 @@ def evaluate_model(
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    from ..pipelines.pipeline_latent import check_guidance_interval
+
+    check_guidance_interval(guidance_interval)
     holdout, holdout_source = model_holdout(model)
     suite = select_prompts(shapes_suite(holdout), tasks, max_prompts_per_task)
     out = out if out is not None else os.path.join(model, "eval") if os.path.isdir(model) else "eval"
@@ -530,6 +550,7 @@ def evaluate_model(
         seed=seed,
         batch_size=batch_size,
         negative_prompt=negative_prompt,
+        guidance_interval=guidance_interval,
         progress=progress,
     )
     results.settings["guidance_source"] = guidance_source

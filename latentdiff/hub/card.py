@@ -217,6 +217,9 @@ def _card_for_folder(
     for key in ("guidance_scale", "num_inference_steps"):
         if key in defaults:
             model_rows["default " + key.replace("_", " ").replace("num inference steps", "sampling steps")] = defaults[key]
+    if defaults.get("guidance_interval"):
+        low, high = defaults["guidance_interval"]
+        model_rows["default guidance interval"] = f"timesteps {low:g} to {high:g} (unguided outside)"
     lines += ["## Model", "", _markdown_table(model_rows), ""]
 
     if training_summary or training_config is not None:

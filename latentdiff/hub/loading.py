@@ -197,7 +197,7 @@ def read_sampling_defaults(folder: str | None) -> dict[str, Any]:
 
     From ``latentdiff.json`` if present, else from the ``sample`` section of the run's ``config.yaml``.
     Keys: ``guidance_scale``, ``num_inference_steps``, ``scheduler`` (a name of
-    :mod:`latentdiff.models.schedulers`), ``example_prompt``.
+    :mod:`latentdiff.models.schedulers`), ``example_prompt``, and ``guidance_interval`` where the model has one.
     """
     run_files = find_run_files(folder, sample_grid=None)
     if SAMPLING_DEFAULTS_FILE in run_files:
@@ -229,6 +229,8 @@ def _sampling_defaults_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``latentdiff.json``'s keys from a resolved training config's ``sample`` section."""
     sample = config.get("sample") or {}
     defaults = {key: sample[key] for key in ("guidance_scale", "num_inference_steps", "scheduler") if key in sample}
+    if sample.get("guidance_interval") is not None:
+        defaults["guidance_interval"] = list(sample["guidance_interval"])
     if sample.get("prompts"):
         defaults["example_prompt"] = list(sample["prompts"])[0]
     return defaults

@@ -117,7 +117,9 @@ class CaptionGapProbe:
         return gap
 
 
-def adherence_probe(pipeline, holdout, prompts_per_task: int, steps: int, guidance: float, device=None) -> dict[str, float]:
+def adherence_probe(
+    pipeline, holdout, prompts_per_task: int, steps: int, guidance: float, device=None, guidance_interval=None
+) -> dict[str, float]:
     """Overall and per-task accuracy of ``pipeline`` on ``prompts_per_task`` prompts of each task of the
     shapes suite, one image each, ``steps`` DPM-Solver++ steps: a quick curve, not ``latentdiff eval``."""
     from ..eval.adherence import evaluate_adherence, select_prompts
@@ -125,7 +127,8 @@ def adherence_probe(pipeline, holdout, prompts_per_task: int, steps: int, guidan
 
     suite = select_prompts(shapes_suite(holdout), max_prompts_per_task=prompts_per_task)
     results = evaluate_adherence(
-        pipeline, suite, images_per_prompt=1, steps=steps, scheduler="dpm", guidance=guidance, progress=False
+        pipeline, suite, images_per_prompt=1, steps=steps, scheduler="dpm", guidance=guidance,
+        guidance_interval=guidance_interval, progress=False,
     )
     logs = {"adherence_probe/overall": results.overall or 0.0}
     for task, entry in results.summary["tasks"].items():
