@@ -113,9 +113,8 @@ def with_guidance_interval(call):
 
     @functools.wraps(call)
     def wrapper(self, *args, guidance_interval=None, **kwargs):
-        if guidance_interval is None:
-            guidance_interval = self.sampling_defaults.get("guidance_interval")
-        with self.guidance_interval(check_guidance_interval(guidance_interval)):
+        guidance_interval = check_guidance_interval(self.sampling_default("guidance_interval", guidance_interval))
+        with self.guidance_interval(guidance_interval):
             return call(self, *args, **kwargs)
 
     return wrapper
@@ -181,11 +180,13 @@ class LatentDiffusionMixin(PipelineHubMixin):
 
     def sampling_default(self, name: str, value):
         """`value` if given, else the model's saved default (`latentdiff.json`), else Diffusers' own default (that of
-        the Stable Diffusion pipeline this class builds on)."""
+        the Stable Diffusion pipeline this class builds on; `None` for `guidance_interval`, which is latentdiff's)."""
         if value is not None:
             return value
         if name in self.sampling_defaults:
             return self.sampling_defaults[name]
+        if name == "guidance_interval":
+            return None
         for base in type(self).__mro__:
             if base.__module__.startswith("diffusers.") and "__call__" in vars(base):
                 return inspect.signature(base.__call__).parameters[name].default

@@ -184,8 +184,9 @@ def _model_guidance(pipeline: Any, guidance: float | None) -> float:
 
 def _model_guidance_interval(pipeline: Any, interval: Sequence[float] | None) -> list[float] | None:
     """``interval`` if given, else the pipeline's saved one (``None``: guidance at every step)."""
-    if interval is None:
-        interval = getattr(pipeline, "sampling_defaults", {}).get("guidance_interval")
+    resolve = getattr(pipeline, "sampling_default", None)
+    if resolve is not None:
+        interval = resolve("guidance_interval", interval)
     return [float(value) for value in interval] if interval is not None else None
 
 
