@@ -211,6 +211,11 @@ class DiffusionConfig:
     snr_clamp_low, snr_gamma)``. For v, 1 gives the high-noise steps the unweighted loss's weight and
     keeps min-SNR's at low noise (:func:`latentdiff.diffusion.min_snr_weights`). 0: plain min-SNR.
     On the shapes default, 0.25 learns places but loses shapes and counts (docs/conditioning.md)."""
+    snr_clamp_captions: str | None = None
+    """With ``snr_clamp_low``: clamp only for the samples whose caption matches this regular expression
+    (``re.search``), e.g. captions that name where each object is; the others keep plain min-SNR. None: all."""
+    snr_clamp_start_step: int = 0
+    """With ``snr_clamp_low``: plain min-SNR before this optimizer step, the clamp from it on."""
     adaptive_loss_weighting: bool = False
     """Learn a loss weight per noise level so that each contributes equally (Karras et al. 2024, EDM2;
     :class:`latentdiff.diffusion.AdaptiveLossWeighting`). Applied on top of ``snr_gamma`` if both are set."""
@@ -467,7 +472,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
     DiffusionConfig: {
         "num_train_timesteps": Range(2), "beta_start": Range(0, 1, low_open=True, high_open=True),
         "beta_end": Range(0, 1, low_open=True, high_open=True), "snr_gamma": POSITIVE, "noise_offset": NON_NEGATIVE,
-        "snr_weight_floor": Range(0, 1), "snr_clamp_low": NON_NEGATIVE, "timestep_mean": Range(), "timestep_std": POSITIVE,
+        "snr_weight_floor": Range(0, 1), "snr_clamp_low": NON_NEGATIVE, "snr_clamp_start_step": NON_NEGATIVE, "timestep_mean": Range(), "timestep_std": POSITIVE,
     },
     OptimizerConfig: {
         "learning_rate": POSITIVE, "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY,
@@ -546,6 +551,11 @@ def check_values(config: Config) -> None:
             fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, "0 without diffusion.snr_gamma (it clamps min-SNR's SNR)")
         if diffusion.snr_clamp_low > diffusion.snr_gamma:
             fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, f"at most diffusion.snr_gamma={diffusion.snr_gamma}")
+        if diffusion.snr_clamp_captions is not None:
+            try:
+                re.compile(diffusion.snr_clamp_captions)
+            except re.error as error:
+                fail("diffusion.snr_clamp_captions", diffusion.snr_clamp_captions, f"a valid regular expression ({error})")
         if diffusion.prediction_type == "epsilon":
             fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, "0 with prediction_type epsilon (its weight "
                  "snr_clamp_low / SNR is unbounded at high noise); use v_prediction or sample")

@@ -25,6 +25,7 @@ saves in each checkpoint, so a resumed run draws the same noise as an uninterrup
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -116,7 +117,7 @@ def min_snr_weights(
     timesteps: torch.Tensor,
     gamma: float,
     floor: float = 0.0,
-    low: float = 0.0,
+    low: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023, eq. 8 and Sec. 3.4).
 
@@ -127,7 +128,7 @@ def min_snr_weights(
     For v that weight is about SNR at high noise and exactly 0 at the last step of a zero-terminal-SNR
     schedule, so the steps where a caption decides the layout are hardly learned. Two ways to keep them:
 
-    - ``low`` clamps the SNR from below as well: the x_0-space weight becomes ``clamp(SNR, low, gamma)``,
+    - ``low`` (a number, or one per sample) clamps the SNR from below as well: the x_0-space weight becomes ``clamp(SNR, low, gamma)``,
       so for v a timestep with ``SNR <= low`` weighs ``low / (SNR + 1)`` (with ``low = 1``, the weight of
       the unweighted loss there) while the low-noise steps keep min-SNR's weight. Not for epsilon, whose
       weight ``low / SNR`` is unbounded at high noise.
@@ -136,9 +137,9 @@ def min_snr_weights(
       at t = 0 of the default schedule); docs/conditioning.md measures both.
     """
     snr = compute_snr(scheduler, timesteps)
-    clipped = torch.clamp(snr, min=low, max=gamma)
+    clipped = torch.maximum(snr, torch.as_tensor(low, dtype=snr.dtype, device=snr.device)).clamp(max=gamma)
     prediction_type = scheduler.config.prediction_type
-    if low > 0 and prediction_type == "epsilon":
+    if bool(torch.any(torch.as_tensor(low) > 0)) and prediction_type == "epsilon":
         raise ValueError("a lower SNR clamp needs prediction_type v_prediction or sample; for epsilon its weight low / SNR is unbounded")
     if prediction_type == "epsilon":
         # A zero-terminal-SNR schedule has SNR = 0 at t = T; min(SNR, gamma) / SNR -> 1 there.
@@ -148,6 +149,18 @@ def min_snr_weights(
     else:
         weights = clipped
     return weights.clamp(min=floor)
+
+
+def snr_clamp_for(config: DiffusionConfig, captions: list[str], step: int, device: torch.device | str = "cpu") -> float | torch.Tensor:
+    """The lower SNR clamp of :func:`min_snr_weights` for one batch: ``config.snr_clamp_low`` from optimizer
+    step ``config.snr_clamp_start_step`` on (0 before), and, with ``config.snr_clamp_captions``, only for the
+    samples whose caption matches that pattern (one value per sample)."""
+    if not config.snr_clamp_low or step < config.snr_clamp_start_step:
+        return 0.0
+    if config.snr_clamp_captions is None:
+        return config.snr_clamp_low
+    pattern = re.compile(config.snr_clamp_captions)
+    return torch.tensor([config.snr_clamp_low if pattern.search(caption) else 0.0 for caption in captions], device=device)
 
 
 @dataclass(frozen=True)
@@ -241,7 +254,7 @@ def diffusion_loss(
     timestep_sampling: TimestepSampling | None = None,
     snr_weight_floor: float = 0.0,
     adaptive_weighting: AdaptiveLossWeighting | None = None,
-    snr_clamp_low: float = 0.0,
+    snr_clamp_low: float | torch.Tensor = 0.0,
 ) -> DiffusionLoss:
     """Monte-Carlo estimate of the denoising loss on a batch of clean latents ``x_0``.
 

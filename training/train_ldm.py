@@ -45,6 +45,7 @@ from latentdiff.diffusion import (
     adaptive_weights,
     diffusion_loss,
     make_noise_scheduler,
+    snr_clamp_for,
 )
 from latentdiff.trainer.latent_cache import (
     CachedLatentDataset,
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     with torch.set_grad_enabled(train_text_encoder):
                         encoder_hidden_states = text_encoder(tokenize(tokenizer, captions).to(accelerator.device))[0]
+                snr_clamp_low = snr_clamp_for(config.diffusion, captions, state.global_step, latents.device)
                 output = diffusion_loss(
                     lambda x, t, c: unet(x, t, c).sample,
                     noise_scheduler,
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                     generator=rng.generator,
                     timestep_sampling=timestep_sampling,
                     snr_weight_floor=config.diffusion.snr_weight_floor,
-                    snr_clamp_low=config.diffusion.snr_clamp_low,
+                    snr_clamp_low=snr_clamp_low,
                     adaptive_weighting=loss_weighting,
                 )
                 guard.observe(output.loss, state.global_step + 1)
