@@ -245,10 +245,39 @@ def test_snr_clamp_low_gives_high_noise_the_unweighted_loss_and_keeps_min_snr_at
         min_snr_weights(_scheduler("epsilon", zero_snr=False), timesteps, gamma=5.0, low=1.0)
 
 
+def test_snr_clamp_for_applies_from_its_start_step_and_only_to_captions_that_match():
+    from latentdiff.config import DiffusionConfig
+    from latentdiff.diffusion import min_snr_weights, snr_clamp_for
+
+    config = DiffusionConfig(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_gamma=5.0, snr_clamp_low=0.25,
+        snr_clamp_captions="(at|on|in) the (top|bottom|left|right|center)", snr_clamp_start_step=100,
+    )
+    captions = ["a red circle", "a red circle at the top left", "a red circle to the left of a blue square", ""]
+    assert snr_clamp_for(config, captions, step=99) == 0.0
+    per_sample = snr_clamp_for(config, captions, step=100)
+    torch.testing.assert_close(per_sample, torch.tensor([0.0, 0.25, 0.0, 0.0]))
+    # without a pattern every sample is clamped; without a clamp nothing is
+    assert snr_clamp_for(DiffusionConfig(snr_gamma=5.0, snr_clamp_low=0.25), captions, step=0) == 0.25
+    assert snr_clamp_for(DiffusionConfig(snr_gamma=5.0), captions, step=10_000) == 0.0
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    timesteps = torch.full((4,), 950)
+    weights = min_snr_weights(scheduler, timesteps, gamma=5.0, low=per_sample)
+    clamped = min_snr_weights(scheduler, timesteps, gamma=5.0, low=0.25)
+    plain = min_snr_weights(scheduler, timesteps, gamma=5.0)
+    torch.testing.assert_close(weights[1], clamped[1])
+    torch.testing.assert_close(weights[[0, 2, 3]], plain[[0, 2, 3]])
+    assert weights[1] > 100 * weights[0]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["diffusion.snr_clamp_low=1"], "without diffusion.snr_gamma"),
+        (["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5", "diffusion.snr_clamp_low=1",
+          "diffusion.snr_clamp_captions=(top"], "a valid regular expression"),
+        (["diffusion.snr_clamp_start_step=-1"], "diffusion.snr_clamp_start_step"),
         (["diffusion.snr_gamma=5", "diffusion.snr_clamp_low=6"], "at most diffusion.snr_gamma=5.0"),
         (["diffusion.snr_gamma=5", "diffusion.snr_clamp_low=1"], "with prediction_type epsilon"),
     ],
