@@ -83,6 +83,10 @@ class UNetConfig:
     attention_head_dim: int = 32
     """Channels per attention head (Diffusers' historical name; ``num_attention_heads`` follows)."""
     transformer_layers_per_block: int = 1
+    only_cross_attention: tuple[bool, ...] | None = None
+    """Per down block (the up blocks mirror it): its transformer blocks attend only to the text, with no
+    self-attention over the image (Diffusers' ``only_cross_attention``), which makes a cross-attention
+    block cheap at the finest latent level. None: self- and cross-attention in every attention block."""
     norm_num_groups: int = 32
     addition_embed_type: Literal["text"] | None = None
     """``"text"``: also add an attention-pooled summary of the text to the timestep embedding, so the
@@ -221,10 +225,12 @@ class DiffusionConfig:
     :class:`latentdiff.diffusion.AdaptiveLossWeighting`). Applied on top of ``snr_gamma`` if both are set."""
     noise_offset: float = 0.0
     """Offset noise (Guttenberg 2023): add ``noise_offset * N(0, 1)`` per channel to the noise."""
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    timestep_sampling: Literal["uniform", "logit_normal", "importance"] = "uniform"
     """How training draws ``t``: uniformly, or ``t = T * sigmoid(n)`` with ``n ~ N(timestep_mean,
     timestep_std)`` (logit-normal, Esser et al. 2024, Sec. 3.1); a positive mean spends more steps at
-    high noise, where the caption decides the layout."""
+    high noise, where the caption decides the layout. ``importance`` (with ``snr_gamma``): ``t`` in
+    proportion to its min-SNR weight, every sample weighted alike; the same expected loss as uniform
+    ``t``, with no samples spent where the weight is near 0 (:func:`latentdiff.diffusion.importance_sampled_timesteps`)."""
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
 
@@ -534,6 +540,10 @@ def check_values(config: Config) -> None:
             if channels % model.vae.norm_num_groups:
                 fail("model.vae.block_out_channels", list(model.vae.block_out_channels),
                      f"multiples of model.vae.norm_num_groups={model.vae.norm_num_groups} (GroupNorm)")
+    unet = model.unet
+    if unet.only_cross_attention is not None and len(unet.only_cross_attention) != len(unet.down_block_types):
+        fail("model.unet.only_cross_attention", list(unet.only_cross_attention),
+             f"null or one true/false per down block ({len(unet.down_block_types)}: model.unet.down_block_types)")
     text = model.text_encoder
     if text.hidden_size % text.num_attention_heads:
         fail("model.text_encoder.hidden_size", text.hidden_size,
@@ -559,6 +569,13 @@ def check_values(config: Config) -> None:
         if diffusion.prediction_type == "epsilon":
             fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, "0 with prediction_type epsilon (its weight "
                  "snr_clamp_low / SNR is unbounded at high noise); use v_prediction or sample")
+    if diffusion.timestep_sampling == "importance":
+        if diffusion.snr_gamma is None:
+            fail("diffusion.timestep_sampling", "importance", "uniform or logit_normal without diffusion.snr_gamma "
+                 "(importance sampling follows min-SNR's weights)")
+        if diffusion.snr_clamp_captions is not None or diffusion.adaptive_loss_weighting:
+            fail("diffusion.timestep_sampling", "importance", "uniform or logit_normal with diffusion.snr_clamp_captions "
+                 "or diffusion.adaptive_loss_weighting (their weights are not one function of t)")
     interval = config.sample.guidance_interval
     if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
         fail("sample.guidance_interval", list(interval), "null or [low, high] timesteps with 0 <= low <= high")

@@ -116,6 +116,7 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
         # configs. We store channels per head and convert, so every level keeps 1 head per N channels.
         attention_head_dim=tuple(c // unet.attention_head_dim for c in unet.block_out_channels),
         transformer_layers_per_block=unet.transformer_layers_per_block,
+        only_cross_attention=list(unet.only_cross_attention) if unet.only_cross_attention is not None else False,
         norm_num_groups=unet.norm_num_groups,
         addition_embed_type=unet.addition_embed_type,
         addition_embed_type_num_heads=unet.addition_embed_type_num_heads,
