@@ -95,6 +95,56 @@ def test_logit_normal_timesteps_lean_to_high_noise_and_stay_in_range():
         sample_timesteps(1000, 8, TimestepSampling("cosine"), generator)
 
 
+def test_importance_sampled_timesteps_follow_the_min_snr_weight_and_keep_the_expected_loss():
+    from latentdiff.diffusion import importance_sampled_timesteps, min_snr_weights
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    generator = torch.Generator().manual_seed(0)
+    timesteps, weights = importance_sampled_timesteps(scheduler, 100_000, snr_gamma=5.0, generator=generator)
+    table = min_snr_weights(scheduler, torch.arange(1000), gamma=5.0)
+    assert timesteps.dtype == torch.long and 0 <= timesteps.min() and timesteps.max() <= 999
+    torch.testing.assert_close(weights, table.mean().expand(100_000))  # one weight for every sample
+    # the top band, which min-SNR weighs about 0, gets about no samples; uniform t gives it a fifth
+    assert (timesteps >= 800).float().mean() < 0.01
+    # the same expected weighted loss as uniform t with min-SNR weights, for any per-timestep loss
+    loss_of_t = torch.linspace(2.0, 0.1, 1000) ** 2
+    expected = (table * loss_of_t).mean()
+    assert (weights * loss_of_t[timesteps]).mean().item() == pytest.approx(expected.item(), rel=0.02)
+    with pytest.raises(ValueError, match="set snr_gamma"):
+        importance_sampled_timesteps(scheduler, 8, snr_gamma=None)
+    with pytest.raises(ValueError, match="use importance_sampled_timesteps"):
+        sample_timesteps(1000, 8, TimestepSampling("importance"), generator)
+
+
+def test_diffusion_loss_with_importance_sampling_weights_every_sample_by_the_mean_weight():
+    from latentdiff.diffusion import diffusion_loss, importance_sampled_timesteps, sample_noise
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    latents = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    output = diffusion_loss(
+        lambda x, t, c: torch.zeros_like(x), scheduler, latents, None, snr_gamma=5.0,
+        generator=torch.Generator().manual_seed(2), timestep_sampling=TimestepSampling("importance"),
+    )
+    # the same draws, in the loss's order: the noise, then the timesteps
+    generator = torch.Generator().manual_seed(2)
+    noise = sample_noise(latents, 0.0, generator)
+    timesteps, weights = importance_sampled_timesteps(scheduler, 16, 5.0, generator=generator)
+    assert torch.equal(output.timesteps, timesteps)
+    error = training_target(scheduler, latents, noise, timesteps).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(output.per_sample, error * weights)
+
+
+def test_importance_sampling_is_refused_where_its_weights_are_not_one_function_of_t():
+    from latentdiff.config import ConfigError, load_config
+
+    base = ["diffusion.prediction_type=v_prediction", "diffusion.timestep_sampling=importance"]
+    with pytest.raises(ConfigError, match="without diffusion.snr_gamma"):
+        load_config(overrides=base)
+    with pytest.raises(ConfigError, match="adaptive_loss_weighting"):
+        load_config(overrides=[*base, "diffusion.snr_gamma=5", "diffusion.adaptive_loss_weighting=true"])
+    assert load_config(overrides=[*base, "diffusion.snr_gamma=5"]).diffusion.timestep_sampling == "importance"
+
+
 def test_normalized_latents_are_standard_and_decode_as_before():
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -341,3 +391,26 @@ def test_caption_gap_of_a_small_dataset_uses_what_it_has(monkeypatch, caplog):
     monkeypatch.setattr(latentdiff.data.loading, "make_training_dataset", fake_dataset(3))
     with pytest.raises(ConfigError, match="train.caption_gap_steps=0"):
         held_examples(DataConfig(source="imagefolder", name="x"), seed=0, num_images=64)
+
+
+def test_only_cross_attention_gives_the_finest_level_text_attention_without_self_attention():
+    from latentdiff.config import ConfigError, load_config
+    from latentdiff.models.builders import build_unet
+
+    cross_everywhere = [
+        "model.unet.down_block_types=[CrossAttnDownBlock2D,CrossAttnDownBlock2D]",
+        "model.unet.up_block_types=[CrossAttnUpBlock2D,CrossAttnUpBlock2D]",
+        "model.unet.block_out_channels=[32,32]", "model.unet.norm_num_groups=8",
+        "model.text_encoder.hidden_size=16", "model.text_encoder.num_attention_heads=2",
+    ]
+    config = load_config(overrides=[*cross_everywhere, "model.unet.only_cross_attention=[true,false]"])
+    unet = build_unet(config.model, 8)
+    finest_down = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    finest_up = unet.up_blocks[-1].attentions[0].transformer_blocks[0]
+    coarse = unet.down_blocks[1].attentions[0].transformer_blocks[0]
+    assert finest_down.attn1.is_cross_attention and finest_up.attn1.is_cross_attention  # the up path mirrors it
+    assert not coarse.attn1.is_cross_attention  # self-attention over the image where not asked
+    out = unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 16)).sample
+    assert out.shape == (2, 4, 8, 8)
+    with pytest.raises(ConfigError, match="one true/false per down block"):
+        load_config(overrides=[*cross_everywhere, "model.unet.only_cross_attention=[true]"])
