@@ -89,7 +89,8 @@ def _add_sampling_arguments(
         parser.add_argument(
             "--seed", type=int, default=0, help="random seed of the first image; image i uses seed + i (default %(default)s)"
         )
-    parser.add_argument("--negative-prompt", default=None, help="what to steer away from (default: none)")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what guidance steers away from (default: the model's own, else none; \"\" for none)")
     _add_model_arguments(parser)
 
 

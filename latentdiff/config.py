@@ -390,6 +390,11 @@ class SampleConfig:
     guidance_interval: tuple[float, ...] | None = None
     """``[low, high]``: classifier-free guidance only at timesteps ``low <= t <= high`` (Kynkäänniemi et al. 2024;
     ``LatentPipeline``'s ``guidance_interval``); saved with the model. ``null``: at every step."""
+    negative_prompt: str | None = None
+    """What classifier-free guidance steers away from instead of the empty caption (Diffusers' ``negative_prompt``);
+    saved with the model and used when a call names none. On the shapes default, ``"a shape"`` (a generic object)
+    makes guidance push toward the prompt's attributes rather than away from the crowded scenes the empty caption
+    stands for (docs/conditioning.md, fifth round). ``null``: the empty caption."""
     scheduler: SchedulerName = "dpm"
     seed: int = 0
 

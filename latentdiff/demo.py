@@ -177,7 +177,8 @@ def _sample(pipe, sampler, seed, randomize_seed, prompt, negative_prompt, num_im
     images = pipe(
         _prompt(prompt),
         **inputs,
-        negative_prompt=_prompt(negative_prompt),
+        # The box starts with the model's saved negative prompt; what it holds is what is used (empty: none).
+        negative_prompt=negative_prompt.strip() if isinstance(negative_prompt, str) else "",
         num_inference_steps=_number(steps, "steps"),
         guidance_scale=float(guidance),
         num_images_per_prompt=_number(num_images, "images"),
@@ -284,7 +285,8 @@ def build_demo(pipelines: DemoPipelines, max_queue: int = 16):
     def prompts(tab: str):
         prompt = gr.Textbox(label="Prompt", value=pipelines.example_prompt, placeholder="a red circle at the top left",
                             elem_id=f"{tab}-prompt")
-        negative = gr.Textbox(label="Negative prompt", placeholder="what to steer away from (optional)")
+        negative = gr.Textbox(label="Negative prompt", value=pipelines.defaults.get("negative_prompt", ""),
+                              placeholder="what to steer away from (optional)", elem_id=f"{tab}-negative-prompt")
         return prompt, negative
 
     def repaint_controls():

@@ -103,7 +103,7 @@ def generate(
     eval and the training grids give the same image for the same prompt and seed.
 
     ``call_kwargs`` go to the pipeline (``num_inference_steps``, ``guidance_scale``, ``negative_prompt``, ``height``,
-    ...); steps and guidance left out or ``None`` are the model's own (``pipeline.sampling_defaults``).
+    ...); steps, guidance and the negative prompt left out or ``None`` are the model's own (``pipeline.sampling_defaults``).
     """
     call_kwargs = {key: value for key, value in call_kwargs.items() if value is not None}
     for start in range(0, len(jobs), batch_size):
@@ -129,7 +129,7 @@ def sample_images(pipeline, prompts: list[str], sample: SampleConfig, device: to
     pipeline.set_progress_bar_config(disable=True)
     jobs = [(prompt, sample.seed + j) for prompt in prompts for j in range(sample.images_per_prompt)]
     settings = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale,
-                "guidance_interval": sample.guidance_interval}
+                "guidance_interval": sample.guidance_interval, "negative_prompt": sample.negative_prompt}
     return [image for _, batch in generate(pipeline, jobs, batch_size, **settings) for image in batch]
 
 

@@ -464,8 +464,9 @@ class LatentDiffusionMixin(PipelineHubMixin):
         r"""The Diffusers pipeline's own `__call__` (the same arguments: see its documentation), with these
         differences, written once for every pipeline built on one:
 
-        * `num_inference_steps` and `guidance_scale`, when not given, are the model's saved sampling defaults
-          (`self.sampling_defaults`, from `latentdiff.json`), else the Diffusers pipeline's own (50 and 7.5);
+        * `num_inference_steps`, `guidance_scale` and `negative_prompt`, when not given, are the model's saved sampling
+          defaults (`self.sampling_defaults`, from `latentdiff.json`), else the Diffusers pipeline's own (50, 7.5 and
+          none); `negative_prompt=""` asks for the empty caption whatever the model saved;
         * `guidance_interval=(low, high)`: guidance only at timesteps `low <= t <= high` (:meth:`guidance_interval`);
           when not given, the model's saved one, else guidance at every step;
         * every argument is checked before any model runs (`check_sampling_inputs`, `check_call_inputs`): sizes are
@@ -483,6 +484,8 @@ class LatentDiffusionMixin(PipelineHubMixin):
         arguments = call.arguments
         for name in ("num_inference_steps", "guidance_scale"):
             arguments[name] = self.sampling_default(name, given.get(name))
+        if given.get("negative_prompt_embeds") is None:
+            arguments["negative_prompt"] = self.sampling_default("negative_prompt", given.get("negative_prompt"))
         custom_schedule = arguments.get("timesteps") is not None or arguments.get("sigmas") is not None
         if custom_schedule:  # the step count comes from the schedule
             arguments["num_inference_steps"] = None

@@ -408,8 +408,8 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
     ) -> LatentPipelineOutput | tuple:
         r"""Repaint the white part of `mask_image` under a prompt; the output equals `image` outside the mask.
 
-        The arguments of `LatentPipeline.__call__` (steps, guidance and `guidance_interval` default to the model's
-        saved ones), and:
+        The arguments of `LatentPipeline.__call__` (steps, guidance, `guidance_interval` and `negative_prompt` default
+        to the model's saved ones), and:
             image: one RGB image for every prompt, or one per prompt (arrays `(H, W, 3)`, tensors `(3, H, W)`, or
                 batched, hold floats in [0, 1]); a multiple of `vae_scale_factor` in size; the output has its size.
             mask_image: white (1) where to repaint, black (0) where to keep, of the image's size; converted as
@@ -432,6 +432,8 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
 
         num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
         guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
+        if negative_prompt_embeds is None:
+            negative_prompt = self.sampling_default("negative_prompt", negative_prompt)
         # 1. Check inputs, before any model runs
         batch_size = self.check_all_inputs(locals())
         self._guidance_scale = guidance_scale

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -148,6 +149,31 @@ def test_eval_guidance_interval_is_passed_to_the_pipeline_and_recorded(pipeline_
     assert main(argv[:-2] + ["600", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "`guidance_interval` has to be None or a pair (low, high)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_eval_records_the_negative_prompt_it_used_the_given_or_the_model_saved_one(pipeline_folder, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    argv = ["eval", pipeline_folder, "--tasks", "color", "--max-prompts-per-task", "1", "--steps", "2",
+            "--images-per-prompt", "1"]
+    assert main(argv + ["--out", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "plain" / "results.json").read_text())["sampler"]["negative_prompt"] is None
+    assert main(argv + ["--negative-prompt", "a shape", "--out", str(tmp_path / "given")]) == 0
+    assert "negative prompt 'a shape'" in capsys.readouterr().out
+    given = json.loads((tmp_path / "given" / "results.json").read_text())
+    assert given["sampler"]["negative_prompt"] == "a shape"
+    # a model that saved one uses it; "" asks for the empty caption
+    saved = tmp_path / "saved"
+    shutil.copytree(pipeline_folder, saved)
+    defaults_file = saved / "latentdiff.json"
+    defaults = json.loads(defaults_file.read_text()) if defaults_file.exists() else {}
+    defaults_file.write_text(json.dumps({**defaults, "negative_prompt": "a shape"}))
+    assert main(["eval", str(saved), *argv[2:], "--out", str(tmp_path / "from_model")]) == 0
+    from_model = json.loads((tmp_path / "from_model" / "results.json").read_text())
+    assert from_model["sampler"]["negative_prompt"] == "a shape"
+    assert [r["passed"] for r in from_model["images"]] == [r["passed"] for r in given["images"]]
+    assert main(["eval", str(saved), *argv[2:], "--negative-prompt", "", "--out", str(tmp_path / "off")]) == 0
+    assert json.loads((tmp_path / "off" / "results.json").read_text())["sampler"]["negative_prompt"] is None
 
 
 def test_eval_command_rejects_bad_input_before_loading(tmp_path, capsys):

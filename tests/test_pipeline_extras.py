@@ -270,6 +270,32 @@ def test_guidance_interval_guides_only_the_timesteps_inside_it(components, pipel
         assert saved.seen == record.seen
 
 
+@pytest.mark.parametrize("pipeline_class", list(NEEDS))
+def test_the_model_negative_prompt_is_the_default_and_an_empty_one_turns_it_off(components, pipeline_class, tmp_path):
+    pipe = make(pipeline_class, components)
+    full_strength = {"strength": 1.0} if pipeline_class is LatentImg2ImgPipeline else {}
+    plain = run(pipe, guidance_scale=5.0, **full_strength)
+    steered = run(pipe, guidance_scale=5.0, negative_prompt="a shape", **full_strength)
+    assert np.abs(steered - plain).max() > 1e-4
+    pipe.sampling_defaults = {"guidance_scale": 5.0, "negative_prompt": "a shape"}
+    np.testing.assert_array_equal(run(pipe, **full_strength), steered)
+    np.testing.assert_array_equal(run(pipe, negative_prompt="", **full_strength), plain)
+    # embeddings given for the negative side win over the saved text
+    embeds, negative_embeds = pipe.encode_prompt("a red circle", "cpu", 1, True, negative_prompt="a blue square")
+    by_embeds = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds, num_inference_steps=2,
+                     output_type="np", generator=torch.Generator().manual_seed(0), **NEEDS[pipeline_class],
+                     **full_strength).images
+    by_text = run(pipe, negative_prompt="a blue square", **full_strength)
+    np.testing.assert_allclose(by_embeds, by_text, atol=1e-5)
+    # saved with the model and read back
+    if pipeline_class is LatentPipeline:
+        pipe.save_pretrained(tmp_path, model_card=False)
+        loaded = LatentPipeline.from_pretrained(tmp_path)
+        loaded.set_progress_bar_config(disable=True)
+        assert loaded.sampling_defaults["negative_prompt"] == "a shape"
+        np.testing.assert_array_equal(run(loaded), steered)
+
+
 def test_guidance_between_zero_and_one_is_accepted(components):
     """Below 1 guidance is off (Diffusers' convention), so 0 <= w <= 1 all give the unguided image."""
     pipe = make(LatentPipeline, components)

@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
                     probe = adherence_probe(
                         pipeline, config.data.shapes.holdout, train.adherence_probe_prompts,
                         train.adherence_probe_steps, config.sample.guidance_scale,
-                        guidance_interval=config.sample.guidance_interval,
+                        guidance_interval=config.sample.guidance_interval, negative_prompt=config.sample.negative_prompt,
                     )
                 accelerator.log(probe, step=step)
                 adherence_history.append({"step": step, **probe})

@@ -190,6 +190,14 @@ def _model_guidance_interval(pipeline: Any, interval: Sequence[float] | None) ->
     return [float(value) for value in interval] if interval is not None else None
 
 
+def _model_negative_prompt(pipeline: Any, negative_prompt: str | None) -> str | None:
+    """``negative_prompt`` if given, else the pipeline's saved one (``None``: the empty caption)."""
+    resolve = getattr(pipeline, "sampling_default", None)
+    if resolve is not None:
+        negative_prompt = resolve("negative_prompt", negative_prompt)
+    return negative_prompt or None
+
+
 def _call_settings(
     steps: int | None, guidance: float | None, negative_prompt: str | None, guidance_interval: Sequence[float] | None = None
 ) -> dict[str, Any]:
@@ -315,7 +323,7 @@ def evaluate_adherence(
         "guidance_interval": _model_guidance_interval(pipeline, guidance_interval),
         "seed": seed,
         "images_per_prompt": images_per_prompt,
-        "negative_prompt": negative_prompt,
+        "negative_prompt": _model_negative_prompt(pipeline, negative_prompt),
         "batch_size": batch_size,
     }
     return AdherenceResults(records, images, settings, summarize(records), time.perf_counter() - started)
@@ -351,6 +359,7 @@ def format_report(results: AdherenceResults) -> str:
         f"{settings['steps']} {settings['scheduler']} steps, guidance {settings['guidance_scale']:g}"
         + (f" ({settings['guidance_source']})" if "guidance_source" in settings else "")
         + (f" at timesteps {interval[0]:g}-{interval[1]:g}" if (interval := settings.get("guidance_interval")) else "")
+        + (f", negative prompt {negative!r}" if (negative := settings.get("negative_prompt")) else "")
         + (f"\nholdout {extra['holdout']} from {extra['holdout_source']}" if "holdout" in extra else "")
     )
     return f"{header}\n{format_table(results.summary)}"

@@ -220,6 +220,8 @@ def _card_for_folder(
     if defaults.get("guidance_interval"):
         low, high = defaults["guidance_interval"]
         model_rows["default guidance interval"] = f"timesteps {low:g} to {high:g} (unguided outside)"
+    if defaults.get("negative_prompt"):
+        model_rows["default negative prompt"] = f'"{defaults["negative_prompt"]}" (guidance steers away from it)'
     lines += ["## Model", "", _markdown_table(model_rows), ""]
 
     if training_summary or training_config is not None:

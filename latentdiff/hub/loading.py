@@ -197,7 +197,7 @@ def read_sampling_defaults(folder: str | None) -> dict[str, Any]:
 
     From ``latentdiff.json`` if present, else from the ``sample`` section of the run's ``config.yaml``.
     Keys: ``guidance_scale``, ``num_inference_steps``, ``scheduler`` (a name of
-    :mod:`latentdiff.models.schedulers`), ``example_prompt``, and ``guidance_interval`` where the model has one.
+    :mod:`latentdiff.models.schedulers`), ``example_prompt``, and ``guidance_interval`` and ``negative_prompt`` where the model has them.
     """
     run_files = find_run_files(folder, sample_grid=None)
     if SAMPLING_DEFAULTS_FILE in run_files:
@@ -231,6 +231,8 @@ def _sampling_defaults_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     defaults = {key: sample[key] for key in ("guidance_scale", "num_inference_steps", "scheduler") if key in sample}
     if sample.get("guidance_interval") is not None:
         defaults["guidance_interval"] = list(sample["guidance_interval"])
+    if sample.get("negative_prompt"):
+        defaults["negative_prompt"] = str(sample["negative_prompt"])
     if sample.get("prompts"):
         defaults["example_prompt"] = list(sample["prompts"])[0]
     return defaults
