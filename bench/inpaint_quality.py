@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25, help="sampler steps (default %(default)s)")
     parser.add_argument("--scheduler", default="ddim", help="sampler: ddim, ddpm or dpm (default %(default)s)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, else Diffusers')")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what guidance steers away from (default: the model's own, else none; \"\" for none)")
     parser.add_argument("--jump-length", type=int, default=3, help="RePaint j (default %(default)s)")
     parser.add_argument("--jump-n-sample", type=int, default=3, help="RePaint r (default %(default)s)")
     parser.add_argument("--margin", type=float, default=0.1, help="mask margin around the object, in cells")
@@ -157,7 +159,8 @@ def judge_case(image: Image.Image, case: dict) -> dict[str, bool]:
     }
 
 
-def inpaint_all(pipe, cases: list[dict], args: argparse.Namespace, guidance: float, resample: bool) -> list:
+def inpaint_all(pipe, cases: list[dict], args: argparse.Namespace, guidance: float, negative_prompt: str,
+                resample: bool) -> list:
     images = []
     for start in range(0, len(cases), args.batch_size):
         batch = cases[start : start + args.batch_size]
@@ -167,6 +170,7 @@ def inpaint_all(pipe, cases: list[dict], args: argparse.Namespace, guidance: flo
             mask_image=[Image.fromarray(case["mask"].astype(np.uint8) * 255) for case in batch],
             num_inference_steps=args.steps,
             guidance_scale=guidance,
+            negative_prompt=negative_prompt,
             jump_length=args.jump_length if resample else 1,
             jump_n_sample=args.jump_n_sample if resample else 1,
             generator=[torch.Generator("cpu").manual_seed(args.seed + start + i) for i in range(len(batch))],
@@ -222,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     if height != width:
         raise ValueError(f"the shapes scenes are square; the model makes {height}x{width} images")
     guidance = pipe.sampling_default("guidance_scale", args.guidance)
+    negative_prompt = pipe.sampling_default("negative_prompt", args.negative_prompt) or ""
     holdout = args.holdout if args.holdout is not None else model_holdout(args.model)
     options = ShapesOptions.create(max_objects=2, mixture={"single": 0.5, "relation": 0.5}, holdout=holdout)
 
@@ -231,10 +236,10 @@ def main(argv: list[str] | None = None) -> dict:
     real_masks = [case["mask"] for case in cases]
 
     start = time.perf_counter()
-    plain = inpaint_all(pipe, cases, args, guidance, resample=False)
+    plain = inpaint_all(pipe, cases, args, guidance, negative_prompt, resample=False)
     plain_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    repaint = inpaint_all(pipe, cases, args, guidance, resample=True)
+    repaint = inpaint_all(pipe, cases, args, guidance, negative_prompt, resample=True)
     repaint_seconds = time.perf_counter() - start
 
     plain_result = summarize(plain, cases, real_images, real_masks, plain_seconds)
@@ -251,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             "steps": args.steps,
             "scheduler": args.scheduler,
             "guidance_scale": guidance,
+            "negative_prompt": negative_prompt or None,
             "jump_length": args.jump_length,
             "jump_n_sample": args.jump_n_sample,
             "margin_cells": args.margin,
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     def seam(result: dict) -> str:
         return "n/a" if result["seam_score"] is None else f"{result['seam_score']:.2f}"
 
-    print(f"{args.n} scenes, {height} px, {args.steps} {args.scheduler} steps, guidance {guidance}")
+    print(f"{args.n} scenes, {height} px, {args.steps} {args.scheduler} steps, guidance {guidance}"
+          + (f", negative prompt {negative_prompt!r}" if negative_prompt else ""))
     print(f"{'':28}{'success':>9}{'color':>8}{'shape':>8}{'border grad':>13}{'seam score':>12}{'seconds':>9}")
     for name, result in (
         ("plain blending", plain_result),
