@@ -171,6 +171,7 @@ def main() -> None:
         "images_per_prompt": args.images_per_prompt,
         "overall": summary["overall"],
         "unseen": summary["unseen"],
+        "right_count": summary.get("right_count"),
         "tasks": {task: entry["accuracy"] for task, entry in summary["tasks"].items()},
         "caption_gap": gap,
     }

@@ -130,9 +130,10 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_and_steps()
     configs = Path(__file__).resolve().parents[1] / "configs"
     default, patient = load_config(configs / "shapes.yaml"), load_config(configs / "shapes-patient.yaml")
     assert patient.model == default.model and patient.diffusion == default.diffusion
-    # sampling defaults are chosen per trained model: only the negative prompt differs (docs/conditioning.md)
+    # sampling defaults are chosen per trained model: only what guidance steers from, and where, differ
     assert patient.vae_train == default.vae_train
-    assert dataclasses.replace(patient.sample, negative_prompt=None) == dataclasses.replace(default.sample, negative_prompt=None)
+    plain = {"negative_prompt": None, "guidance_interval": None}
+    assert dataclasses.replace(patient.sample, **plain) == dataclasses.replace(default.sample, **plain)
     assert patient.data.shapes.holdout == default.data.shapes.holdout
     assert patient.data.shapes.num_samples > default.data.shapes.num_samples
     assert patient.train.max_steps > default.train.max_steps

@@ -107,7 +107,7 @@ def test_eval_command_end_to_end(pipeline_folder, tmp_path, capsys):
     records = results["images"]
     assert len(records) == 2 * len(TASKS)
     for record in records:
-        assert set(record) == {"index", "prompt", "task", "image_index", "seed", "passed", "reason", "judged"}
+        assert set(record) == {"index", "prompt", "task", "image_index", "seed", "passed", "reason", "right_count", "judged"}
         assert record["seed"] == image_seed(0, record["prompt"], record["image_index"])
         assert record["passed"] == (record["reason"] is None)
         assert set(record["judged"]) == {"background", "objects", "specks"}
@@ -119,6 +119,11 @@ def test_eval_command_end_to_end(pipeline_folder, tmp_path, capsys):
         assert results["tasks"][task]["accuracy"] == pytest.approx(sum(passed) / len(passed))
     seen = [results["tasks"][task]["accuracy"] for task in SEEN_TASKS]
     assert results["overall"] == pytest.approx(sum(seen) / len(seen))
+    for task in TASKS:  # the right object count: its own column, from the records
+        right = [record["right_count"] for record in records if record["task"] == task]
+        assert results["tasks"][task]["right_count"] == pytest.approx(sum(right) / len(right))
+    right_by_task = [results["tasks"][task]["right_count"] for task in SEEN_TASKS]
+    assert results["right_count"] == pytest.approx(sum(right_by_task) / len(right_by_task))
     assert results["unseen"] == results["tasks"]["unseen"]["accuracy"]
     assert results["sampler"]["guidance_interval"] is None  # the model saved none: guidance at every step
 

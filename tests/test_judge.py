@@ -36,6 +36,7 @@ from latentdiff.eval.suite import (
     evaluate_image,
     example_scene,
     failure_reason,
+    has_right_count,
     shapes_suite,
     summarize,
 )
@@ -232,3 +233,27 @@ def test_summarize_averages_tasks_and_reports_unseen_apart():
     assert set(SEEN_TASKS) == set(TASKS) - {"unseen"}
     with pytest.raises(ValueError, match="unknown task"):
         summarize([{"task": "style", "passed": True}])
+    assert summary["right_count"] is None and "right_count" not in summary["tasks"]["relation"]
+
+
+def test_right_count_is_reported_beside_accuracy_and_sees_extra_objects():
+    """"a red circle" is satisfied by two red circles; the right count says there are two."""
+    single = next(spec for spec in shapes_suite() if spec.task == "single_object")
+    scene = example_scene(single)
+    (obj,) = scene["objects"]
+    doubled = make_scene([obj, {**obj, "row": (obj["row"] + 2) % 3, "col": (obj["col"] + 2) % 3, "position": None}])
+    assert check_prompt(single, scene) and has_right_count(single, scene)
+    assert check_prompt(single, doubled) and not has_right_count(single, doubled)
+    count = next(spec for spec in shapes_suite() if spec.task == "counting" and spec.count == 2)
+    assert has_right_count(count, example_scene(count))
+    relation = next(spec for spec in shapes_suite() if spec.task == "relation")
+    assert has_right_count(relation, example_scene(relation))
+
+    summary = summarize(
+        [{"task": "single_object", "passed": True, "right_count": True},
+         {"task": "single_object", "passed": True, "right_count": False},
+         {"task": "relation", "passed": False, "right_count": True}]
+    )
+    assert summary["tasks"]["single_object"]["accuracy"] == 1.0
+    assert summary["tasks"]["single_object"]["right_count"] == 0.5
+    assert summary["right_count"] == pytest.approx((0.5 + 1.0) / 2)  # mean over tasks, like overall

@@ -39,6 +39,7 @@ from .suite import (
     TASKS,
     PromptSpec,
     failure_reason,
+    has_right_count,
     shapes_suite,
     summarize,
 )
@@ -149,6 +150,7 @@ class AdherenceResults:
             "num_images": len(self.records),
             "overall": self.summary["overall"],
             "unseen": self.summary["unseen"],
+            "right_count": self.summary.get("right_count"),
             "tasks": self.summary["tasks"],
             "wall_time_s": round(self.wall_time_s, 2),
             "images": self.records,
@@ -310,6 +312,7 @@ def evaluate_adherence(
                         "seed": job_seed,
                         "passed": reason is None,
                         "reason": reason,
+                        "right_count": has_right_count(spec, judged),
                         "judged": _judged_summary(judged),
                     }
                 )
@@ -335,19 +338,29 @@ def evaluate_adherence(
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
-    """Per-task accuracy (task, images, accuracy), then overall (mean over the seen tasks) and unseen."""
-    lines = [f"{'task':<16}{'n':>6}{'accuracy':>10}", "-" * 32]
+    """Per-task accuracy (task, images, accuracy, and the right object count where known), then overall (mean
+    over the seen tasks) and unseen."""
+    counted = summary.get("right_count") is not None
+    width = 45 if counted else 32
+    lines = [f"{'task':<16}{'n':>6}{'accuracy':>10}" + (f"{'right count':>13}" if counted else ""), "-" * width]
     tasks = summary["tasks"]
+
+    def row(name: str, n: int, accuracy: float, right_count: float | None) -> str:
+        return f"{name:<16}{n:>6}{accuracy:>10.3f}" + (f"{right_count:>13.3f}" if counted else "")
+
     seen = [task for task in TASKS if task in tasks and task != "unseen"]
     for task in seen:
-        lines.append(f"{task:<16}{tasks[task]['total']:>6}{tasks[task]['accuracy']:>10.3f}")
-    lines.append("-" * 32)
+        lines.append(row(task, tasks[task]["total"], tasks[task]["accuracy"], tasks[task].get("right_count")))
+    lines.append("-" * width)
     if summary["overall"] is not None:
         n_seen = sum(tasks[task]["total"] for task in seen)
-        lines.append(f"{'overall':<16}{n_seen:>6}{summary['overall']:>10.3f}   (mean over {len(seen)} seen tasks)")
+        lines.append(row("overall", n_seen, summary["overall"], summary.get("right_count"))
+                     + f"   (mean over {len(seen)} seen tasks)")
     if "unseen" in tasks:
-        lines.append(f"{'unseen':<16}{tasks['unseen']['total']:>6}{tasks['unseen']['accuracy']:>10.3f}   "
-                     "(held-out combinations, not in overall)")
+        lines.append(row("unseen", tasks["unseen"]["total"], tasks["unseen"]["accuracy"], tasks["unseen"].get("right_count"))
+                     + "   (held-out combinations, not in overall)")
+    if counted:
+        lines.append("right count: images with exactly as many objects as the prompt names (not part of accuracy)")
     return "\n".join(lines)
 
 

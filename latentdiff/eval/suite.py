@@ -196,6 +196,15 @@ def failure_reason(spec: PromptSpec, judged: Any) -> str | None:
     return None
 
 
+def has_right_count(spec: PromptSpec, judged: Any) -> bool:
+    """Whether the image holds exactly as many objects as the prompt names (``count``, else one per query).
+
+    Not part of a task's accuracy, which asks only that what the prompt names is there ("a red circle" is
+    satisfied by two red circles); reported beside it, so that a change that adds objects shows."""
+    objects, _ = _judged_objects(judged)
+    return len(objects) == (spec.count if spec.count is not None else len(spec.objects))
+
+
 def check_prompt(spec: PromptSpec, judged: Any) -> bool:
     """Whether a judged image satisfies the prompt's expectation (see :func:`failure_reason`)."""
     return failure_reason(spec, judged) is None
@@ -223,16 +232,24 @@ def summarize(results: Iterable[Any]) -> dict[str, Any]:
     with ``task`` and ``passed`` (as :func:`evaluate_image` returns). ``overall`` is the mean of the
     per-task accuracies over the seen tasks present (GenEval's overall score: each task counts
     equally, whatever its number of prompts); ``unseen`` is **excluded** from ``overall`` and
-    reported on its own as ``"unseen"`` (``None`` when there were no unseen prompts).
+    reported on its own as ``"unseen"`` (``None`` when there were no unseen prompts). When every
+    mapping also holds ``right_count`` (:func:`has_right_count`), each task and the summary get the
+    fraction of images with the right number of objects.
     """
     correct: dict[str, int] = {}
     total: dict[str, int] = {}
+    right_count: dict[str, int] = {}
+    counted = True  # every result says whether its object count was right
     for result in results:
         if isinstance(result, Mapping):
             task, passed = result["task"], result["passed"]
+            if "right_count" in result:
+                right_count[task] = right_count.get(task, 0) + bool(result["right_count"])
+            else:
+                counted = False
         else:
             spec, passed = result
-            task = spec.task
+            task, counted = spec.task, False
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r} in results; expected one of {list(TASKS)}")
         total[task] = total.get(task, 0) + 1
@@ -244,12 +261,17 @@ def summarize(results: Iterable[Any]) -> dict[str, Any]:
         for task in TASKS
         if task in total
     }
-    seen = [tasks[task]["accuracy"] for task in SEEN_TASKS if task in tasks]
+    if counted:
+        for task, entry in tasks.items():
+            entry["right_count"] = right_count.get(task, 0) / entry["total"]
+    seen = [task for task in SEEN_TASKS if task in tasks]
     return {
         "suite": SHAPES_SUITE_VERSION,
         "tasks": tasks,
-        "overall": sum(seen) / len(seen) if seen else None,
+        "overall": sum(tasks[task]["accuracy"] for task in seen) / len(seen) if seen else None,
         "unseen": tasks["unseen"]["accuracy"] if "unseen" in tasks else None,
+        # how often an image holds exactly the number of objects its prompt names, mean over the seen tasks
+        "right_count": sum(tasks[task]["right_count"] for task in seen) / len(seen) if counted and seen else None,
     }
 
 
@@ -445,6 +467,7 @@ __all__ = [
     "shapes_suite",
     "check_prompt",
     "failure_reason",
+    "has_right_count",
     "relation_holds",
     "evaluate_image",
     "summarize",
