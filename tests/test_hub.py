@@ -96,6 +96,7 @@ def test_write_model_card_for_the_trainer(saved_run, tmp_path):
     assert "| default guidance interval | timesteps 0 to 600 (unguided outside) |" in body
     assert LatentPipeline.from_pretrained(folder).sampling_defaults["negative_prompt"] == "a shape"
     assert '| default negative prompt | "a shape" (guidance steers away from it) |' in body
+    assert 'negative_prompt="a shape"' in body  # the stock Diffusers snippet passes it by hand
 
 
 def test_prepare_upload_lists_the_files_and_the_card(saved_run):

@@ -206,9 +206,13 @@ def _card_for_folder(
             "from diffusers import StableDiffusionPipeline",
             "",
             f'pipe = StableDiffusionPipeline.from_pretrained("{where}", safety_checker=None)',
-            "```",
-            "",
         ]
+        if defaults.get("negative_prompt"):  # stock Diffusers does not read latentdiff.json
+            lines.append(
+                f'image = pipe({json.dumps(prompt)}, negative_prompt={json.dumps(defaults["negative_prompt"])}).images[0]'
+                "  # the model's negative prompt, passed by hand"
+            )
+        lines += ["```", ""]
     model_rows: dict[str, Any] = {}
     for name, (class_name, parameters) in facts["components"].items():
         model_rows[name] = class_name + (f" ({parameters / 1e6:.2f}M parameters)" if parameters else "")
