@@ -574,6 +574,11 @@ def check_values(config: Config) -> None:
         if diffusion.prediction_type == "epsilon":
             fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, "0 with prediction_type epsilon (its weight "
                  "snr_clamp_low / SNR is unbounded at high noise); use v_prediction or sample")
+    if not diffusion.snr_clamp_low:  # the clamp's own settings would do nothing
+        if diffusion.snr_clamp_captions is not None:
+            fail("diffusion.snr_clamp_captions", diffusion.snr_clamp_captions, "null without diffusion.snr_clamp_low")
+        if diffusion.snr_clamp_start_step:
+            fail("diffusion.snr_clamp_start_step", diffusion.snr_clamp_start_step, "0 without diffusion.snr_clamp_low")
     if diffusion.timestep_sampling == "importance":
         if diffusion.snr_gamma is None:
             fail("diffusion.timestep_sampling", "importance", "uniform or logit_normal without diffusion.snr_gamma "

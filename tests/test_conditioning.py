@@ -328,6 +328,8 @@ def test_snr_clamp_for_applies_from_its_start_step_and_only_to_captions_that_mat
         (["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5", "diffusion.snr_clamp_low=1",
           "diffusion.snr_clamp_captions=(top"], "a valid regular expression"),
         (["diffusion.snr_clamp_start_step=-1"], "diffusion.snr_clamp_start_step"),
+        (["diffusion.snr_clamp_start_step=100"], "'diffusion.snr_clamp_start_step': expected 0 without diffusion.snr_clamp_low"),
+        (["diffusion.snr_clamp_captions=top"], "'diffusion.snr_clamp_captions': expected null without diffusion.snr_clamp_low"),
         (["diffusion.snr_gamma=5", "diffusion.snr_clamp_low=6"], "at most diffusion.snr_gamma=5.0"),
         (["diffusion.snr_gamma=5", "diffusion.snr_clamp_low=1"], "with prediction_type epsilon"),
     ],
