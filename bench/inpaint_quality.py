@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"the shapes scenes are square; the model makes {height}x{width} images")
     guidance = pipe.sampling_default("guidance_scale", args.guidance)
     negative_prompt = pipe.sampling_default("negative_prompt", args.negative_prompt) or ""
+    guidance_interval = pipe.sampling_default("guidance_interval", None)  # the model's, applied by the pipeline
     holdout = args.holdout if args.holdout is not None else model_holdout(args.model)
     options = ShapesOptions.create(max_objects=2, mixture={"single": 0.5, "relation": 0.5}, holdout=holdout)
 
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
             "scheduler": args.scheduler,
             "guidance_scale": guidance,
             "negative_prompt": negative_prompt or None,
+            "guidance_interval": list(guidance_interval) if guidance_interval is not None else None,
             "jump_length": args.jump_length,
             "jump_n_sample": args.jump_n_sample,
             "margin_cells": args.margin,
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         return "n/a" if result["seam_score"] is None else f"{result['seam_score']:.2f}"
 
     print(f"{args.n} scenes, {height} px, {args.steps} {args.scheduler} steps, guidance {guidance}"
+          + (f" at timesteps {guidance_interval[0]:g}-{guidance_interval[1]:g}" if guidance_interval is not None else "")
           + (f", negative prompt {negative_prompt!r}" if negative_prompt else ""))
     print(f"{'':28}{'success':>9}{'color':>8}{'shape':>8}{'border grad':>13}{'seam score':>12}{'seconds':>9}")
     for name, result in (
