@@ -139,7 +139,8 @@ def min_snr_weights(
     snr = compute_snr(scheduler, timesteps)
     clipped = torch.maximum(snr, torch.as_tensor(low, dtype=snr.dtype, device=snr.device)).clamp(max=gamma)
     prediction_type = scheduler.config.prediction_type
-    if bool(torch.any(torch.as_tensor(low) > 0)) and prediction_type == "epsilon":
+    # the prediction type first: reading a per-sample clamp on the device would wait for it every step
+    if prediction_type == "epsilon" and bool(torch.any(torch.as_tensor(low) > 0)):
         raise ValueError("a lower SNR clamp needs prediction_type v_prediction or sample; for epsilon its weight low / SNR is unbounded")
     if prediction_type == "epsilon":
         # A zero-terminal-SNR schedule has SNR = 0 at t = T; min(SNR, gamma) / SNR -> 1 there.
