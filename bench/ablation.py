@@ -82,6 +82,7 @@ def _oracle_eval(model: str, out: str, images_per_prompt: int) -> dict:
     return results.to_json()
 
 
+DEFAULT_CONFIG = "docs/ablation/base.yaml"
 TASK_COLUMNS = ("single_object", "color", "shape", "position", "counting", "two_objects", "relation", "color_binding")
 
 
@@ -115,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name")
     parser.add_argument("--vae", required=True, help="stage-1 autoencoder folder shared by every variant")
-    parser.add_argument("--config", default="docs/ablation/base.yaml", help="base config of every variant (the pre-ablation default)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="base config of every variant (the pre-ablation default)")
     parser.add_argument("--oracle", action="store_true", help="condition on the oracle instead of the text encoder")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--images-per-prompt", type=int, default=2)
@@ -161,8 +162,12 @@ def main() -> None:
     record = {
         "name": args.name,
         "note": args.note,
-        "command": f"OMP_NUM_THREADS={args.threads} " + shlex.join(["python", "bench/ablation.py", args.name, "--vae", args.vae]
-                                                                   + (["--oracle"] if args.oracle else []) + ["--", *args.overrides]),
+        "command": f"OMP_NUM_THREADS={args.threads} " + shlex.join(
+            ["python", "bench/ablation.py", args.name, "--vae", args.vae]
+            + (["--config", args.config] if args.config != DEFAULT_CONFIG else [])
+            + (["--oracle"] if args.oracle else [])
+            + ["--images-per-prompt", str(args.images_per_prompt), "--", *args.overrides]
+        ),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
         "steps": config["train"]["max_steps"],
         "batch_size": config["train"]["batch_size"],

@@ -135,6 +135,11 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    high_noise_boundary: int | None = None
+    """A second U-Net, of the same architecture, denoises the timesteps ``t >=`` this one (a high-noise expert:
+    where the layout of the image is set) and ``unet`` the rest; both are trained together, on one text
+    encoder, each on its own samples of every batch (Balaji et al. 2022, eDiff-I; :mod:`latentdiff.models.experts`).
+    Saved as the pipeline's ``unet_high_noise`` with ``boundary_ratio``. None: one U-Net for every timestep."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +225,12 @@ class DiffusionConfig:
     (``re.search``), e.g. captions that name where each object is; the others keep plain min-SNR. None: all."""
     snr_clamp_start_step: int = 0
     """With ``snr_clamp_low``: plain min-SNR before this optimizer step, the clamp from it on."""
+    snr_clamp_from_timestep: int = 0
+    """With ``snr_clamp_low``: clamp only the samples with ``t >=`` this timestep, e.g. those of a high-noise
+    expert (``model.high_noise_boundary``), and keep plain min-SNR below it."""
+    snr_clamp_end_step: int | None = None
+    """With ``snr_clamp_low``: plain min-SNR again from this optimizer step on (the clamp teaches the top band
+    first, then every band is refined with min-SNR's weights). None: the clamp until the end."""
     adaptive_loss_weighting: bool = False
     """Learn a loss weight per noise level so that each contributes equally (Karras et al. 2024, EDM2;
     :class:`latentdiff.diffusion.AdaptiveLossWeighting`). Applied on top of ``snr_gamma`` if both are set."""
@@ -233,6 +244,10 @@ class DiffusionConfig:
     ``t``, with no samples spent where the weight is near 0 (:func:`latentdiff.diffusion.importance_sampled_timesteps`)."""
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    timestep_range: tuple[int, int] | None = None
+    """``[low, high)``: train only on these timesteps (uniform sampling), for a denoiser that is an expert of
+    one band of noise levels, such as a high-noise expert (``[700, 1000]``) that lays out what a caption names
+    (Balaji et al. 2022, eDiff-I; :mod:`latentdiff.experts`). None: every timestep."""
 
 
 @dataclass
@@ -483,8 +498,11 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
     DiffusionConfig: {
         "num_train_timesteps": Range(2), "beta_start": Range(0, 1, low_open=True, high_open=True),
         "beta_end": Range(0, 1, low_open=True, high_open=True), "snr_gamma": POSITIVE, "noise_offset": NON_NEGATIVE,
-        "snr_weight_floor": Range(0, 1), "snr_clamp_low": NON_NEGATIVE, "snr_clamp_start_step": NON_NEGATIVE, "timestep_mean": Range(), "timestep_std": POSITIVE,
+        "snr_weight_floor": Range(0, 1), "snr_clamp_low": NON_NEGATIVE, "snr_clamp_start_step": NON_NEGATIVE,
+        "snr_clamp_end_step": POSITIVE, "snr_clamp_from_timestep": NON_NEGATIVE, "timestep_mean": Range(),
+        "timestep_std": POSITIVE, "timestep_range": NON_NEGATIVE,
     },
+    ModelConfig: {"high_noise_boundary": POSITIVE},
     OptimizerConfig: {
         "learning_rate": POSITIVE, "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY,
         "adam_weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE, "max_grad_norm": POSITIVE,
@@ -571,6 +589,10 @@ def check_values(config: Config) -> None:
                 re.compile(diffusion.snr_clamp_captions)
             except re.error as error:
                 fail("diffusion.snr_clamp_captions", diffusion.snr_clamp_captions, f"a valid regular expression ({error})")
+        end = diffusion.snr_clamp_end_step
+        if end is not None and end <= diffusion.snr_clamp_start_step:
+            fail("diffusion.snr_clamp_end_step", end,
+                 f"null or more than diffusion.snr_clamp_start_step={diffusion.snr_clamp_start_step}")
         if diffusion.prediction_type == "epsilon":
             fail("diffusion.snr_clamp_low", diffusion.snr_clamp_low, "0 with prediction_type epsilon (its weight "
                  "snr_clamp_low / SNR is unbounded at high noise); use v_prediction or sample")
@@ -579,13 +601,27 @@ def check_values(config: Config) -> None:
             fail("diffusion.snr_clamp_captions", diffusion.snr_clamp_captions, "null without diffusion.snr_clamp_low")
         if diffusion.snr_clamp_start_step:
             fail("diffusion.snr_clamp_start_step", diffusion.snr_clamp_start_step, "0 without diffusion.snr_clamp_low")
+        if diffusion.snr_clamp_end_step is not None:
+            fail("diffusion.snr_clamp_end_step", diffusion.snr_clamp_end_step, "null without diffusion.snr_clamp_low")
+        if diffusion.snr_clamp_from_timestep:
+            fail("diffusion.snr_clamp_from_timestep", diffusion.snr_clamp_from_timestep, "0 without diffusion.snr_clamp_low")
     if diffusion.timestep_sampling == "importance":
         if diffusion.snr_gamma is None:
             fail("diffusion.timestep_sampling", "importance", "uniform or logit_normal without diffusion.snr_gamma "
                  "(importance sampling follows min-SNR's weights)")
-        if diffusion.snr_clamp_captions is not None or diffusion.adaptive_loss_weighting:
-            fail("diffusion.timestep_sampling", "importance", "uniform or logit_normal with diffusion.snr_clamp_captions "
-                 "or diffusion.adaptive_loss_weighting (their weights are not one function of t)")
+        if diffusion.snr_clamp_captions is not None or diffusion.snr_clamp_from_timestep or diffusion.adaptive_loss_weighting:
+            fail("diffusion.timestep_sampling", "importance", "uniform or logit_normal with diffusion.snr_clamp_captions, "
+                 "diffusion.snr_clamp_from_timestep or diffusion.adaptive_loss_weighting (their weights are not one function of t)")
+    boundary = config.model.high_noise_boundary
+    if boundary is not None and not 0 < boundary < diffusion.num_train_timesteps:
+        fail("model.high_noise_boundary", boundary, f"null or a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
+    if diffusion.timestep_range is not None:
+        steps = diffusion.num_train_timesteps
+        low_high = list(diffusion.timestep_range)
+        if len(low_high) != 2 or not 0 <= low_high[0] < low_high[1] <= steps:
+            fail("diffusion.timestep_range", low_high, f"null or [low, high] with 0 <= low < high <= {steps}")
+        if diffusion.timestep_sampling != "uniform":
+            fail("diffusion.timestep_sampling", diffusion.timestep_sampling, "uniform with diffusion.timestep_range")
     interval = config.sample.guidance_interval
     if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
         fail("sample.guidance_interval", list(interval), "null or [low, high] timesteps with 0 <= low <= high")

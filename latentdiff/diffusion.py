@@ -154,9 +154,11 @@ def min_snr_weights(
 
 def snr_clamp_for(config: DiffusionConfig, captions: list[str], step: int, device: torch.device | str = "cpu") -> float | torch.Tensor:
     """The lower SNR clamp of :func:`min_snr_weights` for one batch: ``config.snr_clamp_low`` from optimizer
-    step ``config.snr_clamp_start_step`` on (0 before), and, with ``config.snr_clamp_captions``, only for the
-    samples whose caption matches that pattern (one value per sample)."""
+    step ``config.snr_clamp_start_step`` until ``config.snr_clamp_end_step`` (0 outside), and, with
+    ``config.snr_clamp_captions``, only for the samples whose caption matches that pattern (one value per sample)."""
     if not config.snr_clamp_low or step < config.snr_clamp_start_step:
+        return 0.0
+    if config.snr_clamp_end_step is not None and step >= config.snr_clamp_end_step:
         return 0.0
     if config.snr_clamp_captions is None:
         return config.snr_clamp_low
@@ -167,11 +169,15 @@ def snr_clamp_for(config: DiffusionConfig, captions: list[str], step: int, devic
 @dataclass(frozen=True)
 class TimestepSampling:
     """How training draws ``t``: ``uniform``, ``logit_normal`` with ``mean`` and ``std`` of the logit, or
-    ``importance``: in proportion to min-SNR's weight (:func:`importance_sampled_timesteps`)."""
+    ``importance``: in proportion to min-SNR's weight (:func:`importance_sampled_timesteps`). ``low`` and
+    ``high`` bound uniform ``t`` to ``[low, high)`` (``high`` None: the schedule's end), for a denoiser that
+    is an expert of one band of noise levels (Balaji et al. 2022, eDiff-I)."""
 
     kind: str = "uniform"
     mean: float = 0.0
     std: float = 1.0
+    low: int = 0
+    high: int | None = None
 
 
 def sample_timesteps(
@@ -184,8 +190,15 @@ def sample_timesteps(
     """Training timesteps: ``U{0, ..., T-1}`` (DDPM), or logit-normal: ``t = floor(T * sigmoid(n))``,
     ``n ~ N(mean, std^2)`` (Esser et al. 2024, "Scaling Rectified Flow Transformers", eq. 19), which
     with ``mean > 0`` concentrates the steps at high noise."""
-    if sampling is None or sampling.kind == "uniform":
+    if sampling is None:
         return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
+    if (sampling.low, sampling.high) != (0, None) and sampling.kind != "uniform":
+        raise ValueError(f"a timestep range [{sampling.low}, {sampling.high}) needs uniform sampling, not {sampling.kind!r}")
+    if sampling.kind == "uniform":
+        high = num_train_timesteps if sampling.high is None else sampling.high
+        if not 0 <= sampling.low < high <= num_train_timesteps:
+            raise ValueError(f"timestep range [{sampling.low}, {high}) must lie within [0, {num_train_timesteps})")
+        return torch.randint(sampling.low, high, (batch_size,), generator=generator, device=device)
     if sampling.kind == "logit_normal":
         logits = torch.randn((batch_size,), generator=generator, device=device) * sampling.std + sampling.mean
         return (torch.sigmoid(logits) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
@@ -288,6 +301,7 @@ def diffusion_loss(
     snr_weight_floor: float = 0.0,
     adaptive_weighting: AdaptiveLossWeighting | None = None,
     snr_clamp_low: float | torch.Tensor = 0.0,
+    snr_clamp_from_timestep: int = 0,
 ) -> DiffusionLoss:
     """Monte-Carlo estimate of the denoising loss on a batch of clean latents ``x_0``.
 
@@ -295,7 +309,8 @@ def diffusion_loss(
     (optionally min-SNR-weighted) mean squared error between ``denoiser(x_t, t, c)`` and the target of
     the scheduler's prediction type. The mean is taken in float32 whatever the model's dtype. With
     ``adaptive_weighting``, each sample's error ``L`` enters as ``L / exp(u(t)) + u(t)``
-    (:class:`AdaptiveLossWeighting`).
+    (:class:`AdaptiveLossWeighting`). ``snr_clamp_low`` applies to the samples with ``t >=
+    snr_clamp_from_timestep`` only (those of a high-noise expert, :mod:`latentdiff.models.experts`).
     """
     batch_size = latents.shape[0]
     noise = sample_noise(latents, noise_offset, generator)
@@ -308,6 +323,8 @@ def diffusion_loss(
             scheduler.config.num_train_timesteps, batch_size, timestep_sampling, generator, latents.device
         )
         weights = None
+        if snr_clamp_from_timestep:
+            snr_clamp_low = torch.where(timesteps >= snr_clamp_from_timestep, torch.as_tensor(snr_clamp_low), 0.0)
         if snr_gamma is not None:
             weights = min_snr_weights(scheduler, timesteps, snr_gamma, snr_weight_floor, snr_clamp_low)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)

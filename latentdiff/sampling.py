@@ -36,9 +36,19 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler: 
     """A ``LatentPipeline`` over the given (unwrapped) modules; its scheduler is ``sampler`` built from
     the training noise schedule (DPM-Solver++ by default: good images in 25 steps). A pixel-space model
     (``vae=None``) samples with :data:`PIXEL_SPACE_SAMPLING` (saved with the pipeline, so every sampler built
-    from its scheduler's config clips too)."""
+    from its scheduler's config clips too). ``unet`` may be a :class:`~latentdiff.models.experts.NoiseLevelExperts`:
+    the pipeline then gets its high-noise expert and boundary."""
     from .pipelines import LatentPipeline
+    from .models.experts import NoiseLevelExperts
     from .models.schedulers import scheduler_from_name
+
+    experts = {}
+    if isinstance(unet, NoiseLevelExperts):
+        experts = {
+            "unet_high_noise": unet.high_noise,
+            "boundary_ratio": unet.boundary / noise_scheduler.config.num_train_timesteps,
+        }
+        unet = unet.unet
 
     if vae is None:
         # Through `from_config`, not a dict update: keys left at their defaults are listed in the config's
@@ -50,6 +60,7 @@ def make_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, sampler: 
         tokenizer=tokenizer,
         unet=unet,
         scheduler=scheduler_from_name(sampler, noise_scheduler.config),
+        **experts,
     )
 
 

@@ -107,14 +107,15 @@ def check_guidance_interval(interval) -> tuple[float, float] | None:
     return float(interval[0]), float(interval[1])
 
 
-def with_guidance_interval(call):
+def denoising_call(call):
     """Give a pipeline's `__call__` the keyword argument `guidance_interval` (default: the model's saved one, else
-    `None`, guidance at every step): the call runs inside :meth:`LatentDiffusionMixin.guidance_interval`."""
+    `None`, guidance at every step) and the model's noise-level experts: the call runs inside
+    :meth:`LatentDiffusionMixin.guidance_interval` and :meth:`LatentDiffusionMixin.noise_level_experts`."""
 
     @functools.wraps(call)
     def wrapper(self, *args, guidance_interval=None, **kwargs):
         guidance_interval = check_guidance_interval(self.sampling_default("guidance_interval", guidance_interval))
-        with self.guidance_interval(guidance_interval):
+        with self.guidance_interval(guidance_interval), self.noise_level_experts():
             return call(self, *args, **kwargs)
 
     return wrapper
@@ -126,11 +127,15 @@ class LatentDiffusionMixin(PipelineHubMixin):
     The components are Stable Diffusion's without the safety checker: `vae` (`None`: pixel space), `text_encoder`
     (a `CLIPTextModel` or any module whose call on token ids returns the hidden states at index 0, such as
     `latentdiff.OpenCLIPTextModel`), `tokenizer`, `unet`, `scheduler`, and, for IP-Adapter only, `image_encoder`
-    (set by `load_ip_adapter`).
+    (set by `load_ip_adapter`). A model with noise-level experts (:mod:`latentdiff.models.experts`) has a second
+    U-Net, `unet_high_noise`, which denoises the timesteps `t >= boundary_ratio * num_train_timesteps` (the
+    pipeline's config, as in Diffusers' Wan 2.2 pipelines); `unet` denoises the rest.
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
-    _optional_components = ["vae", "image_encoder"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet_high_noise->unet->vae"
+    _optional_components = ["vae", "image_encoder", "unet_high_noise"]
+    # Folders saved before there were experts, and Stable Diffusion folders, do not list one.
+    _may_be_unlisted = ("unet_high_noise",)
     _exclude_from_cpu_offload = []
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     # Loaded with an IP-Adapter (`load_ip_adapter`), never from a pipeline folder.
@@ -147,15 +152,26 @@ class LatentDiffusionMixin(PipelineHubMixin):
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
         image_encoder: CLIPVisionModelWithProjection | None = None,
+        unet_high_noise: UNet2DConditionModel | None = None,
+        boundary_ratio: float | None = None,
     ):
         # Not Stable Diffusion's `__init__`: it requires an autoencoder and a safety checker, and rewrites the
         # scheduler configs of early SD checkpoints (steps_offset, clip_sample), which would change the sampling
         # of a model trained here.
+        if (unet_high_noise is None) != (boundary_ratio is None):
+            raise ValueError(
+                "`unet_high_noise` and `boundary_ratio` go together (the expert denoises t >= boundary_ratio * "
+                f"num_train_timesteps), but got unet_high_noise={type(unet_high_noise).__name__} and "
+                f"boundary_ratio={boundary_ratio!r}"
+            )
+        if boundary_ratio is not None and not (_is_number(boundary_ratio) and 0 < boundary_ratio < 1):
+            raise ValueError(f"`boundary_ratio` has to be a number between 0 and 1 (exclusive), but is {boundary_ratio!r}")
         DiffusionPipeline.__init__(self)
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            image_encoder=image_encoder,
+            image_encoder=image_encoder, unet_high_noise=unet_high_noise,
         )  # fmt: skip
+        self.register_to_config(boundary_ratio=boundary_ratio)
         # The model's own sampling settings (e.g. {"guidance_scale": 4.0}): read by `from_pretrained` from
         # `latentdiff.json`, written back by `save_pretrained`, used when a call gives none.
         self.sampling_defaults: dict = {}
@@ -232,6 +248,38 @@ class LatentDiffusionMixin(PipelineHubMixin):
         finally:
             handle.remove()
             self._guidance_interval = self._guidance_timestep = None
+
+    @contextlib.contextmanager
+    def noise_level_experts(self):
+        """Within this context, a call of `unet` at a timestep `t >= boundary_ratio * num_train_timesteps` runs
+        `unet_high_noise` instead (the model's high-noise expert); without an expert, nothing changes.
+
+        Written here because Diffusers' Stable Diffusion pipelines have one U-Net (its Wan 2.2 pipelines switch
+        between two transformers in their own loop): every denoising loop of these pipelines calls `self.unet`, so
+        the switch is made in `unet.forward`, after the U-Net's hooks (the guidance interval's, offloading's) have
+        run, and undone when the context ends.
+        """
+        expert = getattr(self, "unet_high_noise", None)
+        if expert is None:
+            yield
+            return
+        boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
+        unet = self.unet
+        own_forward = unet.__dict__.get("forward")  # set by a hook (e.g. model offloading), if any
+        forward = own_forward or unet.forward
+
+        def dispatch(sample, timestep, *args, **kwargs):
+            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+            return expert(sample, timestep, *args, **kwargs) if t >= boundary else forward(sample, timestep, *args, **kwargs)
+
+        unet.forward = dispatch
+        try:
+            yield
+        finally:
+            if own_forward is None:
+                del unet.forward
+            else:
+                unet.forward = own_forward
 
     def default_height_width(self) -> tuple[int, int]:
         """The size the U-Net was built for: `unet.config.sample_size` times the autoencoder's factor."""
@@ -459,7 +507,7 @@ class LatentDiffusionMixin(PipelineHubMixin):
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[0]
 
     @torch.no_grad()
-    @with_guidance_interval
+    @denoising_call
     def __call__(self, *args, **kwargs) -> LatentPipelineOutput | tuple:
         r"""The Diffusers pipeline's own `__call__` (the same arguments: see its documentation), with these
         differences, written once for every pipeline built on one:

@@ -58,7 +58,7 @@ from .pipeline_latent import (
     LatentPipelineOutput,
     _is_number,
     _is_positive_int,
-    with_guidance_interval,
+    denoising_call,
 )
 from .pipeline_latent_img2img import check_image_input
 
@@ -378,7 +378,7 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         return torch.where(alpha == 0, pixels, torch.where(alpha == 1, generated, blended))
 
     @torch.no_grad()
-    @with_guidance_interval
+    @denoising_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

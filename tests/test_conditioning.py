@@ -295,7 +295,7 @@ def test_snr_clamp_low_gives_high_noise_the_unweighted_loss_and_keeps_min_snr_at
         min_snr_weights(_scheduler("epsilon", zero_snr=False), timesteps, gamma=5.0, low=1.0)
 
 
-def test_snr_clamp_for_applies_from_its_start_step_and_only_to_captions_that_match():
+def test_snr_clamp_for_applies_between_its_start_and_end_steps_and_only_to_captions_that_match():
     from latentdiff.config import DiffusionConfig
     from latentdiff.diffusion import min_snr_weights, snr_clamp_for
 
@@ -310,6 +310,10 @@ def test_snr_clamp_for_applies_from_its_start_step_and_only_to_captions_that_mat
     # without a pattern every sample is clamped; without a clamp nothing is
     assert snr_clamp_for(DiffusionConfig(snr_gamma=5.0, snr_clamp_low=0.25), captions, step=0) == 0.25
     assert snr_clamp_for(DiffusionConfig(snr_gamma=5.0), captions, step=10_000) == 0.0
+    # with an end step the clamp teaches the top band first and plain min-SNR takes over from that step
+    early = DiffusionConfig(snr_gamma=5.0, snr_clamp_low=0.25, snr_clamp_end_step=2000)
+    assert snr_clamp_for(early, captions, step=1999) == 0.25
+    assert snr_clamp_for(early, captions, step=2000) == 0.0
 
     scheduler = _scheduler("v_prediction", zero_snr=True)
     timesteps = torch.full((4,), 950)
@@ -330,6 +334,16 @@ def test_snr_clamp_for_applies_from_its_start_step_and_only_to_captions_that_mat
         (["diffusion.snr_clamp_start_step=-1"], "diffusion.snr_clamp_start_step"),
         (["diffusion.snr_clamp_start_step=100"], "'diffusion.snr_clamp_start_step': expected 0 without diffusion.snr_clamp_low"),
         (["diffusion.snr_clamp_captions=top"], "'diffusion.snr_clamp_captions': expected null without diffusion.snr_clamp_low"),
+        (["diffusion.snr_clamp_end_step=100"], "'diffusion.snr_clamp_end_step': expected null without diffusion.snr_clamp_low"),
+        (["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5", "diffusion.snr_clamp_low=1",
+          "diffusion.snr_clamp_start_step=500", "diffusion.snr_clamp_end_step=500"],
+         "null or more than diffusion.snr_clamp_start_step=500"),
+        (["diffusion.snr_clamp_end_step=0"], "diffusion.snr_clamp_end_step"),
+        (["diffusion.snr_clamp_from_timestep=700"], "'diffusion.snr_clamp_from_timestep': expected 0 without diffusion.snr_clamp_low"),
+        (["model.high_noise_boundary=1000"], "'model.high_noise_boundary': expected null or a timestep between 0 and 1000"),
+        (["diffusion.timestep_range=[700,1200]"], "'diffusion.timestep_range': expected null or \\[low, high\\]"),
+        (["diffusion.timestep_range=[700,1000]", "diffusion.timestep_sampling=logit_normal"],
+         "'diffusion.timestep_sampling': expected uniform with diffusion.timestep_range"),
         (["diffusion.snr_gamma=5", "diffusion.snr_clamp_low=6"], "at most diffusion.snr_gamma=5.0"),
         (["diffusion.snr_gamma=5", "diffusion.snr_clamp_low=1"], "with prediction_type epsilon"),
     ],
@@ -416,3 +430,62 @@ def test_only_cross_attention_gives_the_finest_level_text_attention_without_self
     assert out.shape == (2, 4, 8, 8)
     with pytest.raises(ConfigError, match="one true/false per down block"):
         load_config(overrides=[*cross_everywhere, "model.unet.only_cross_attention=[true]"])
+
+
+def test_noise_level_experts_send_each_sample_to_the_unet_of_its_timestep():
+    import copy
+
+    from latentdiff.config import load_config
+    from latentdiff.models import build_components
+    from latentdiff.models.experts import NoiseLevelExperts
+
+    torch.manual_seed(0)
+    unet = build_components(load_config(overrides={"model.preset": "tiny"}).model, 32)["unet"]
+    expert = copy.deepcopy(unet)
+    with torch.no_grad():
+        for parameter in expert.parameters():
+            parameter.add_(0.05)
+    experts = NoiseLevelExperts(unet, expert, boundary=700)
+    sample = torch.randn(3, 4, 16, 16)
+    context = torch.randn(3, 77, unet.config.cross_attention_dim)
+    timesteps = torch.tensor([100, 700, 999])
+    output = experts(sample, timesteps, context).sample
+    torch.testing.assert_close(output[:1], unet(sample[:1], timesteps[:1], context[:1]).sample)
+    torch.testing.assert_close(output[1:], expert(sample[1:], timesteps[1:], context[1:]).sample)
+    # a batch that is all the U-Net's still gives the expert's parameters a (zero) gradient
+    experts(sample, torch.tensor([1, 2, 3]), context).sample.square().mean().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in expert.parameters())
+    assert all(p.grad is not None for p in unet.parameters())
+
+
+def test_the_snr_clamp_from_a_timestep_weighs_only_the_samples_at_or_above_it():
+    from latentdiff.diffusion import diffusion_loss, min_snr_weights
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    latents = torch.randn(64, 4, 8, 8)
+
+    def loss(**kwargs):
+        return diffusion_loss(lambda x, t, c: torch.zeros_like(x), scheduler, latents, None, snr_gamma=5.0,
+                              generator=torch.Generator().manual_seed(0), **kwargs)
+
+    plain, clamped = loss(), loss(snr_clamp_low=0.25, snr_clamp_from_timestep=700)
+    t = plain.timesteps
+    assert torch.equal(t, clamped.timesteps) and (t >= 700).any() and (t < 700).any()
+    ratio = clamped.per_sample / plain.per_sample
+    expected = min_snr_weights(scheduler, t, 5.0, low=0.25) / min_snr_weights(scheduler, t, 5.0)
+    torch.testing.assert_close(ratio[t >= 700], expected[t >= 700])
+    torch.testing.assert_close(ratio[t < 700], torch.ones_like(ratio[t < 700]))
+
+
+def test_timesteps_drawn_within_a_range_stay_in_it():
+    from latentdiff.diffusion import TimestepSampling, sample_timesteps
+
+    generator = torch.Generator().manual_seed(0)
+    t = sample_timesteps(1000, 4096, TimestepSampling(low=700), generator)
+    assert t.min() >= 700 and t.max() <= 999 and t.min() < 710 and t.max() > 990
+    t = sample_timesteps(1000, 4096, TimestepSampling(low=0, high=700), generator)
+    assert t.max() <= 699
+    with pytest.raises(ValueError, match="needs uniform sampling"):
+        sample_timesteps(1000, 4, TimestepSampling(kind="logit_normal", low=700), generator)
+    with pytest.raises(ValueError, match=r"must lie within \[0, 1000\)"):
+        sample_timesteps(1000, 4, TimestepSampling(low=700, high=1200), generator)

@@ -491,3 +491,44 @@ def test_generate_command_rejects_unknown_scheduler(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "model", "a red circle", "--scheduler", "heun"])
     assert "invalid choice: 'heun'" in capsys.readouterr().err
+
+
+def test_a_high_noise_expert_denoises_its_band_and_survives_save_and_reload(components, tmp_path):
+    import copy
+
+    expert = copy.deepcopy(components["unet"])
+    with torch.no_grad():
+        for parameter in expert.parameters():
+            parameter.add_(0.05)
+    plain = make_pipe(components)
+    with_expert = make_pipe(components, unet_high_noise=expert, boundary_ratio=0.5)
+    # 2 DDIM steps run at t = 501 and 1: the first is the expert's, so the images differ from the U-Net's alone
+    assert not np.allclose(run(with_expert), run(plain), atol=1e-4)
+    # at boundary 0.999 no step reaches the expert: the U-Net alone
+    never = make_pipe(components, unet_high_noise=expert, boundary_ratio=0.999)
+    np.testing.assert_allclose(run(never), run(plain), atol=1e-6)
+    assert "forward" not in vars(with_expert.unet)  # the switch lasts for the call only
+
+    expected = run(with_expert)
+    with_expert.save_pretrained(tmp_path)
+    model_index = json.loads((tmp_path / "model_index.json").read_text())
+    assert model_index["unet_high_noise"] == ["diffusers", "UNet2DConditionModel"] and model_index["boundary_ratio"] == 0.5
+    reloaded = LatentPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
+    assert "`unet_high_noise`" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"boundary_ratio": 0.7}, "`unet_high_noise` and `boundary_ratio` go together"),
+        ({"unet_high_noise": "expert"}, "`unet_high_noise` and `boundary_ratio` go together"),
+        ({"unet_high_noise": "expert", "boundary_ratio": 700}, "between 0 and 1"),
+    ],
+)
+def test_a_high_noise_expert_needs_its_boundary(components, extra, message):
+    if extra.get("unet_high_noise") == "expert":
+        extra = dict(extra, unet_high_noise=components["unet"])
+    with pytest.raises(ValueError, match=message):
+        make_pipe(components, **extra)

@@ -138,7 +138,7 @@ def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
 
 def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     weights = {}
-    for part in ("unet", "text_encoder"):
+    for part in ("unet", "text_encoder", "unet_high_noise"):
         folder = output_dir / "pipeline" / part
         for file in folder.glob("*.safetensors"):
             weights.update({f"{part}.{k}": v for k, v in load_file(file).items()})
@@ -150,8 +150,13 @@ def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "variant",
-    [["diffusion.adaptive_loss_weighting=true"], ["train.cache=true", "model.text_encoder.train=false"]],
-    ids=["text-encoder-and-loss-weighting-trained", "latents-and-text-embeddings-cached"],
+    [
+        ["diffusion.adaptive_loss_weighting=true"],
+        ["train.cache=true", "model.text_encoder.train=false"],
+        ["model.high_noise_boundary=700", "diffusion.prediction_type=v_prediction", "diffusion.snr_clamp_low=0.25",
+         "diffusion.snr_clamp_from_timestep=700"],
+    ],
+    ids=["text-encoder-and-loss-weighting-trained", "latents-and-text-embeddings-cached", "noise-level-experts"],
 )
 def test_resume_after_sigkill_is_exact(stage1, tmp_path, variant):
     """Killed with SIGKILL at a random moment and resumed with resume=latest, a run ends with the
@@ -231,6 +236,36 @@ def test_resume_ignores_a_checkpoint_killed_while_being_written(tmp_path):
     assert resolve_resume(str(tmp_path / "nothing-yet"), "latest") is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         resolve_resume(str(tmp_path), str(checkpoints / "checkpoint-6"))
+
+
+def test_stage2_with_a_high_noise_expert_exports_both_unets_and_samples_with_each_in_its_band(stage1, tmp_path):
+    from latentdiff import LatentPipeline
+
+    run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+               "model.high_noise_boundary=700")
+    pipeline_dir = tmp_path / "pipeline"
+    assert (pipeline_dir / "unet_high_noise" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = LatentPipeline.from_pretrained(pipeline_dir)
+    assert pipe.config.boundary_ratio == 0.7
+    # both U-Nets were trained (the expert from its own initialization), and each holds its EMA weights
+    low, high = (load_file(pipeline_dir / part / "diffusion_pytorch_model.safetensors") for part in ("unet", "unet_high_noise"))
+    assert not torch.equal(low["conv_in.weight"], high["conv_in.weight"])
+    raw = load_file(tmp_path / "checkpoints" / "checkpoint-8" / "model.safetensors")
+    assert {"unet.conv_in.weight", "high_noise.conv_in.weight"} <= set(raw)
+    assert not torch.equal(raw["high_noise.conv_in.weight"], high["conv_in.weight"])  # EMA, not the raw weights
+
+    seen = {"unet": [], "unet_high_noise": []}
+    for name in seen:
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda module, args, kwargs, name=name: seen[name].append(float(args[1])), with_kwargs=True
+        )
+    pipe("a red circle", num_inference_steps=4, height=32, width=32, output_type="np")
+    # every step calls `unet` (its hooks run, the guidance interval's among them); those at t >= 700 go on to the expert
+    assert len(seen["unet"]) == 4 and min(seen["unet"]) < 700
+    assert seen["unet_high_noise"] == [t for t in seen["unet"] if t >= 700] != []
+    # the switch is undone after the call: the U-Net alone runs every timestep again
+    assert "forward" not in vars(pipe.unet)
+    assert "unet_high_noise" in (pipeline_dir / "README.md").read_text()
 
 
 def test_two_processes_on_cpu(stage1, tmp_path):

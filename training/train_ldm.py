@@ -7,7 +7,9 @@ Latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Lat
 Models"): images are encoded once per step by the frozen VAE of stage 1 (or a pretrained one), a CLIP
 text encoder embeds the captions (trained from scratch with the U-Net, or pretrained and frozen), and
 the U-Net learns to denoise the latents conditioned on the text through cross-attention. With
-``model.pixel_space=true`` there is no autoencoder and the U-Net works on pixels, as in DDPM.
+``model.pixel_space=true`` there is no autoencoder and the U-Net works on pixels, as in DDPM. With
+``model.high_noise_boundary`` a second U-Net, a high-noise expert, is trained beside it on the samples of
+the timesteps at and above the boundary (:mod:`latentdiff.models.experts`).
 
 Outputs under ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoints/checkpoint-<step>``
 (``resume=latest`` continues the newest), ``validation/step-<step>.png``, ``logs/`` (tensorboard) and
@@ -54,6 +56,7 @@ from latentdiff.trainer.latent_cache import (
     load_or_build_latent_cache,
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
+from latentdiff.models.experts import NoiseLevelExperts
 from latentdiff.trainer.probes import CaptionGapProbe, adherence_probe, held_examples
 from latentdiff.sampling import SAMPLES_FILE, export_pipeline, make_pipeline, sample_grid
 from latentdiff.trainer.encoding import encode_images, tokenize
@@ -132,11 +135,17 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder.freeze_pooling_only_parameters()  # the OpenCLIP tower: see its docstring
     if not train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
-    unet.train()
-    if train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if train.channels_last:
-        unet.to(memory_format=torch.channels_last)
+    unets = [unet, components.get("unet_high_noise")] if "unet_high_noise" in components else [unet]
+    for module in unets:
+        module.train()
+        if train.gradient_checkpointing:
+            module.enable_gradient_checkpointing()
+        if train.channels_last:
+            module.to(memory_format=torch.channels_last)
+    if len(unets) == 2:  # noise-level experts: each sample of a batch goes to the U-Net of its timestep
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ConfigError("model.high_noise_boundary: noise-level experts are not supported under FSDP; use DDP")
+        unet = NoiseLevelExperts(unet, unets[1], config.model.high_noise_boundary)
     if train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -275,8 +284,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # 6. The training loop.
     adherence_history: list[dict] = []
+    timestep_range = config.diffusion.timestep_range or (0, None)
     timestep_sampling = TimestepSampling(
-        config.diffusion.timestep_sampling, config.diffusion.timestep_mean, config.diffusion.timestep_std
+        config.diffusion.timestep_sampling, config.diffusion.timestep_mean, config.diffusion.timestep_std,
+        low=timestep_range[0], high=timestep_range[1],
     )
     progress = tqdm(
         total=train.max_steps, initial=state.global_step, desc="train", disable=not accelerator.is_local_main_process
@@ -323,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                     timestep_sampling=timestep_sampling,
                     snr_weight_floor=config.diffusion.snr_weight_floor,
                     snr_clamp_low=snr_clamp_low,
+                    snr_clamp_from_timestep=config.diffusion.snr_clamp_from_timestep,
                     adaptive_weighting=loss_weighting,
                 )
                 guard.observe(output.loss, state.global_step + 1)

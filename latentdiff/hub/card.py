@@ -196,7 +196,14 @@ def _card_for_folder(
         "```",
         "",
     ]
-    if not facts["pixel_space"]:
+    if "unet_high_noise" in facts["components"]:
+        lines += [
+            "The model has two U-Nets: `unet_high_noise` denoises the timesteps at and above `boundary_ratio` "
+            "(in `model_index.json`) times the schedule's length, `unet` the rest. Stock Diffusers' "
+            "`StableDiffusionPipeline` reads `unet` alone, so load it with `LatentPipeline` as above.",
+            "",
+        ]
+    elif not facts["pixel_space"]:
         open_clip = facts["components"].get("text_encoder", ("",))[0] == "OpenCLIPTextModel"
         needs_latentdiff = " (its OpenCLIP text tower comes from `latentdiff`)" if open_clip else ""
         lines += [

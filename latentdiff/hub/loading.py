@@ -110,6 +110,7 @@ def check_pipeline_folder(
     components: Iterable[str],
     *,
     optional_components: Iterable[str] = (),
+    may_be_unlisted: Iterable[str] = (),
     passed_components: Iterable[str] = (),
     allow_pickle: bool = False,
     pipeline_name: str = "the pipeline",
@@ -118,7 +119,8 @@ def check_pipeline_folder(
 
     Every name in ``components`` must be listed in ``model_index.json`` (an ``optional_components``
     entry may be ``[null, null]``) and have its subfolder, unless it is in ``passed_components``
-    (given to ``from_pretrained`` directly). Components the pipeline does not take (a Stable
+    (given to ``from_pretrained`` directly); one in ``may_be_unlisted`` (a component added after folders were
+    saved, such as a high-noise expert) may also be missing altogether. Components the pipeline does not take (a Stable
     Diffusion folder's ``safety_checker``, ``feature_extractor``) are ignored, with a logged note.
 
     Raises:
@@ -129,7 +131,7 @@ def check_pipeline_folder(
     model_index = _read_model_index(folder)
     components, optional, passed = list(components), set(optional_components), set(passed_components)
     for name in components:
-        if name in passed:
+        if name in passed or (name in may_be_unlisted and name not in model_index):
             continue
         if name not in model_index:
             raise ValueError(

@@ -63,6 +63,7 @@ class PipelineHubMixin:
                 path,
                 [name for name in expected if name not in getattr(cls, "_not_loaded_from_folders", ())],
                 optional_components=cls._optional_components,
+                may_be_unlisted=getattr(cls, "_may_be_unlisted", ()),
                 passed_components=[name for name in expected if name in kwargs],
                 allow_pickle=allow_pickle,
                 pipeline_name=cls.__name__,

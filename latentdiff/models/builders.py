@@ -208,7 +208,8 @@ def _pretrained_text_config(text: TextEncoderConfig):
 
 
 def build_components(config: ModelConfig, resolution: int) -> dict[str, object]:
-    """Every component for images of ``resolution`` pixels: vae, unet, text_encoder, tokenizer.
+    """Every component for images of ``resolution`` pixels: vae, unet, text_encoder, tokenizer, and
+    unet_high_noise with ``config.high_noise_boundary``.
 
     Raises:
         ValueError: ``resolution`` is not a multiple of the autoencoder's downsampling factor.
@@ -225,9 +226,12 @@ def build_components(config: ModelConfig, resolution: int) -> dict[str, object]:
             f"data.resolution={resolution} is not divisible by the autoencoder's downsampling factor {factor}; "
             f"use a multiple of {factor}"
         )
-    return {
+    components = {
         "vae": vae,
         "unet": build_unet(config, sample_size=resolution // factor),
         "text_encoder": build_text_encoder(config),
         "tokenizer": build_tokenizer(config),
     }
+    if config.high_noise_boundary is not None:  # a high-noise expert of the same architecture
+        components["unet_high_noise"] = build_unet(config, sample_size=resolution // factor)
+    return components
