@@ -247,7 +247,7 @@ class DiffusionConfig:
     timestep_range: tuple[int, int] | None = None
     """``[low, high)``: train only on these timesteps (uniform sampling), for a denoiser that is an expert of
     one band of noise levels, such as a high-noise expert (``[700, 1000]``) that lays out what a caption names
-    (Balaji et al. 2022, eDiff-I; :mod:`latentdiff.experts`). None: every timestep."""
+    (Balaji et al. 2022, eDiff-I; :mod:`latentdiff.models.experts`). None: every timestep."""
 
 
 @dataclass

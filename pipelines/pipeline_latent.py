@@ -249,6 +249,18 @@ class LatentDiffusionMixin(PipelineHubMixin):
             handle.remove()
             self._guidance_interval = self._guidance_timestep = None
 
+    @property
+    def components(self) -> dict:
+        """Diffusers' `components`, without `unet_high_noise` when the model has no expert (so that they still build
+        a stock Stable Diffusion pipeline), and with `boundary_ratio` when it has one (so that they build any
+        pipeline of latentdiff with the expert and its boundary)."""
+        components = dict(super().components)
+        if components.get("unet_high_noise") is None:
+            components.pop("unet_high_noise", None)
+        else:
+            components["boundary_ratio"] = self.config.boundary_ratio
+        return components
+
     @contextlib.contextmanager
     def noise_level_experts(self):
         """Within this context, a call of `unet` at a timestep `t >= boundary_ratio * num_train_timesteps` runs

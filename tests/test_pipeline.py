@@ -508,6 +508,9 @@ def test_a_high_noise_expert_denoises_its_band_and_survives_save_and_reload(comp
     never = make_pipe(components, unet_high_noise=expert, boundary_ratio=0.999)
     np.testing.assert_allclose(run(never), run(plain), atol=1e-6)
     assert "forward" not in vars(with_expert.unet)  # the switch lasts for the call only
+    # `components` carry the expert and its boundary to another pipeline, and leave them out without an expert
+    np.testing.assert_allclose(run(make_pipe(with_expert.components)), run(with_expert), atol=1e-6)
+    assert "unet_high_noise" not in plain.components and "boundary_ratio" not in plain.components
 
     expected = run(with_expert)
     with_expert.save_pretrained(tmp_path)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder.freeze_pooling_only_parameters()  # the OpenCLIP tower: see its docstring
     if not train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
-    unets = [unet, components.get("unet_high_noise")] if "unet_high_noise" in components else [unet]
+    unets = [unet] + ([components["unet_high_noise"]] if "unet_high_noise" in components else [])
     for module in unets:
         module.train()
         if train.gradient_checkpointing:

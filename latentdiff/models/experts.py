@@ -4,8 +4,9 @@ Balaji et al. 2022, "eDiff-I: Text-to-Image Diffusion Models with an Ensemble of
 denoiser behaves differently along the sampling path (at high noise it lays out what the text names, at low
 noise it renders), so one network per band of noise levels does better than one shared by all. On the
 built-in shapes the band where an object's place is decided (t >= 700) needs a loss weight that costs the
-other bands their shapes and counts when one U-Net is trained with it (docs/conditioning.md, sixth round);
-with an expert of its own, each band gets its own weighting and none pays for the other.
+other bands their shapes and counts when one U-Net is trained with it; an expert of its own gives that band
+its own weighting. (Trained together from scratch in the shapes default's minutes, the two do not yet beat
+one U-Net: docs/conditioning.md, sixth round.)
 
 Saved in the Diffusers layout as Wan 2.2's pipelines save their two transformers, with the switch given as
 ``boundary_ratio`` (the expert denoises ``t >= boundary_ratio * num_train_timesteps``), except that here the
@@ -20,12 +21,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-__all__ = ["NoiseLevelExperts", "boundary_timestep"]
-
-
-def boundary_timestep(boundary_ratio: float, num_train_timesteps: int) -> float:
-    """The first timestep of the high-noise expert, as Wan 2.2's pipelines compute it."""
-    return boundary_ratio * num_train_timesteps
+__all__ = ["NoiseLevelExperts"]
 
 
 class NoiseLevelExperts(torch.nn.Module):
