@@ -107,6 +107,12 @@ def check_guidance_interval(interval) -> tuple[float, float] | None:
     return float(interval[0]), float(interval[1])
 
 
+def _step_timestep(timestep) -> float:
+    """The timestep of a denoising step as a number: the U-Net is called with one for the whole batch (a number, a
+    0-d tensor, or one value per image)."""
+    return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+
+
 def denoising_call(call):
     """Give a pipeline's `__call__` the keyword argument `guidance_interval` (default: the model's saved one, else
     `None`, guidance at every step) and the model's noise-level experts: the call runs inside
@@ -238,8 +244,7 @@ class LatentDiffusionMixin(PipelineHubMixin):
             return
 
         def record_timestep(module, args, kwargs):
-            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-            self._guidance_timestep = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+            self._guidance_timestep = _step_timestep(args[1] if len(args) > 1 else kwargs["timestep"])
 
         handle = self.unet.register_forward_pre_hook(record_timestep, with_kwargs=True)
         self._guidance_interval, self._guidance_timestep = interval, None
@@ -281,8 +286,8 @@ class LatentDiffusionMixin(PipelineHubMixin):
         forward = own_forward or unet.forward
 
         def dispatch(sample, timestep, *args, **kwargs):
-            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            return expert(sample, timestep, *args, **kwargs) if t >= boundary else forward(sample, timestep, *args, **kwargs)
+            denoiser = expert if _step_timestep(timestep) >= boundary else forward
+            return denoiser(sample, timestep, *args, **kwargs)
 
         unet.forward = dispatch
         try:

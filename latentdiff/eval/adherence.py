@@ -176,28 +176,30 @@ def _check_sampling(steps: int, guidance: float, batch_size: int) -> None:
         raise ValueError(f"guidance must be a non-negative number, got {guidance!r}")
 
 
+def _model_setting(pipeline: Any, name: str, value: Any) -> Any:
+    """``value`` if given, else the pipeline's own default for ``name`` (``sampling_default``: the model's saved
+    one, then Diffusers'); a pipeline without sampling defaults gets ``value`` back."""
+    resolve = getattr(pipeline, "sampling_default", None)
+    return resolve(name, value) if resolve is not None else value
+
+
 def _model_guidance(pipeline: Any, guidance: float | None) -> float:
-    """``guidance`` if given, else the pipeline's own default (the model's saved one, then Diffusers')."""
+    """``guidance`` if given, else the pipeline's own default, else :data:`DEFAULT_GUIDANCE_SCALE`."""
     if guidance is not None:
         return guidance
-    resolve = getattr(pipeline, "sampling_default", None)
-    return float(resolve("guidance_scale", None)) if resolve is not None else DEFAULT_GUIDANCE_SCALE
+    resolved = _model_setting(pipeline, "guidance_scale", None)
+    return float(resolved) if resolved is not None else DEFAULT_GUIDANCE_SCALE
 
 
 def _model_guidance_interval(pipeline: Any, interval: Sequence[float] | None) -> list[float] | None:
     """``interval`` if given, else the pipeline's saved one (``None``: guidance at every step)."""
-    resolve = getattr(pipeline, "sampling_default", None)
-    if resolve is not None:
-        interval = resolve("guidance_interval", interval)
+    interval = _model_setting(pipeline, "guidance_interval", interval)
     return [float(value) for value in interval] if interval is not None else None
 
 
 def _model_negative_prompt(pipeline: Any, negative_prompt: str | None) -> str | None:
     """``negative_prompt`` if given, else the pipeline's saved one (``None``: the empty caption)."""
-    resolve = getattr(pipeline, "sampling_default", None)
-    if resolve is not None:
-        negative_prompt = resolve("negative_prompt", negative_prompt)
-    return negative_prompt or None
+    return _model_setting(pipeline, "negative_prompt", negative_prompt) or None
 
 
 def _call_settings(
