@@ -24,6 +24,7 @@ _LAZY = {
     "LatentInpaintPipeline": "latentdiff.pipelines",
     "LatentOutpaintPipeline": "latentdiff.pipelines",
     "OpenCLIPTextModel": "latentdiff.models.text_encoders",
+    "PositionalUNet2DConditionModel": "latentdiff.models.unet",
     "Config": "latentdiff.config",
     "load_config": "latentdiff.config",
     "clip_tokenizer": "latentdiff.models.tokenizer",

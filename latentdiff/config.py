@@ -96,6 +96,11 @@ class UNetConfig:
     resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
     """``scale_shift``: the (time + text) embedding scales and shifts each ResNet block's normalized
     features (Dhariwal & Nichol 2021's AdaGN) instead of being added to them."""
+    position_frequencies: int = 0
+    """Absolute positions for the U-Net: Fourier features of each latent's coordinates, this many frequencies
+    per axis, added after ``conv_in`` (latentdiff's ``PositionalUNet2DConditionModel``; Liu et al. 2018,
+    CoordConv). A convolutional U-Net otherwise finds where it is only from the zero padding, which at high
+    noise is all it has to put an object at "the top left". 0: the stock ``UNet2DConditionModel``."""
 
 
 @dataclass
@@ -231,6 +236,11 @@ class DiffusionConfig:
     snr_clamp_end_step: int | None = None
     """With ``snr_clamp_low``: plain min-SNR again from this optimizer step on (the clamp teaches the top band
     first, then every band is refined with min-SNR's weights). None: the clamp until the end."""
+    snr_clamp_pool: int = 1
+    """With ``snr_clamp_low``: the weight the clamp adds (over min-SNR's) goes to the error averaged over
+    ``snr_clamp_pool`` x ``snr_clamp_pool`` latents instead of the error itself, a coarse-scale loss for the
+    top band (the multiscale loss of Hoogeboom et al. 2023, "simple diffusion", Sec. 3.3): there the layout
+    can be learned, the detail cannot, and the detail's error is most of the loss. 1: the whole error."""
     adaptive_loss_weighting: bool = False
     """Learn a loss weight per noise level so that each contributes equally (Karras et al. 2024, EDM2;
     :class:`latentdiff.diffusion.AdaptiveLossWeighting`). Applied on top of ``snr_gamma`` if both are set."""
@@ -342,6 +352,19 @@ class TrainConfig:
     """Images per optimizer step, over all processes and accumulation steps."""
     gradient_accumulation_steps: int = 1
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    band_boundary: int | None = None
+    """Train the noise levels ``t >= band_boundary`` and ``t < band_boundary`` in separate optimizer steps, each
+    band with its own AdamW moments. With one optimizer, the high band's gradients under
+    ``diffusion.snr_clamp_low`` (about 9x the low band's, 88% of the squared gradient of a median weight:
+    ``bench/band_gradients.py``) set Adam's step size for both bands (docs/conditioning.md, seventh round).
+    None: every step draws t from all levels, one optimizer."""
+    high_band_every: int = 3
+    """With ``band_boundary``: every n-th optimizer step is the high band's (3: about the share uniform timesteps
+    give t >= 700), the others the low band's."""
+    high_band_parameters: str | None = None
+    """With ``band_boundary``: a regular expression; the high band's optimizer updates only the U-Net weights
+    whose name matches it (and the text encoder), e.g. ``attn2|time_emb|time_embedding|add_embedding``: how the
+    U-Net reads the text and the noise level, not the convolutions the low band denoises with. None: every weight."""
     mixed_precision: MixedPrecision = "no"
     caption_dropout: float = 0.1
     """Probability of an empty caption, for classifier-free guidance (Ho & Salimans 2022)."""
@@ -499,7 +522,8 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "num_train_timesteps": Range(2), "beta_start": Range(0, 1, low_open=True, high_open=True),
         "beta_end": Range(0, 1, low_open=True, high_open=True), "snr_gamma": POSITIVE, "noise_offset": NON_NEGATIVE,
         "snr_weight_floor": Range(0, 1), "snr_clamp_low": NON_NEGATIVE, "snr_clamp_start_step": NON_NEGATIVE,
-        "snr_clamp_end_step": POSITIVE, "snr_clamp_from_timestep": NON_NEGATIVE, "timestep_mean": Range(),
+        "snr_clamp_end_step": POSITIVE, "snr_clamp_from_timestep": NON_NEGATIVE, "snr_clamp_pool": AT_LEAST_1,
+        "timestep_mean": Range(),
         "timestep_std": POSITIVE, "timestep_range": NON_NEGATIVE,
     },
     ModelConfig: {"high_noise_boundary": POSITIVE},
@@ -520,7 +544,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "caption_dropout": PROBABILITY, "ema_decay": DECAY, "checkpointing_steps": NON_NEGATIVE,
         "checkpoints_total_limit": AT_LEAST_1, "validation_steps": NON_NEGATIVE, "log_every": AT_LEAST_1,
         "caption_gap_steps": NON_NEGATIVE, "caption_gap_images": Range(4), "adherence_probe_prompts": NON_NEGATIVE,
-        "adherence_probe_steps": AT_LEAST_1,
+        "adherence_probe_steps": AT_LEAST_1, "high_band_every": Range(2),
     },
     TextTrainConfig: {
         "max_steps": AT_LEAST_1, "batch_size": Range(2), "gradient_accumulation_steps": AT_LEAST_1,
@@ -605,13 +629,17 @@ def check_values(config: Config) -> None:
             fail("diffusion.snr_clamp_end_step", diffusion.snr_clamp_end_step, "null without diffusion.snr_clamp_low")
         if diffusion.snr_clamp_from_timestep:
             fail("diffusion.snr_clamp_from_timestep", diffusion.snr_clamp_from_timestep, "0 without diffusion.snr_clamp_low")
+        if diffusion.snr_clamp_pool != 1:
+            fail("diffusion.snr_clamp_pool", diffusion.snr_clamp_pool, "1 without diffusion.snr_clamp_low")
     if diffusion.timestep_sampling == "importance":
         if diffusion.snr_gamma is None:
             fail("diffusion.timestep_sampling", "importance", "uniform or logit_normal without diffusion.snr_gamma "
                  "(importance sampling follows min-SNR's weights)")
-        if diffusion.snr_clamp_captions is not None or diffusion.snr_clamp_from_timestep or diffusion.adaptive_loss_weighting:
+        if (diffusion.snr_clamp_captions is not None or diffusion.snr_clamp_from_timestep or diffusion.adaptive_loss_weighting
+                or diffusion.snr_clamp_pool != 1):
             fail("diffusion.timestep_sampling", "importance", "uniform or logit_normal with diffusion.snr_clamp_captions, "
-                 "diffusion.snr_clamp_from_timestep or diffusion.adaptive_loss_weighting (their weights are not one function of t)")
+                 "diffusion.snr_clamp_from_timestep, diffusion.snr_clamp_pool or diffusion.adaptive_loss_weighting "
+                 "(their weights are not one function of t)")
     boundary = config.model.high_noise_boundary
     if boundary is not None and not 0 < boundary < diffusion.num_train_timesteps:
         fail("model.high_noise_boundary", boundary, f"null or a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
@@ -622,6 +650,24 @@ def check_values(config: Config) -> None:
             fail("diffusion.timestep_range", low_high, f"null or [low, high] with 0 <= low < high <= {steps}")
         if diffusion.timestep_sampling != "uniform":
             fail("diffusion.timestep_sampling", diffusion.timestep_sampling, "uniform with diffusion.timestep_range")
+    band_boundary = config.train.band_boundary
+    if band_boundary is not None:
+        if not 0 < band_boundary < diffusion.num_train_timesteps:
+            fail("train.band_boundary", band_boundary,
+                 f"null or a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
+        if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None:
+            fail("train.band_boundary", band_boundary, "null with diffusion.timestep_range or a timestep_sampling "
+                 "other than uniform (each band draws its timesteps uniformly)")
+        if config.train.high_band_parameters is not None:
+            try:
+                re.compile(config.train.high_band_parameters)
+            except re.error as error:
+                fail("train.high_band_parameters", config.train.high_band_parameters, f"a valid regular expression ({error})")
+        if boundary is not None or diffusion.adaptive_loss_weighting:
+            fail("train.band_boundary", band_boundary, "null with model.high_noise_boundary or "
+                 "diffusion.adaptive_loss_weighting")
+    elif config.train.high_band_parameters is not None:
+        fail("train.high_band_parameters", config.train.high_band_parameters, "null without train.band_boundary")
     interval = config.sample.guidance_interval
     if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
         fail("sample.guidance_interval", list(interval), "null or [low, high] timesteps with 0 <= low <= high")

@@ -302,6 +302,7 @@ def diffusion_loss(
     adaptive_weighting: AdaptiveLossWeighting | None = None,
     snr_clamp_low: float | torch.Tensor = 0.0,
     snr_clamp_from_timestep: int = 0,
+    snr_clamp_pool: int = 1,
 ) -> DiffusionLoss:
     """Monte-Carlo estimate of the denoising loss on a batch of clean latents ``x_0``.
 
@@ -311,6 +312,8 @@ def diffusion_loss(
     ``adaptive_weighting``, each sample's error ``L`` enters as ``L / exp(u(t)) + u(t)``
     (:class:`AdaptiveLossWeighting`). ``snr_clamp_low`` applies to the samples with ``t >=
     snr_clamp_from_timestep`` only (those of a high-noise expert, :mod:`latentdiff.models.experts`).
+    With ``snr_clamp_pool`` > 1 the weight the clamp adds to min-SNR's multiplies the error averaged over
+    ``snr_clamp_pool`` x ``snr_clamp_pool`` latents (a coarse-scale loss: Hoogeboom et al. 2023, Sec. 3.3).
     """
     batch_size = latents.shape[0]
     noise = sample_noise(latents, noise_offset, generator)
@@ -330,8 +333,13 @@ def diffusion_loss(
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     target = training_target(scheduler, latents, noise, timesteps)
     prediction = denoiser(noisy_latents, timesteps, encoder_hidden_states)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if weights is not None:
+    error = prediction.float() - target.float()
+    per_sample = error.square().mean(dim=(1, 2, 3))
+    if weights is not None and snr_clamp_pool > 1:
+        unclamped = min_snr_weights(scheduler, timesteps, snr_gamma, snr_weight_floor)
+        coarse = F.avg_pool2d(error, snr_clamp_pool, ceil_mode=True).square().mean(dim=(1, 2, 3))
+        per_sample = per_sample * unclamped + coarse * (weights - unclamped)
+    elif weights is not None:
         per_sample = per_sample * weights
     if adaptive_weighting is None:
         return DiffusionLoss(loss=per_sample.mean(), timesteps=timesteps, per_sample=per_sample)

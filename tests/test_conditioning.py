@@ -340,6 +340,12 @@ def test_snr_clamp_for_applies_between_its_start_and_end_steps_and_only_to_capti
          "null or more than diffusion.snr_clamp_start_step=500"),
         (["diffusion.snr_clamp_end_step=0"], "diffusion.snr_clamp_end_step"),
         (["diffusion.snr_clamp_from_timestep=700"], "'diffusion.snr_clamp_from_timestep': expected 0 without diffusion.snr_clamp_low"),
+        (["diffusion.snr_clamp_pool=4"], "'diffusion.snr_clamp_pool': expected 1 without diffusion.snr_clamp_low"),
+        (["diffusion.snr_clamp_pool=0"], "diffusion.snr_clamp_pool"),
+        (["train.band_boundary=0"], "'train.band_boundary': expected null or a timestep between 0 and 1000"),
+        (["train.band_boundary=700", "diffusion.timestep_sampling=logit_normal"], "'train.band_boundary': expected null with"),
+        (["train.band_boundary=700", "model.high_noise_boundary=700"], "'train.band_boundary': expected null with model.high"),
+        (["train.band_boundary=700", "train.high_band_every=1"], "train.high_band_every"),
         (["model.high_noise_boundary=1000"], "'model.high_noise_boundary': expected null or a timestep between 0 and 1000"),
         (["diffusion.timestep_range=[700,1200]"], "'diffusion.timestep_range': expected null or \\[low, high\\]"),
         (["diffusion.timestep_range=[700,1000]", "diffusion.timestep_sampling=logit_normal"],
@@ -489,3 +495,102 @@ def test_timesteps_drawn_within_a_range_stay_in_it():
         sample_timesteps(1000, 4, TimestepSampling(kind="logit_normal", low=700), generator)
     with pytest.raises(ValueError, match=r"must lie within \[0, 1000\)"):
         sample_timesteps(1000, 4, TimestepSampling(low=700, high=1200), generator)
+
+
+def test_positional_unet_starts_as_the_stock_unet_and_adds_its_coordinates_after_conv_in():
+    from diffusers import UNet2DConditionModel
+
+    from latentdiff.config import load_config
+    from latentdiff.models.builders import build_unet
+    from latentdiff.models.unet import PositionalUNet2DConditionModel, position_features
+
+    config = load_config(overrides={"model.preset": "tiny", "model.unet.position_frequencies": 3})
+    torch.manual_seed(0)
+    unet = build_unet(config.model, 16)
+    assert isinstance(unet, PositionalUNet2DConditionModel) and unet.config.position_frequencies == 3
+    stock = UNet2DConditionModel.from_config({k: v for k, v in unet.config.items() if k != "position_frequencies"})
+    missing, unexpected = stock.load_state_dict(unet.state_dict(), strict=False)
+    assert not missing and unexpected == ["position_proj.weight", "position_proj.bias"]
+    sample, timesteps = torch.randn(2, 4, 16, 16), torch.tensor([10, 900])
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    # the projection starts at zero: a new model is the stock one
+    torch.testing.assert_close(unet(sample, timesteps, context).sample, stock(sample, timesteps, context).sample)
+
+    features = position_features(16, 16, 3)
+    assert features.shape == (12, 16, 16)
+    assert not torch.equal(features[:, 0, 0], features[:, 15, 15])  # every place has its own features ...
+    torch.testing.assert_close(features[:6, :, 0], features[:6, :, 9])  # row channels do not vary along a row,
+    torch.testing.assert_close(features[6:, 0, :], features[6:, 9, :])  # column channels not along a column
+    with torch.no_grad():
+        torch.nn.init.normal_(unet.position_proj.weight)
+    seen = {}
+    unet.conv_in.register_forward_hook(lambda module, inputs, output: seen.setdefault("conv_in", output))
+    unet(sample, timesteps, context)
+    expected = stock.conv_in(sample) + unet.position_proj(features[None])
+    torch.testing.assert_close(seen["conv_in"], expected)
+    assert not torch.allclose(unet(sample, timesteps, context).sample, stock(sample, timesteps, context).sample)
+
+
+def test_positional_unet_is_saved_and_loaded_by_diffusers_and_by_the_builders(tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from latentdiff import LatentPipeline, PositionalUNet2DConditionModel
+    from latentdiff.config import ConfigError, load_config
+    from latentdiff.models.builders import build_unet
+    from latentdiff.testing import tiny_components
+
+    components = tiny_components(seed=0)
+    stock_unet = components["unet"]
+    torch.manual_seed(1)
+    unet = PositionalUNet2DConditionModel(position_frequencies=2, **stock_unet.config)
+    with torch.no_grad():
+        torch.nn.init.normal_(unet.position_proj.weight)
+    LatentPipeline(**{**components, "unet": unet}).save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["unet"] == ["latentdiff", "PositionalUNet2DConditionModel"]
+    for loaded in (LatentPipeline.from_pretrained(tmp_path / "pipe"),
+                   StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", safety_checker=None)):
+        assert type(loaded.unet) is PositionalUNet2DConditionModel
+        torch.testing.assert_close(loaded.unet.position_proj.weight, unet.position_proj.weight)
+
+    # model.unet.pretrained: a positional U-Net loads as one, a stock U-Net stays stock
+    stock_unet.save_pretrained(tmp_path / "stock")
+    for folder, expected_class in ((tmp_path / "pipe" / "unet", PositionalUNet2DConditionModel),
+                                   (tmp_path / "stock", UNet2DConditionModel)):
+        config = load_config(overrides={"model.preset": "tiny", "model.unet.pretrained": str(folder)})
+        assert type(build_unet(config.model, 16)) is expected_class
+    with pytest.raises(ConfigError, match="position_frequencies must be >= 0"):
+        build_unet(load_config(overrides={"model.preset": "tiny", "model.unet.position_frequencies": -1}).model, 16)
+    with pytest.raises(ValueError, match="position_frequencies must be an integer >= 0"):
+        PositionalUNet2DConditionModel(position_frequencies=1.5, **stock_unet.config)
+
+
+def test_snr_clamp_pool_gives_the_clamps_added_weight_to_the_coarse_error_only():
+    from latentdiff.diffusion import diffusion_loss, min_snr_weights
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    latents = torch.randn(16, 4, 8, 8)
+    alphas = scheduler.alphas_cumprod
+
+    def denoiser_with_error(error: torch.Tensor):
+        def denoiser(noisy, timesteps, context):  # the exact v target, recovered from x_t and x_0, plus `error`
+            a = alphas[timesteps].sqrt()[:, None, None, None]
+            s = (1 - alphas[timesteps]).sqrt()[:, None, None, None]
+            noise = (noisy - a * latents) / s.clamp(min=1e-6)
+            return a * noise - s * latents + error
+        return denoiser
+
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    checkerboard = ((rows + cols) % 2 * 2 - 1).float().expand(16, 4, 8, 8)  # no coarse part at all
+    for error, clamped_share in ((checkerboard, False), (torch.ones(16, 4, 8, 8), True)):  # all coarse
+        output = diffusion_loss(denoiser_with_error(error), scheduler, latents, None, snr_gamma=5.0,
+                                generator=torch.Generator().manual_seed(0), snr_clamp_low=0.25, snr_clamp_pool=4)
+        expected = min_snr_weights(scheduler, output.timesteps, 5.0, low=0.25 if clamped_share else 0.0)
+        torch.testing.assert_close(output.per_sample, expected, atol=2e-4, rtol=1e-3)
+    # pool 1 is the plain clamp: the whole error takes the clamped weight
+    output = diffusion_loss(denoiser_with_error(checkerboard), scheduler, latents, None, snr_gamma=5.0,
+                            generator=torch.Generator().manual_seed(0), snr_clamp_low=0.25)
+    torch.testing.assert_close(output.per_sample, min_snr_weights(scheduler, output.timesteps, 5.0, low=0.25),
+                               atol=2e-4, rtol=1e-3)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 
 import torch
@@ -186,27 +187,44 @@ def main(argv: list[str] | None = None) -> None:
         held_latents = encode_images(vae, held_pixels.to(accelerator.device, weight_dtype), None, mean=True).float()
         caption_gap_probe = CaptionGapProbe(held_latents, held_captions, encode_text, seed=config.seed)
 
-    # 4. Optimizer, learning-rate schedule, EMA of the weights.
+    # 4. Optimizers (one per band of noise levels with train.band_boundary), learning-rate schedules, EMA.
     optimizer_config = train.optimizer
     learning_rate = optimizer_config.learning_rate
     if train.scale_lr:
         learning_rate *= train.batch_size
-    optimizer = torch.optim.AdamW(
-        [p for module in trained_modules for p in module.parameters() if p.requires_grad],
-        lr=learning_rate,
-        betas=(optimizer_config.adam_beta1, optimizer_config.adam_beta2),
-        weight_decay=optimizer_config.adam_weight_decay,
-        eps=optimizer_config.adam_epsilon,
-        fused=optimizer_config.fused or None,
-    )
-    lr_scheduler = get_scheduler(
-        optimizer_config.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=optimizer_config.lr_warmup_steps,
-        num_training_steps=train.max_steps,
-    )
-    prepared = accelerator.prepare(*trained_modules, optimizer, lr_scheduler)
-    trained_modules, (optimizer, lr_scheduler) = list(prepared[:-2]), prepared[-2:]
+    def make_optimizer(parameters: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(
+            parameters,
+            lr=learning_rate,
+            betas=(optimizer_config.adam_beta1, optimizer_config.adam_beta2),
+            weight_decay=optimizer_config.adam_weight_decay,
+            eps=optimizer_config.adam_epsilon,
+            fused=optimizer_config.fused or None,
+        )
+
+    optimizers = [make_optimizer([p for module in trained_modules for p in module.parameters() if p.requires_grad])]
+    if train.band_boundary:  # the high band's optimizer: its own moments, and maybe a part of the U-Net only
+        pattern = re.compile(train.high_band_parameters or "")
+        optimizers.append(make_optimizer(
+            [p for name, p in trained_modules[0].named_parameters() if p.requires_grad and pattern.search(name)]
+            + [p for module in trained_modules[1:] for p in module.parameters() if p.requires_grad]
+        ))
+    lr_schedulers = [
+        get_scheduler(
+            optimizer_config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=optimizer_config.lr_warmup_steps,
+            num_training_steps=train.max_steps,
+        )
+        for optimizer in optimizers
+    ]
+    if train.band_boundary and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("train.band_boundary: an optimizer per band is not supported under FSDP; use DDP")
+    prepared = accelerator.prepare(*trained_modules, *optimizers, *lr_schedulers)
+    num_optimizers = len(optimizers)
+    trained_modules = list(prepared[: -2 * num_optimizers])
+    optimizers = list(prepared[-2 * num_optimizers : -num_optimizers])
+    lr_schedulers = list(prepared[-num_optimizers:])
     unet = trained_modules[0]
     if train_text_encoder:
         text_encoder = trained_modules[1]
@@ -289,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         config.diffusion.timestep_sampling, config.diffusion.timestep_mean, config.diffusion.timestep_std,
         low=timestep_range[0], high=timestep_range[1],
     )
+    if train.band_boundary:  # [low band, high band]: each step draws from one, steps with its optimizer
+        band_samplings = [TimestepSampling("uniform", high=train.band_boundary),
+                          TimestepSampling("uniform", low=train.band_boundary)]
     progress = tqdm(
         total=train.max_steps, initial=state.global_step, desc="train", disable=not accelerator.is_local_main_process
     )
@@ -310,6 +331,10 @@ def main(argv: list[str] | None = None) -> None:
             if batch is None:
                 continue
             last_batch = batch
+            band = int(state.global_step % train.high_band_every == train.high_band_every - 1) if train.band_boundary else 0
+            optimizer = optimizers[band]
+            if train.band_boundary:
+                timestep_sampling = band_samplings[band]
             with accelerator.accumulate(*trained_modules):
                 if "latent_mean" in batch:  # cached posterior: z = mean + std * eps
                     noise = torch.randn(batch["latent_mean"].shape, generator=rng.generator, device=rng.generator.device)
@@ -335,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                     snr_weight_floor=config.diffusion.snr_weight_floor,
                     snr_clamp_low=snr_clamp_low,
                     snr_clamp_from_timestep=config.diffusion.snr_clamp_from_timestep,
+                    snr_clamp_pool=config.diffusion.snr_clamp_pool,
                     adaptive_weighting=loss_weighting,
                 )
                 guard.observe(output.loss, state.global_step + 1)
@@ -342,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                 if accelerator.sync_gradients and train.optimizer.max_grad_norm:
                     accelerator.clip_grad_norm_(trained_parameters, train.optimizer.max_grad_norm)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                for each in optimizers:  # the high band's may hold part of the weights: clear every gradient
+                    each.zero_grad(set_to_none=True)
             loss_sum += output.per_sample.detach().mean()  # the error itself, also under adaptive weighting
             loss_count += 1
             interval_images += latents.shape[0] * accelerator.num_processes
@@ -350,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
 
             # One optimizer step done.
-            lr_scheduler.step()
+            for lr_scheduler in lr_schedulers:  # every band's schedule follows the global step
+                lr_scheduler.step()
             if ema is not None:
                 ema.step(ema_parameters)
             state.global_step += 1

@@ -19,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ..config import ConfigError, ModelConfig, TextEncoderConfig
 from .presets import MODEL_PRESETS
 from .tokenizer import CONTEXT_LENGTH, clip_tokenizer
+from .unet import PositionalUNet2DConditionModel, saved_unet_class
 
 __all__ = [
     "MODEL_PRESETS",
@@ -87,7 +88,8 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
     """The conditional U-Net of ``config`` for ``sample_size`` x ``sample_size`` latents (or pixels)."""
     unet = config.unet
     if unet.pretrained:
-        return _from_pretrained(UNet2DConditionModel, unet.pretrained, unet.subfolder, "model.unet.pretrained")
+        unet_class = saved_unet_class(unet.pretrained, unet.subfolder)
+        return _from_pretrained(unet_class, unet.pretrained, unet.subfolder, "model.unet.pretrained")
     if in_channels is None:
         in_channels = 3 if config.pixel_space else config.vae.latent_channels
     if len(unet.down_block_types) != len(unet.block_out_channels) or len(unet.up_block_types) != len(
@@ -103,7 +105,12 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
                 f"model.unet.block_out_channels: {channels} is not divisible by attention_head_dim "
                 f"({unet.attention_head_dim}) and norm_num_groups ({unet.norm_num_groups})"
             )
-    return UNet2DConditionModel(
+    if unet.position_frequencies < 0:
+        raise ConfigError(f"model.unet.position_frequencies must be >= 0, got {unet.position_frequencies}")
+    positions = {"position_frequencies": unet.position_frequencies} if unet.position_frequencies else {}
+    unet_class = PositionalUNet2DConditionModel if positions else UNet2DConditionModel
+    return unet_class(
+        **positions,
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""How the gradients of two bands of noise levels compare in a trained pipeline (docs/conditioning.md).
+
+    python bench/band_gradients.py runs/shapes/pipeline [--boundary 700] [--clamp 0.25] [--images 256]
+
+On ``--images`` fresh shapes scenes with their full descriptions, the gradient of the U-Net's weighted
+training loss (min-SNR-gamma, and min-SNR with the lower SNR clamp of ``diffusion.snr_clamp_low`` for the
+high band) over ``t < boundary`` and over ``t >= boundary``, each as its share of the samples would give it
+in a uniform batch. Printed: the norm of each, their cosine, and, per weight, the share of the summed squared
+gradient that comes from the high band: Adam divides every update by the root of that sum's running mean,
+so where the high band holds most of it, it sets the step size of the low band too.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a pipeline folder")
+    parser.add_argument("--boundary", type=int, default=700, help="first timestep of the high band")
+    parser.add_argument("--clamp", type=float, default=0.25, help="diffusion.snr_clamp_low of the high band")
+    parser.add_argument("--gamma", type=float, default=5.0, help="diffusion.snr_gamma")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from diffusers import DDPMScheduler
+
+    from latentdiff.config import load_config
+    from latentdiff.diffusion import min_snr_weights, training_target
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.trainer.encoding import encode_images, tokenize
+    from latentdiff.trainer.probes import held_examples
+
+    pipeline = LatentPipeline.from_pretrained(args.model)
+    run_config = os.path.join(os.path.dirname(os.path.normpath(args.model)), "config.yaml")
+    config = load_config(run_config) if os.path.isfile(run_config) else load_config()
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    pixels, captions = held_examples(config.data, config.seed, args.images)
+    with torch.no_grad():
+        latents = encode_images(pipeline.vae, pixels, None, mean=True).float()
+        context = pipeline.text_encoder(tokenize(pipeline.tokenizer, captions))[0]
+    unet = pipeline.unet.train()
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    steps = scheduler.config.num_train_timesteps
+
+    def band_gradient(low: int, high: int, clamp: float) -> torch.Tensor:
+        """The gradient of the band's summed weighted loss, divided by what a uniform batch of --images holds."""
+        generator = torch.Generator().manual_seed(args.seed)
+        timesteps = torch.randint(low, high, (args.images,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(scheduler, latents, noise, timesteps)
+        weights = min_snr_weights(scheduler, timesteps, args.gamma, low=clamp)
+        share = (high - low) / steps  # of a uniform batch, this band holds this share
+        unet.zero_grad(set_to_none=True)
+        for start in range(0, args.images, args.batch):
+            part = slice(start, start + args.batch)
+            prediction = unet(noisy[part], timesteps[part], context[part]).sample
+            error = (prediction.float() - target[part]).square().mean(dim=(1, 2, 3))
+            (share * (error * weights[part]).sum() / args.images).backward()
+        return torch.cat([p.grad.flatten() for p in parameters])
+
+    low_band = band_gradient(0, args.boundary, 0.0)
+    high_band = band_gradient(args.boundary, steps, 0.0)
+    high_band_clamped = band_gradient(args.boundary, steps, args.clamp)
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a @ b / (a.norm() * b.norm()))
+
+    print(f"gradient norm: t < {args.boundary} {low_band.norm():.4g}; t >= {args.boundary}: min-SNR-{args.gamma:g} "
+          f"{high_band.norm():.4g}, with the clamp {args.clamp:g} {high_band_clamped.norm():.4g}")
+    print(f"cosine with the low band: min-SNR {cosine(low_band, high_band):.3f}, "
+          f"with the clamp {cosine(low_band, high_band_clamped):.3f}")
+    for name, high in (("min-SNR", high_band), ("with the clamp", high_band_clamped)):
+        share = high.square() / (high.square() + low_band.square()).clamp(min=1e-30)
+        print(f"high band's share of the squared gradient per weight, {name}: median {share.median():.3f}, "
+              f"mean {share.mean():.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
