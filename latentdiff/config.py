@@ -506,7 +506,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
     UNetConfig: {
         "block_out_channels": CHANNELS, "layers_per_block": AT_LEAST_1, "attention_head_dim": AT_LEAST_1,
         "transformer_layers_per_block": AT_LEAST_1, "norm_num_groups": AT_LEAST_1,
-        "addition_embed_type_num_heads": AT_LEAST_1,
+        "addition_embed_type_num_heads": AT_LEAST_1, "position_frequencies": NON_NEGATIVE,
     },
     TextEncoderConfig: {
         "hidden_size": AT_LEAST_1,
@@ -544,7 +544,8 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "caption_dropout": PROBABILITY, "ema_decay": DECAY, "checkpointing_steps": NON_NEGATIVE,
         "checkpoints_total_limit": AT_LEAST_1, "validation_steps": NON_NEGATIVE, "log_every": AT_LEAST_1,
         "caption_gap_steps": NON_NEGATIVE, "caption_gap_images": Range(4), "adherence_probe_prompts": NON_NEGATIVE,
-        "adherence_probe_steps": AT_LEAST_1, "high_band_every": Range(2),
+        "adherence_probe_steps": AT_LEAST_1, "band_boundary": POSITIVE,
+        "high_band_every": Range(2),
     },
     TextTrainConfig: {
         "max_steps": AT_LEAST_1, "batch_size": Range(2), "gradient_accumulation_steps": AT_LEAST_1,

@@ -105,8 +105,6 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
                 f"model.unet.block_out_channels: {channels} is not divisible by attention_head_dim "
                 f"({unet.attention_head_dim}) and norm_num_groups ({unet.norm_num_groups})"
             )
-    if unet.position_frequencies < 0:
-        raise ConfigError(f"model.unet.position_frequencies must be >= 0, got {unet.position_frequencies}")
     positions = {"position_frequencies": unet.position_frequencies} if unet.position_frequencies else {}
     unet_class = PositionalUNet2DConditionModel if positions else UNet2DConditionModel
     return unet_class(
