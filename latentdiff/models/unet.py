@@ -12,7 +12,8 @@ adds one: Fourier features of each latent's normalized coordinates, projected by
 Everything else is the stock class: the same config keys plus ``position_frequencies``, the same weights
 plus ``position_proj``, the same ``forward``. A pipeline folder records it as ``["latentdiff",
 "PositionalUNet2DConditionModel"]``, so Diffusers' loaders (``StableDiffusionPipeline.from_pretrained``
-included) build it wherever latentdiff is installed.
+included) build it once latentdiff is imported. On the shapes default it did not make places followed
+(docs/conditioning.md, seventh round): there the top band's training limits, not the U-Net's reach.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from diffusers import UNet2DConditionModel
 
 def position_features(height: int, width: int, frequencies: int, device=None, dtype=None) -> torch.Tensor:
     """``(4 * frequencies, height, width)``: sin and cos of ``k * pi * u`` for k = 1..frequencies, for the
-    row and the column coordinate ``u`` of each pixel's center, scaled to [-1, 1]. The same image place
-    gets the same features at any resolution."""
+    row and the column coordinate ``u`` of each pixel's center, scaled to [-1, 1]: relative to the image, so a
+    place keeps its features at any resolution (up to the pixel grid)."""
     rows = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2 - 1
     cols = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2 - 1
     k = torch.arange(1, frequencies + 1, device=device, dtype=torch.float32) * math.pi
