@@ -12,7 +12,6 @@ so where the high band holds most of it, it sets the step size of the low band t
 """
 
 import argparse
-import os
 import sys
 
 import torch
@@ -29,21 +28,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from diffusers import DDPMScheduler
-
-    from latentdiff.config import load_config
+    from common import held_scenes
     from latentdiff.diffusion import min_snr_weights, training_target
     from latentdiff.pipelines import LatentPipeline
-    from latentdiff.trainer.encoding import encode_images, tokenize
-    from latentdiff.trainer.probes import held_examples
+    from latentdiff.trainer.encoding import tokenize
 
     pipeline = LatentPipeline.from_pretrained(args.model)
-    run_config = os.path.join(os.path.dirname(os.path.normpath(args.model)), "config.yaml")
-    config = load_config(run_config) if os.path.isfile(run_config) else load_config()
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    pixels, captions = held_examples(config.data, config.seed, args.images)
+    scheduler, latents, captions = held_scenes(pipeline, args.model, args.images)
     with torch.no_grad():
-        latents = encode_images(pipeline.vae, pixels, None, mean=True).float()
         context = pipeline.text_encoder(tokenize(pipeline.tokenizer, captions))[0]
     unet = pipeline.unet.train()
     parameters = [p for p in unet.parameters() if p.requires_grad]

@@ -24,25 +24,17 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
 
-    from diffusers import DDPMScheduler
-
-    from latentdiff.config import load_config
+    from common import held_scenes
     from latentdiff.pipelines import LatentPipeline
-    from latentdiff.trainer.probes import CaptionGapProbe, held_examples
-    from latentdiff.trainer.encoding import encode_images, tokenize
+    from latentdiff.trainer.encoding import tokenize
+    from latentdiff.trainer.probes import CaptionGapProbe
 
     with open(os.path.join(args.model, "model_index.json"), encoding="utf-8") as file:
         if json.load(file).get("text_encoder", [None])[0] == "oracle_text_encoder":  # bench/ablation.py --oracle
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import oracle_text_encoder  # noqa: F401
     pipeline = LatentPipeline.from_pretrained(args.model)
-    # the run's config (data options), saved next to the pipeline folder by the trainer
-    run_config = os.path.join(os.path.dirname(os.path.normpath(args.model)), "config.yaml")
-    config = load_config(run_config) if os.path.isfile(run_config) else load_config()
-    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-    pixels, captions = held_examples(config.data, config.seed, args.images)
-    with torch.no_grad():
-        latents = encode_images(pipeline.vae, pixels, None, mean=True).float()
+    scheduler, latents, captions = held_scenes(pipeline, args.model, args.images)
 
     def encode_text(texts):
         return pipeline.text_encoder(tokenize(pipeline.tokenizer, texts))[0]

@@ -481,3 +481,24 @@ def check_device(device: str) -> str:
         return device
     raise SystemExit(f"--device must be 'cpu' or 'cuda' (or 'cuda:N'), got {device!r}")
 
+
+
+def held_scenes(pipeline, model: str, images: int):
+    """``(scheduler, latents, captions)`` for probing a trained pipeline folder: its DDPM training schedule, and
+    ``images`` held scenes of the run's own data (config.yaml beside the folder; the defaults otherwise), each
+    with its full description, encoded by the pipeline's VAE (posterior mean)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from latentdiff.config import load_config
+    from latentdiff.trainer.encoding import encode_images
+    from latentdiff.trainer.probes import held_examples
+
+    # the run's config (data options), saved next to the pipeline folder by the trainer
+    run_config = os.path.join(os.path.dirname(os.path.normpath(model)), "config.yaml")
+    config = load_config(run_config) if os.path.isfile(run_config) else load_config()
+    scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+    pixels, captions = held_examples(config.data, config.seed, images)
+    with torch.no_grad():
+        latents = encode_images(pipeline.vae, pixels, None, mean=True).float()
+    return scheduler, latents, captions
