@@ -129,10 +129,13 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_and_steps()
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     default, patient = load_config(configs / "shapes.yaml"), load_config(configs / "shapes-patient.yaml")
-    assert patient.model == default.model and patient.diffusion == default.diffusion
-    # sampling defaults are chosen per trained model: only what guidance steers from, and where, differ
+    # The SNR clamp makes up for the default's few images seen (places are learned late); the patient preset
+    # learns places without it (docs/conditioning.md), so the clamp is the one training setting that differs.
+    assert patient.model == default.model
+    assert dataclasses.replace(patient.diffusion, snr_clamp_low=0.0) == dataclasses.replace(default.diffusion, snr_clamp_low=0.0)
     assert patient.vae_train == default.vae_train
-    plain = {"negative_prompt": None, "guidance_interval": None}
+    # sampling defaults are chosen per trained model: how strongly guidance steers, from what, and where
+    plain = {"guidance_scale": 1.0, "negative_prompt": None, "guidance_interval": None}
     assert dataclasses.replace(patient.sample, **plain) == dataclasses.replace(default.sample, **plain)
     assert patient.data.shapes.holdout == default.data.shapes.holdout
     assert patient.data.shapes.num_samples > default.data.shapes.num_samples
