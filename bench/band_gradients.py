@@ -41,21 +41,24 @@ def main() -> None:
     parameters = [p for p in unet.parameters() if p.requires_grad]
     steps = scheduler.config.num_train_timesteps
 
-    def band_gradient(low: int, high: int, clamp: float) -> torch.Tensor:
-        """The gradient of the band's summed weighted loss, divided by what a uniform batch of --images holds."""
-        generator = torch.Generator().manual_seed(args.seed)
-        timesteps = torch.randint(low, high, (args.images,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(scheduler, latents, noise, timesteps)
+    def band_gradient(low: int, high: int, clamp: float, images: slice = slice(None), seed: int = args.seed) -> torch.Tensor:
+        """The gradient of the band's summed weighted loss over ``images``, divided by what a uniform batch of
+        as many images holds."""
+        scene_latents, scene_context = latents[images], context[images]
+        count = scene_latents.shape[0]
+        generator = torch.Generator().manual_seed(seed)
+        timesteps = torch.randint(low, high, (count,), generator=generator)
+        noise = torch.randn(scene_latents.shape, generator=generator)
+        noisy = scheduler.add_noise(scene_latents, noise, timesteps)
+        target = training_target(scheduler, scene_latents, noise, timesteps)
         weights = min_snr_weights(scheduler, timesteps, args.gamma, low=clamp)
         share = (high - low) / steps  # of a uniform batch, this band holds this share
         unet.zero_grad(set_to_none=True)
-        for start in range(0, args.images, args.batch):
+        for start in range(0, count, args.batch):
             part = slice(start, start + args.batch)
-            prediction = unet(noisy[part], timesteps[part], context[part]).sample
+            prediction = unet(noisy[part], timesteps[part], scene_context[part]).sample
             error = (prediction.float() - target[part]).square().mean(dim=(1, 2, 3))
-            (share * (error * weights[part]).sum() / args.images).backward()
+            (share * (error * weights[part]).sum() / count).backward()
         return torch.cat([p.grad.flatten() for p in parameters])
 
     low_band = band_gradient(0, args.boundary, 0.0)
@@ -73,6 +76,18 @@ def main() -> None:
         share = high.square() / (high.square() + low_band.square()).clamp(min=1e-30)
         print(f"high band's share of the squared gradient per weight, {name}: median {share.median():.3f}, "
               f"mean {share.mean():.3f}")
+    # How much of each band's gradient is signal: two halves of the scenes, with their own timesteps and
+    # noise, agree (cosine near 1) where the mean gradient dominates and not (near 0) where the noise does.
+    # For independent halves E[g1 . g2] = |E g|^2, so g1 . g2 / |g1|^2 estimates the signal's share of a
+    # half's squared norm (of --images / 2 scenes).
+    halves = (slice(0, args.images // 2), slice(args.images // 2, args.images))
+    for name, low, high, clamp in (("t < %d" % args.boundary, 0, args.boundary, 0.0),
+                                   ("t >= %d with the clamp" % args.boundary, args.boundary, steps, args.clamp)):
+        first = band_gradient(low, high, clamp, halves[0], args.seed + 1)
+        second = band_gradient(low, high, clamp, halves[1], args.seed + 2)
+        signal = float(first @ second) / float((first.square().sum() + second.square().sum()) / 2)
+        print(f"{name}: two halves of {args.images // 2} scenes, cosine {cosine(first, second):.3f}; "
+              f"signal's share of a half's squared norm {signal:.3f}")
 
 
 if __name__ == "__main__":

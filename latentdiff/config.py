@@ -260,6 +260,12 @@ class DiffusionConfig:
     """``[low, high)``: train only on these timesteps (uniform sampling), for a denoiser that is an expert of
     one band of noise levels, such as a high-noise expert (``[700, 1000]``) that lays out what a caption names
     (Balaji et al. 2022, eDiff-I; :mod:`latentdiff.models.experts`). None: every timestep."""
+    timestep_high_band_start: int | None = None
+    """With uniform sampling: draw ``t >=`` this timestep with probability ``timestep_high_band_share``
+    instead of its uniform share, and correct each sample's weight by the ratio of the two, so that the loss's
+    expectation stays that of uniform ``t`` and the high band's part of it is averaged over more samples
+    (:func:`latentdiff.diffusion.high_band_timesteps`). None: plain uniform."""
+    timestep_high_band_share: float = 0.5
 
 
 @dataclass
@@ -527,7 +533,8 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "snr_weight_floor": Range(0, 1), "snr_clamp_low": NON_NEGATIVE, "snr_clamp_start_step": NON_NEGATIVE,
         "snr_clamp_end_step": POSITIVE, "snr_clamp_from_timestep": NON_NEGATIVE, "snr_clamp_pool": AT_LEAST_1,
         "timestep_mean": Range(),
-        "timestep_std": POSITIVE, "timestep_range": NON_NEGATIVE,
+        "timestep_std": POSITIVE, "timestep_range": NON_NEGATIVE, "timestep_high_band_start": POSITIVE,
+        "timestep_high_band_share": DECAY,
     },
     ModelConfig: {"high_noise_boundary": POSITIVE},
     OptimizerConfig: {
@@ -654,14 +661,22 @@ def check_values(config: Config) -> None:
             fail("diffusion.timestep_range", low_high, f"null or [low, high] with 0 <= low < high <= {steps}")
         if diffusion.timestep_sampling != "uniform":
             fail("diffusion.timestep_sampling", diffusion.timestep_sampling, "uniform with diffusion.timestep_range")
+    high_band_start = diffusion.timestep_high_band_start
+    if high_band_start is not None:
+        if high_band_start >= diffusion.num_train_timesteps:
+            fail("diffusion.timestep_high_band_start", high_band_start,
+                 f"null or a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
+        if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None:
+            fail("diffusion.timestep_high_band_start", high_band_start, "null with diffusion.timestep_range or a "
+                 "timestep_sampling other than uniform (it reshapes uniform sampling)")
     band_boundary = config.train.band_boundary
     if band_boundary is not None:
         if not 0 < band_boundary < diffusion.num_train_timesteps:
             fail("train.band_boundary", band_boundary,
                  f"null or a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
-        if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None:
-            fail("train.band_boundary", band_boundary, "null with diffusion.timestep_range or a timestep_sampling "
-                 "other than uniform (each band draws its timesteps uniformly)")
+        if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None or high_band_start is not None:
+            fail("train.band_boundary", band_boundary, "null with diffusion.timestep_range, diffusion.timestep_high_band_start "
+                 "or a timestep_sampling other than uniform (each band draws its timesteps uniformly)")
         if config.train.high_band_parameters is not None:
             try:
                 re.compile(config.train.high_band_parameters)

@@ -178,6 +178,10 @@ class TimestepSampling:
     std: float = 1.0
     low: int = 0
     high: int | None = None
+    high_band_start: int | None = None
+    """With ``uniform``: draw ``t >= high_band_start`` with probability ``high_band_share`` instead of its
+    uniform share (:func:`high_band_timesteps`). None: plain uniform."""
+    high_band_share: float = 0.5
 
 
 def sample_timesteps(
@@ -205,6 +209,37 @@ def sample_timesteps(
     if sampling.kind == "importance":
         raise ValueError("importance-sampled timesteps depend on the loss weights: use importance_sampled_timesteps")
     raise ValueError(f"unknown timestep sampling {sampling.kind!r}; expected uniform, logit_normal or importance")
+
+
+def high_band_timesteps(
+    num_train_timesteps: int,
+    batch_size: int,
+    start: int,
+    share: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps with the band ``t >= start`` drawn with probability ``share`` (uniform within each band), and
+    each sample's density correction: its band's uniform share over the share it was drawn with.
+
+    The corrected loss has the expectation of uniform ``t`` (importance sampling, as in
+    :func:`importance_sampled_timesteps`), but the high band's part of it is averaged over more samples, each
+    with a smaller weight: the same mean gradient with less variance there. On the shapes default the high
+    band's gradient is mostly noise, large enough to set Adam's step size for every band under the SNR clamp
+    (docs/conditioning.md, seventh round); this spends more of the batch on it to quiet it. Kingma & Gao 2023,
+    "Understanding Diffusion Objectives", Sec. 3: a weighting and a timestep density are one choice in
+    expectation, not in variance. Diffusers' training scripts draw uniform ``t`` only.
+    """
+    if not 0 < start < num_train_timesteps:
+        raise ValueError(f"the high band's start must lie in (0, {num_train_timesteps}), got {start}")
+    if not 0 < share < 1:
+        raise ValueError(f"the high band's share must lie in (0, 1), got {share}")
+    in_high = torch.rand((batch_size,), generator=generator, device=generator.device if generator else None) < share
+    low = torch.randint(0, start, (batch_size,), generator=generator, device=in_high.device)
+    high = torch.randint(start, num_train_timesteps, (batch_size,), generator=generator, device=in_high.device)
+    uniform_share = (num_train_timesteps - start) / num_train_timesteps
+    correction = torch.where(in_high, uniform_share / share, (1 - uniform_share) / (1 - share))
+    return torch.where(in_high, high, low).to(device), correction.to(device)
 
 
 def importance_sampled_timesteps(
@@ -317,14 +352,21 @@ def diffusion_loss(
     """
     batch_size = latents.shape[0]
     noise = sample_noise(latents, noise_offset, generator)
+    density_correction = None
     if timestep_sampling is not None and timestep_sampling.kind == "importance":
         timesteps, weights = importance_sampled_timesteps(
             scheduler, batch_size, snr_gamma, snr_weight_floor, snr_clamp_low, generator, latents.device
+        )
+    elif timestep_sampling is not None and timestep_sampling.high_band_start is not None:
+        timesteps, density_correction = high_band_timesteps(
+            scheduler.config.num_train_timesteps, batch_size, timestep_sampling.high_band_start,
+            timestep_sampling.high_band_share, generator, latents.device,
         )
     else:
         timesteps = sample_timesteps(
             scheduler.config.num_train_timesteps, batch_size, timestep_sampling, generator, latents.device
         )
+    if timestep_sampling is None or timestep_sampling.kind != "importance":
         weights = None
         if snr_clamp_from_timestep:
             snr_clamp_low = torch.where(timesteps >= snr_clamp_from_timestep, torch.as_tensor(snr_clamp_low), 0.0)
@@ -341,6 +383,8 @@ def diffusion_loss(
         per_sample = per_sample * unclamped + coarse * (weights - unclamped)
     elif weights is not None:
         per_sample = per_sample * weights
+    if density_correction is not None:
+        per_sample = per_sample * density_correction
     if adaptive_weighting is None:
         return DiffusionLoss(loss=per_sample.mean(), timesteps=timesteps, per_sample=per_sample)
     log_expected = adaptive_weighting(timesteps).float()

@@ -145,6 +145,59 @@ def test_importance_sampling_is_refused_where_its_weights_are_not_one_function_o
     assert load_config(overrides=[*base, "diffusion.snr_gamma=5"]).diffusion.timestep_sampling == "importance"
 
 
+def test_a_high_band_share_draws_that_band_more_and_keeps_the_expected_loss():
+    from latentdiff.diffusion import high_band_timesteps
+
+    generator = torch.Generator().manual_seed(0)
+    timesteps, correction = high_band_timesteps(1000, 100_000, start=700, share=0.6, generator=generator)
+    high = timesteps >= 700
+    assert timesteps.dtype == torch.long and 0 <= timesteps.min() and timesteps.max() <= 999
+    assert high.float().mean().item() == pytest.approx(0.6, abs=0.01)  # uniform t: 0.3
+    torch.testing.assert_close(correction[high], torch.full_like(correction[high], 0.3 / 0.6))
+    torch.testing.assert_close(correction[~high], torch.full_like(correction[~high], 0.7 / 0.4))
+    # uniform within each band, and the same expected loss as uniform t, for any per-timestep loss
+    assert timesteps[high].float().mean().item() == pytest.approx(849.5, abs=2)
+    loss_of_t = torch.linspace(2.0, 0.1, 1000) ** 2
+    assert (correction * loss_of_t[timesteps]).mean().item() == pytest.approx(loss_of_t.mean().item(), rel=0.02)
+    with pytest.raises(ValueError, match=r"share must lie in \(0, 1\), got 1.0"):
+        high_band_timesteps(1000, 8, start=700, share=1.0)
+
+
+def test_diffusion_loss_with_a_high_band_share_corrects_each_samples_weight():
+    from latentdiff.diffusion import diffusion_loss, high_band_timesteps, min_snr_weights, sample_noise
+
+    scheduler = _scheduler("v_prediction", zero_snr=True)
+    latents = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    sampling = TimestepSampling("uniform", high_band_start=800, high_band_share=0.5)
+    output = diffusion_loss(
+        lambda x, t, c: torch.zeros_like(x), scheduler, latents, None, snr_gamma=5.0, snr_clamp_low=0.1,
+        generator=torch.Generator().manual_seed(2), timestep_sampling=sampling,
+    )
+    # the same draws, in the loss's order: the noise, then the timesteps
+    generator = torch.Generator().manual_seed(2)
+    noise = sample_noise(latents, 0.0, generator)
+    timesteps, correction = high_band_timesteps(1000, 32, 800, 0.5, generator=generator)
+    assert torch.equal(output.timesteps, timesteps) and 0 < (timesteps >= 800).sum() < 32
+    error = training_target(scheduler, latents, noise, timesteps).pow(2).mean(dim=(1, 2, 3))
+    weights = min_snr_weights(scheduler, timesteps, 5.0, low=0.1)
+    torch.testing.assert_close(output.per_sample, error * weights * correction)
+
+
+def test_a_high_band_share_is_refused_where_it_cannot_apply():
+    from latentdiff.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'diffusion.timestep_high_band_start'.*timestep between 0 and 1000"):
+        load_config(overrides=["diffusion.timestep_high_band_start=1000"])
+    with pytest.raises(ConfigError, match="'diffusion.timestep_high_band_share': expected a number in \\(0, 1\\)"):
+        load_config(overrides=["diffusion.timestep_high_band_start=700", "diffusion.timestep_high_band_share=1"])
+    with pytest.raises(ConfigError, match="timestep_sampling other than uniform"):
+        load_config(overrides=["diffusion.timestep_high_band_start=700", "diffusion.timestep_sampling=logit_normal"])
+    with pytest.raises(ConfigError, match="'train.band_boundary'"):
+        load_config(overrides=["diffusion.timestep_high_band_start=700", "train.band_boundary=700"])
+    config = load_config(overrides=["diffusion.timestep_high_band_start=700", "diffusion.timestep_high_band_share=0.6"])
+    assert (config.diffusion.timestep_high_band_start, config.diffusion.timestep_high_band_share) == (700, 0.6)
+
+
 def test_normalized_latents_are_standard_and_decode_as_before():
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
