@@ -129,10 +129,12 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_and_steps()
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     default, patient = load_config(configs / "shapes.yaml"), load_config(configs / "shapes-patient.yaml")
-    # The SNR clamp makes up for the default's few images seen (places are learned late); the patient preset
-    # learns places without it (docs/conditioning.md), so the clamp is the one training setting that differs.
+    # The SNR clamp and the more often drawn top band make up for the default's few images seen (places are
+    # learned late); the patient preset learns places without them (docs/conditioning.md), so they are the
+    # training settings that differ.
     assert patient.model == default.model
-    assert dataclasses.replace(patient.diffusion, snr_clamp_low=0.0) == dataclasses.replace(default.diffusion, snr_clamp_low=0.0)
+    top_band = {"snr_clamp_low": 0.0, "timestep_high_band_start": None, "timestep_high_band_share": 0.5}
+    assert dataclasses.replace(patient.diffusion, **top_band) == dataclasses.replace(default.diffusion, **top_band)
     assert patient.vae_train == default.vae_train
     # sampling defaults are chosen per trained model: how strongly guidance steers, from what, and where
     plain = {"guidance_scale": 1.0, "negative_prompt": None, "guidance_interval": None}
