@@ -225,7 +225,8 @@ class DiffusionConfig:
     """With ``snr_gamma``: clamp the SNR from below too, so the x_0-space weight is ``clamp(SNR,
     snr_clamp_low, snr_gamma)``. For v, 1 gives the high-noise steps the unweighted loss's weight and
     keeps min-SNR's at low noise (:func:`latentdiff.diffusion.min_snr_weights`). 0: plain min-SNR.
-    On the shapes default, 0.25 learns places but loses shapes and counts (docs/conditioning.md)."""
+    The shapes default uses 0.1, which learns places within its budget; 0.25 learns them too but loses shapes
+    and counts (docs/conditioning.md, seventh and eighth rounds)."""
     snr_clamp_captions: str | None = None
     """With ``snr_clamp_low``: clamp only for the samples whose caption matches this regular expression
     (``re.search``), e.g. captions that name where each object is; the others keep plain min-SNR. None: all."""
@@ -264,8 +265,10 @@ class DiffusionConfig:
     """With uniform sampling: draw ``t >=`` this timestep with probability ``timestep_high_band_share``
     instead of its uniform share, and correct each sample's weight by the ratio of the two, so that the loss's
     expectation stays that of uniform ``t`` and the high band's part of it is averaged over more samples
-    (:func:`latentdiff.diffusion.high_band_timesteps`). None: plain uniform."""
+    (:func:`latentdiff.diffusion.high_band_timesteps`). The shapes default draws ``t >= 700`` half the time:
+    shapes 0.77 -> 0.88 and 0.67 -> 0.88 for two seeds (docs/conditioning.md, eighth round). None: plain uniform."""
     timestep_high_band_share: float = 0.5
+    """With ``timestep_high_band_start``: the probability of drawing ``t`` in the high band, in (0, 1)."""
 
 
 @dataclass

@@ -225,10 +225,11 @@ def high_band_timesteps(
     The corrected loss has the expectation of uniform ``t`` (importance sampling, as in
     :func:`importance_sampled_timesteps`), but the high band's part of it is averaged over more samples, each
     with a smaller weight: the same mean gradient with less variance there. On the shapes default the high
-    band's gradient is mostly noise, large enough to set Adam's step size for every band under the SNR clamp
-    (docs/conditioning.md, seventh round); this spends more of the batch on it to quiet it. Kingma & Gao 2023,
-    "Understanding Diffusion Objectives", Sec. 3: a weighting and a timestep density are one choice in
-    expectation, not in variance. Diffusers' training scripts draw uniform ``t`` only.
+    band's gradient is about half noise, large enough to share Adam's step size with every band under the SNR clamp
+    (docs/conditioning.md, seventh and eighth rounds); this spends more of the batch on it to quiet it. Kingma &
+    Gao 2023, "Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation": the timestep
+    density is an importance-sampling distribution that leaves the weighted loss unchanged and sets the variance
+    of its estimate. Written here because Diffusers' training scripts draw uniform ``t`` only.
     """
     if not 0 < start < num_train_timesteps:
         raise ValueError(f"the high band's start must lie in (0, {num_train_timesteps}), got {start}")
