@@ -235,7 +235,7 @@ def high_band_timesteps(
         raise ValueError(f"the high band's start must lie in (0, {num_train_timesteps}), got {start}")
     if not 0 < share < 1:
         raise ValueError(f"the high band's share must lie in (0, 1), got {share}")
-    in_high = torch.rand((batch_size,), generator=generator, device=generator.device if generator else None) < share
+    in_high = torch.rand((batch_size,), generator=generator, device=None if generator is None else generator.device) < share
     low = torch.randint(0, start, (batch_size,), generator=generator, device=in_high.device)
     high = torch.randint(start, num_train_timesteps, (batch_size,), generator=generator, device=in_high.device)
     uniform_share = (num_train_timesteps - start) / num_train_timesteps
@@ -354,7 +354,8 @@ def diffusion_loss(
     batch_size = latents.shape[0]
     noise = sample_noise(latents, noise_offset, generator)
     density_correction = None
-    if timestep_sampling is not None and timestep_sampling.kind == "importance":
+    importance = timestep_sampling is not None and timestep_sampling.kind == "importance"
+    if importance:
         timesteps, weights = importance_sampled_timesteps(
             scheduler, batch_size, snr_gamma, snr_weight_floor, snr_clamp_low, generator, latents.device
         )
@@ -367,7 +368,7 @@ def diffusion_loss(
         timesteps = sample_timesteps(
             scheduler.config.num_train_timesteps, batch_size, timestep_sampling, generator, latents.device
         )
-    if timestep_sampling is None or timestep_sampling.kind != "importance":
+    if not importance:
         weights = None
         if snr_clamp_from_timestep:
             snr_clamp_low = torch.where(timesteps >= snr_clamp_from_timestep, torch.as_tensor(snr_clamp_low), 0.0)
