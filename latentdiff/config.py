@@ -154,6 +154,22 @@ class ModelConfig:
 
 
 @dataclass
+class SceneMixtureConfig:
+    """Relative weights of the built-in data's scene kinds (:data:`latentdiff.data.shapes.DEFAULT_MIXTURE`
+    by default); they need not sum to 1. The suite's single-object tasks learn from ``single``, its
+    counting task from ``count``, two objects, relations and color binding from ``relation``."""
+
+    single: float = 0.4
+    """One object."""
+    count: float = 0.2
+    """Two or three identical objects."""
+    relation: float = 0.25
+    """Two different objects (captioned by their relation, as a conjunction, or with their places)."""
+    multi: float = 0.15
+    """Three objects, not all identical."""
+
+
+@dataclass
 class ShapesConfig:
     """Options of the built-in captioned-shapes data (:mod:`latentdiff.data.shapes`)."""
 
@@ -168,6 +184,8 @@ class ShapesConfig:
     full_caption: bool = False
     """Make one of each image's captions its whole description (every object's size, color, shape and
     position, and the background): :func:`latentdiff.data.shapes.full_caption`."""
+    mixture: SceneMixtureConfig = field(default_factory=SceneMixtureConfig)
+    """How often each kind of scene is drawn."""
 
 
 @dataclass
@@ -529,6 +547,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "num_samples": AT_LEAST_1, "seed": SEED, "min_objects": Range(1, 3), "max_objects": Range(1, 3),
         "captions_per_image": AT_LEAST_1,
     },
+    SceneMixtureConfig: {"single": NON_NEGATIVE, "count": NON_NEGATIVE, "relation": NON_NEGATIVE, "multi": NON_NEGATIVE},
     DataConfig: {"resolution": AT_LEAST_1, "max_samples": AT_LEAST_1, "num_workers": NON_NEGATIVE},
     DiffusionConfig: {
         "num_train_timesteps": Range(2), "beta_start": Range(0, 1, low_open=True, high_open=True),
@@ -614,6 +633,8 @@ def check_values(config: Config) -> None:
     if data.shapes.max_objects < data.shapes.min_objects:
         fail("data.shapes.max_objects", data.shapes.max_objects,
              f"at least data.shapes.min_objects={data.shapes.min_objects}")
+    if not any(dataclasses.astuple(data.shapes.mixture)):
+        fail("data.shapes.mixture", dataclasses.asdict(data.shapes.mixture), "a positive weight for at least one scene kind")
     diffusion = config.diffusion
     if diffusion.beta_schedule != "squaredcos_cap_v2" and diffusion.beta_end <= diffusion.beta_start:
         fail("diffusion.beta_end", diffusion.beta_end, f"more than diffusion.beta_start={diffusion.beta_start}")

@@ -180,6 +180,7 @@ def test_the_config_command_prints_the_resolved_config_or_one_line_error():
         ("vae_train.crop_size=128", "config key 'vae_train.crop_size': expected a multiple of the autoencoder's downsampling factor 4"),
         ("diffusion.beta_end=0.0001", "config key 'diffusion.beta_end': expected more than diffusion.beta_start=0.00085, got 0.0001"),
         ("data.shapes.min_objects=3", "config key 'data.shapes.max_objects': expected at least data.shapes.min_objects=3, got 2"),
+        ("data.shapes.mixture.relation=-0.5", "config key 'data.shapes.mixture.relation': expected a number >= 0, got -0.5"),
         ("model.text_encoder.hidden_size=130", "config key 'model.text_encoder.hidden_size': expected a multiple of model.text_encoder.num_attention_heads=4"),
         ("model.vae.norm_num_groups=24", "config key 'model.vae.block_out_channels': expected multiples of model.vae.norm_num_groups=24"),
         ("sample.guidance_interval=[600, 0]", "config key 'sample.guidance_interval': expected null or [low, high] timesteps with 0 <= low <= high, got [600.0, 0.0]"),
@@ -193,6 +194,13 @@ def test_out_of_range_values_name_the_key_the_value_and_what_is_allowed(override
         load_config(overrides=overrides)
     assert message in str(error.value)
     assert "\n" not in str(error.value)
+
+
+def test_a_scene_mixture_without_weight_is_refused():
+    zero = [f"data.shapes.mixture.{kind}=0" for kind in ("single", "count", "relation", "multi")]
+    with pytest.raises(ConfigError, match=r"'data.shapes.mixture': expected a positive weight for at least one scene kind"):
+        load_config(overrides=zero)
+    assert load_config(overrides=zero[:3]).data.shapes.mixture.multi == 0.15
 
 
 def test_the_edges_of_each_range_are_accepted():

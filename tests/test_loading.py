@@ -216,6 +216,17 @@ def test_shapes_source_goes_through_the_same_path():
         assert {dataset.caption(index) for index in range(4)} <= every_caption
 
 
+def test_the_scene_mixture_of_the_config_reaches_the_shapes_data():
+    from latentdiff.config import SceneMixtureConfig
+
+    only_relations = SceneMixtureConfig(single=0.0, count=0.0, relation=1.0, multi=0.0)
+    data = config(source="shapes", resolution=32, shapes=ShapesConfig(num_samples=12, seed=3, mixture=only_relations))
+    kinds = {row["scene"]["kind"] for row in load_image_text_dataset(data)}
+    assert kinds == {"relation"}
+    default = config(source="shapes", resolution=32, shapes=ShapesConfig(num_samples=40, seed=3))
+    assert {row["scene"]["kind"] for row in load_image_text_dataset(default)} == {"single", "count", "relation", "multi"}
+
+
 def test_max_samples_takes_the_first_examples(tmp_path):
     folder = config(source="imagefolder", name=str(make_folder(tmp_path / "folder")), max_samples=4)
     assert len(load_image_text_dataset(folder)) == 4

@@ -38,6 +38,7 @@ and caption (or class-label) columns have been checked:
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -121,6 +122,7 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
                 holdout=data.shapes.holdout,
                 captions_per_image=data.shapes.captions_per_image,
                 full_caption=data.shapes.full_caption,
+                mixture=dataclasses.asdict(data.shapes.mixture),
             )
         except ValueError as error:  # an option of the built-in data, e.g. an unknown word in holdout
             raise ConfigError(f"data.shapes: {error}") from None
