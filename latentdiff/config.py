@@ -124,6 +124,11 @@ class TextEncoderConfig:
     max_position_embeddings: int = 77
     """Text positions: the context the tokenizer pads to (at most CLIP's 77; the shapes captions need 25)."""
     hidden_act: str = "quick_gelu"
+    zero_init_residual: bool = False
+    """Start each transformer layer's residual branches (attention ``out_proj`` and MLP ``fc2``) at zero, so a
+    text encoder trained from scratch starts as the layer-free one (word + position embeddings) and its layers
+    grow in from there (the zero-initialized residual branch of Goyal et al. 2017 and Peebles & Xie 2023's
+    adaLN-Zero). For a ``clip`` encoder built from scratch only."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -628,6 +633,9 @@ def check_values(config: Config) -> None:
     if text.hidden_size % text.num_attention_heads:
         fail("model.text_encoder.hidden_size", text.hidden_size,
              f"a multiple of model.text_encoder.num_attention_heads={text.num_attention_heads}")
+    if text.zero_init_residual and (text.kind != "clip" or text.pretrained):
+        fail("model.text_encoder.zero_init_residual", True,
+             "false with a pretrained or OpenCLIP text encoder (it initializes a CLIP encoder built from scratch)")
     if text.kind == "open_clip" and text.hidden_act not in ("gelu", "quick_gelu"):
         fail("model.text_encoder.hidden_act", text.hidden_act, "'gelu' or 'quick_gelu' for kind 'open_clip'")
     if data.shapes.max_objects < data.shapes.min_objects:

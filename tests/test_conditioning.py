@@ -250,6 +250,30 @@ def test_contrastive_model_starts_from_the_text_encoder_and_gives_it_back():
         build_contrastive_model(text_encoder, TextTrainConfig(image_encoder_patch_size=5), image_size=32)
 
 
+def test_a_zero_initialized_text_layer_starts_as_the_layer_free_encoder_and_then_learns():
+    from latentdiff.config import ConfigError, ModelConfig, TextEncoderConfig, load_config
+    from latentdiff.models import build_text_encoder
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
+    torch.manual_seed(0)
+    encoder = build_text_encoder(ModelConfig(text_encoder=TextEncoderConfig(zero_init_residual=True, **text)))
+    ids = torch.randint(0, 1000, (3, 16))
+    states = encoder(ids, output_hidden_states=True).hidden_states
+    for layer_output in states[1:]:  # every layer passes its input through unchanged ...
+        torch.testing.assert_close(layer_output, states[0])
+    encoder(ids).last_hidden_state.square().sum().backward()
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    layer = next(module for module in encoder.modules() if isinstance(module, CLIPEncoderLayer))
+    # ... and its zeroed projections still get a gradient, so the layer grows in
+    assert layer.self_attn.out_proj.weight.grad.abs().sum() > 0 and layer.mlp.fc2.weight.grad.abs().sum() > 0
+    torch.manual_seed(0)
+    plain = build_text_encoder(ModelConfig(text_encoder=TextEncoderConfig(**text)))
+    assert next(m for m in plain.modules() if isinstance(m, CLIPEncoderLayer)).mlp.fc2.weight.abs().sum() > 0  # the default keeps transformers' init
+    with pytest.raises(ConfigError, match="model.text_encoder.zero_init_residual.*pretrained or OpenCLIP"):
+        load_config(None, ["model.text_encoder.zero_init_residual=true", "model.text_encoder.pretrained=some/clip"])
+
+
 @pytest.mark.slow
 def test_text_stage_feeds_stage_two(tmp_path):
     """train_text.py writes a text encoder that train_ldm.py loads, frozen and cached, with a 32-token context."""

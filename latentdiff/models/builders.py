@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 from diffusers import AutoencoderKL, ModelMixin, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from ..config import ConfigError, ModelConfig, TextEncoderConfig
 from .presets import MODEL_PRESETS
@@ -167,7 +168,7 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
     if text.pretrained:
         return _from_pretrained(CLIPTextModel, text.pretrained, text.subfolder, "model.text_encoder.pretrained")
     tokenizer_vocab_size = 49408
-    return CLIPTextModel(
+    model = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=tokenizer_vocab_size,
             hidden_size=text.hidden_size,
@@ -182,6 +183,13 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
             pad_token_id=0,
         )
     )
+    if text.zero_init_residual:
+        # Written here: transformers initializes every projection at random and has no option for this.
+        for layer in (module for module in model.modules() if isinstance(module, CLIPEncoderLayer)):
+            for projection in (layer.self_attn.out_proj, layer.mlp.fc2):
+                torch.nn.init.zeros_(projection.weight)
+                torch.nn.init.zeros_(projection.bias)
+    return model
 
 
 def build_tokenizer(config: ModelConfig) -> CLIPTokenizer:
