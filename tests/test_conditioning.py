@@ -251,6 +251,8 @@ def test_contrastive_model_starts_from_the_text_encoder_and_gives_it_back():
 
 
 def test_a_zero_initialized_text_layer_starts_as_the_layer_free_encoder_and_then_learns():
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
     from latentdiff.config import ConfigError, ModelConfig, TextEncoderConfig, load_config
     from latentdiff.models import build_text_encoder
 
@@ -262,8 +264,6 @@ def test_a_zero_initialized_text_layer_starts_as_the_layer_free_encoder_and_then
     for layer_output in states[1:]:  # every layer passes its input through unchanged ...
         torch.testing.assert_close(layer_output, states[0])
     encoder(ids).last_hidden_state.square().sum().backward()
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-
     layer = next(module for module in encoder.modules() if isinstance(module, CLIPEncoderLayer))
     # ... and its zeroed projections still get a gradient, so the layer grows in
     assert layer.self_attn.out_proj.weight.grad.abs().sum() > 0 and layer.mlp.fc2.weight.grad.abs().sum() > 0
