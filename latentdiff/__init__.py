@@ -24,6 +24,7 @@ _LAZY = {
     "LatentInpaintPipeline": "latentdiff.pipelines",
     "LatentOutpaintPipeline": "latentdiff.pipelines",
     "OpenCLIPTextModel": "latentdiff.models.text_encoders",
+    "CLIPTextModelWithWordEmbeddings": "latentdiff.models.word_context",
     "PositionalUNet2DConditionModel": "latentdiff.models.unet",
     "Config": "latentdiff.config",
     "load_config": "latentdiff.config",
@@ -35,8 +36,8 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 # Not public API: pipeline folders record custom components under their public path, e.g.
 # ["latentdiff", "OpenCLIPTextModel"] in model_index.json, and Diffusers' loader then looks up the base
-# classes it knows (``ModelMixin``) in this module to decide how to load them.
-_FOR_DIFFUSERS_LOADER = {"ModelMixin": "diffusers"}
+# classes it knows (``ModelMixin``, ``PreTrainedModel``) in this module to decide how to load them.
+_FOR_DIFFUSERS_LOADER = {"ModelMixin": "diffusers", "PreTrainedModel": "transformers"}
 
 
 # Modules that moved when the library was laid out by concern: the old import path still works
@@ -106,4 +107,5 @@ if TYPE_CHECKING:  # pragma: no cover
         LatentPipeline,
     )
     from .models.text_encoders import OpenCLIPTextModel
+    from .models.word_context import CLIPTextModelWithWordEmbeddings
     from .models.tokenizer import clip_tokenizer

@@ -130,6 +130,11 @@ class TextEncoderConfig:
     grow in from there (the zero-initialized residual branch of Goyal et al. 2017 and Peebles & Xie 2023's
     adaLN-Zero). For a ``clip`` encoder built from scratch only. Measured once, with one layer at the shapes
     default's budget: 0.085 overall, colors and places not read (docs/conditioning.md, tenth round)."""
+    word_embeddings_in_context: bool = False
+    """Condition the U-Net on each token's input embedding (word + position, unmixed by any layer) beside its
+    last-layer state, concatenated along the features as SD-XL concatenates its two encoders' states (Podell et al.
+    2023); the U-Net's cross-attention width doubles (:mod:`latentdiff.models.word_context`). For a ``clip``
+    encoder with at least one layer."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -637,6 +642,11 @@ def check_values(config: Config) -> None:
     if text.zero_init_residual and (text.kind != "clip" or text.pretrained):
         fail("model.text_encoder.zero_init_residual", True,
              "false with a pretrained or OpenCLIP text encoder (it initializes a CLIP encoder built from scratch)")
+    if text.word_embeddings_in_context and text.kind != "clip":
+        fail("model.text_encoder.word_embeddings_in_context", True, "false with an OpenCLIP text encoder (it wraps CLIPTextModel)")
+    if text.word_embeddings_in_context and not text.pretrained and text.num_hidden_layers == 0:
+        fail("model.text_encoder.word_embeddings_in_context", True,
+             "false with model.text_encoder.num_hidden_layers=0 (the context already is the word embeddings)")
     if text.kind == "open_clip" and text.hidden_act not in ("gelu", "quick_gelu"):
         fail("model.text_encoder.hidden_act", text.hidden_act, "'gelu' or 'quick_gelu' for kind 'open_clip'")
     if data.shapes.max_objects < data.shapes.min_objects:

@@ -12,18 +12,21 @@ import torch
 from .config import load_config
 
 
-def tiny_components(seed: int = 0, resolution: int = 32, text_encoder_kind: str = "clip") -> dict[str, object]:
+def tiny_components(
+    seed: int = 0, resolution: int = 32, text_encoder_kind: str = "clip", overrides: dict[str, object] | None = None
+) -> dict[str, object]:
     """A complete set of untrained Stable-Diffusion-layout components, seeded.
 
     ``vae``, ``unet``, ``text_encoder``, ``tokenizer`` (CLIP, offline) and ``scheduler`` (DDIM,
     Stable Diffusion's schedule); every forward pass takes milliseconds on a CPU. The VAE
-    downsamples by 2, so ``resolution`` 32 gives 16x16x4 latents.
+    downsamples by 2, so ``resolution`` 32 gives 16x16x4 latents. ``overrides`` are further
+    config keys, e.g. ``{"model.text_encoder.word_embeddings_in_context": True}``.
     """
     from diffusers import DDIMScheduler
 
     from .models import build_components
 
-    config = load_config(overrides={"model.preset": "tiny", "model.text_encoder.kind": text_encoder_kind})
+    config = load_config(overrides={"model.preset": "tiny", "model.text_encoder.kind": text_encoder_kind, **(overrides or {})})
     torch.manual_seed(seed)
     components = build_components(config.model, resolution)
     for module in components.values():

@@ -40,6 +40,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPVisionModelWithProjection, PreTrainedModel, PreTrainedTokenizerBase
 
 from latentdiff.hub import PipelineHubMixin
+from latentdiff.models.word_context import CLIPTextModelWithWordEmbeddings
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -132,7 +133,7 @@ class LatentDiffusionMixin(PipelineHubMixin):
 
     The components are Stable Diffusion's without the safety checker: `vae` (`None`: pixel space), `text_encoder`
     (a `CLIPTextModel` or any module whose call on token ids returns the hidden states at index 0, such as
-    `latentdiff.OpenCLIPTextModel`), `tokenizer`, `unet`, `scheduler`, and, for IP-Adapter only, `image_encoder`
+    `latentdiff.OpenCLIPTextModel` and `latentdiff.CLIPTextModelWithWordEmbeddings`), `tokenizer`, `unet`, `scheduler`, and, for IP-Adapter only, `image_encoder`
     (set by `load_ip_adapter`). A model with noise-level experts (:mod:`latentdiff.models.experts`) has a second
     U-Net, `unet_high_noise`, which denoises the timesteps `t >= boundary_ratio * num_train_timesteps` (the
     pipeline's config, as in Diffusers' Wan 2.2 pipelines); `unet` denoises the rest.
@@ -493,6 +494,8 @@ class LatentDiffusionMixin(PipelineHubMixin):
             )
         if clip_skip + 1 > len(hidden_states):
             raise ValueError(f"`clip_skip`={clip_skip} skips more layers than the text encoder has ({len(hidden_states) - 1})")
+        if isinstance(self.text_encoder, CLIPTextModelWithWordEmbeddings):  # the word embeddings beside the layer
+            return self.text_encoder.conditioning(hidden_states, -(clip_skip + 1))
         return final_layer_norm(hidden_states[-(clip_skip + 1)])
 
     def encode_image_to_latents(self, image: torch.Tensor, generator=None) -> torch.Tensor:

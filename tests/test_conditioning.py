@@ -274,6 +274,20 @@ def test_a_zero_initialized_text_layer_starts_as_the_layer_free_encoder_and_then
         load_config(None, ["model.text_encoder.zero_init_residual=true", "model.text_encoder.pretrained=some/clip"])
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["model.text_encoder.kind=open_clip"], "word_embeddings_in_context.*OpenCLIP"),
+        (["model.text_encoder.num_hidden_layers=0"], "word_embeddings_in_context.*num_hidden_layers=0"),
+    ],
+)
+def test_word_embeddings_in_context_needs_a_clip_encoder_with_layers(overrides, match):
+    from latentdiff.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["model.text_encoder.word_embeddings_in_context=true", *overrides])
+
+
 @pytest.mark.slow
 def test_text_stage_feeds_stage_two(tmp_path):
     """train_text.py writes a text encoder that train_ldm.py loads, frozen and cached, with a 32-token context."""

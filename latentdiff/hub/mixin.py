@@ -35,7 +35,8 @@ class PipelineHubMixin:
         """``DiffusionPipeline.from_pretrained`` with safe defaults and clear errors.
 
         Loads a folder or Hub repo of the Stable Diffusion 1.x / 2.x layout, or one saved by latentdiff
-        (a ``text_encoder`` of class ``OpenCLIPTextModel`` loads with latentdiff's OpenCLIP tower). A local
+        (a ``text_encoder`` of class ``OpenCLIPTextModel`` or ``CLIPTextModelWithWordEmbeddings`` loads with
+        latentdiff's class of that name). A local
         folder is checked first (:func:`check_pipeline_folder`): every component present, and no pickle
         weights unless ``allow_pickle=True``; from the Hub only safetensors weights are fetched unless
         ``allow_pickle=True``. Components the pipeline does not take, such as Stable Diffusion's

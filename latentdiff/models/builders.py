@@ -21,6 +21,7 @@ from ..config import ConfigError, ModelConfig, TextEncoderConfig
 from .presets import MODEL_PRESETS
 from .tokenizer import CONTEXT_LENGTH, clip_tokenizer
 from .unet import PositionalUNet2DConditionModel, saved_unet_class
+from .word_context import CLIPTextModelWithWordEmbeddings
 
 __all__ = [
     "MODEL_PRESETS",
@@ -131,7 +132,8 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
 
 
 def _text_hidden_size(text_encoder: TextEncoderConfig) -> int:
-    """The text encoder's width, which is the U-Net's cross-attention width."""
+    """The width of the text encoder's conditioning, which is the U-Net's cross-attention width."""
+    paths = 2 if text_encoder.word_embeddings_in_context else 1  # word embeddings beside the last layer's states
     if text_encoder.kind == "open_clip" and text_encoder.open_clip_model:
         from .text_encoders import open_clip_text_config
 
@@ -143,12 +145,13 @@ def _text_hidden_size(text_encoder: TextEncoderConfig) -> int:
 
             with open(config_path, encoding="utf-8") as file:
                 data = json.load(file)
-            return int(data.get("hidden_size") or data["width"])
-    return text_encoder.hidden_size
+            return paths * int(data.get("hidden_size") or data["width"])
+    return paths * text_encoder.hidden_size
 
 
 def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
-    """The text encoder of ``config``: ``CLIPTextModel`` or the OpenCLIP text tower."""
+    """The text encoder of ``config``: ``CLIPTextModel`` (with the word embeddings in its conditioning if
+    ``word_embeddings_in_context``) or the OpenCLIP text tower."""
     text = config.text_encoder
     if text.kind == "open_clip":
         from .text_encoders import OpenCLIPTextModel
@@ -165,10 +168,11 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
             context_length=text.max_position_embeddings,
             hidden_act=text.hidden_act,
         )
+    model_class = CLIPTextModelWithWordEmbeddings if text.word_embeddings_in_context else CLIPTextModel
     if text.pretrained:
-        return _from_pretrained(CLIPTextModel, text.pretrained, text.subfolder, "model.text_encoder.pretrained")
+        return _from_pretrained(model_class, text.pretrained, text.subfolder, "model.text_encoder.pretrained")
     tokenizer_vocab_size = 49408
-    model = CLIPTextModel(
+    model = model_class(
         CLIPTextConfig(
             vocab_size=tokenizer_vocab_size,
             hidden_size=text.hidden_size,

@@ -1,0 +1,74 @@
+"""A CLIP text encoder whose conditioning keeps the words as they enter it, beside what its layers make of them.
+
+The U-Net cross-attends to per-token text states (Rombach et al. 2022, Sec. 3.3). A text transformer's
+layers mix the tokens (each state is an attention-weighted sum over the caption), and on the built-in
+shapes data one such layer made the U-Net stop reading the place words while it read the colors
+and shapes bound better (docs/conditioning.md, tenth round). :class:`CLIPTextModelWithWordEmbeddings`
+gives the U-Net both: for each token, its input embedding (word + position, which no layer has
+mixed) and its last-layer state, concatenated along the features, as Stable Diffusion XL concatenates
+the states of its two text encoders (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for
+High-Resolution Image Synthesis", Sec. 2.1). The U-Net's ``cross_attention_dim`` is twice the encoder's
+width; each attention head can read one path, the other or both.
+
+It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
+same final layer norm as the last layer's state, so there is no new parameter): its folder is a CLIP
+text encoder folder, and a pipeline's ``model_index.json`` lists it as ``["latentdiff",
+"CLIPTextModelWithWordEmbeddings"]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPTextModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+__all__ = ["CLIPTextModelWithWordEmbeddings"]
+
+
+class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
+    r"""``CLIPTextModel`` whose ``last_hidden_state`` is ``[LN(embeddings); LN(last layer)]`` per token.
+
+    ``LN`` is the model's final layer norm and ``embeddings`` the token + position embeddings, so the
+    output has ``2 * hidden_size`` features. ``pooler_output`` and ``hidden_states`` are those of
+    ``CLIPTextModel`` (``hidden_size`` wide); :meth:`conditioning` builds the same two-path context
+    from any layer's state (a pipeline's ``clip_skip``).
+
+    Example::
+
+        from transformers import CLIPTextConfig
+        from latentdiff.models.word_context import CLIPTextModelWithWordEmbeddings
+        encoder = CLIPTextModelWithWordEmbeddings(CLIPTextConfig(hidden_size=128, num_hidden_layers=1))
+        encoder(input_ids)[0].shape  # [batch, tokens, 256]
+    """
+
+    def _final_layer_norm(self) -> torch.nn.LayerNorm:
+        # transformers 5's CLIPTextModel is flat; transformers 4 keeps the modules under ``text_model``.
+        return getattr(self, "text_model", self).final_layer_norm
+
+    def conditioning(self, hidden_states: tuple[torch.Tensor, ...], layer: int = -1) -> torch.Tensor:
+        """The two-path context from ``hidden_states`` (``output_hidden_states=True``): the input embedding and the
+        state of ``layer`` (an index into ``hidden_states``; ``-1``: the last layer), each through the final layer norm."""
+        norm = self._final_layer_norm()
+        return torch.cat([norm(hidden_states[0]), norm(hidden_states[layer])], dim=-1)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = super().forward(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+            return_dict=True, **kwargs,
+        )  # fmt: skip
+        words = self._final_layer_norm()(outputs.hidden_states[0])
+        result = BaseModelOutputWithPooling(
+            last_hidden_state=torch.cat([words, outputs.last_hidden_state], dim=-1),
+            pooler_output=outputs.pooler_output,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            attentions=outputs.attentions,
+        )
+        return result.to_tuple() if return_dict is False else result
+
+
+# Record the class under its public path, so a pipeline's model_index.json lists it as
+# ["latentdiff", "CLIPTextModelWithWordEmbeddings"] and Diffusers finds it after a plain `import latentdiff`
+# (Diffusers resolves custom components from already-imported modules only; see latentdiff/__init__.py).
+CLIPTextModelWithWordEmbeddings.__module__ = "latentdiff"
