@@ -123,7 +123,7 @@ def test_every_shipped_config_resolves():
         load_config(path)
 
 
-def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_and_steps():
+def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_steps_and_a_text_layer():
     """configs/shapes-patient.yaml measures what more images seen buy: it must not drift from the default."""
     from pathlib import Path
 
@@ -132,7 +132,10 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_and_steps()
     # The SNR clamp and the more often drawn top band make up for the default's few images seen (places are
     # learned late); the patient preset learns places without them (docs/conditioning.md), so they are the
     # training settings that differ.
-    assert patient.model == default.model
+    # one text layer, read beside the word embeddings, binds colors once enough images are seen (eleventh round)
+    text = {"num_hidden_layers": 1, "word_embeddings_in_context": True}
+    assert patient.model.text_encoder == dataclasses.replace(default.model.text_encoder, **text)
+    assert dataclasses.replace(patient.model, text_encoder=default.model.text_encoder) == default.model
     top_band = {"snr_clamp_low": 0.0, "timestep_high_band_start": None, "timestep_high_band_share": 0.5}
     assert dataclasses.replace(patient.diffusion, **top_band) == dataclasses.replace(default.diffusion, **top_band)
     assert patient.vae_train == default.vae_train
