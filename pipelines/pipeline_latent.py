@@ -133,8 +133,8 @@ class LatentDiffusionMixin(PipelineHubMixin):
 
     The components are Stable Diffusion's without the safety checker: `vae` (`None`: pixel space), `text_encoder`
     (a `CLIPTextModel` or any module whose call on token ids returns the hidden states at index 0, such as
-    `latentdiff.OpenCLIPTextModel` and `latentdiff.CLIPTextModelWithWordEmbeddings`), `tokenizer`, `unet`, `scheduler`, and, for IP-Adapter only, `image_encoder`
-    (set by `load_ip_adapter`). A model with noise-level experts (:mod:`latentdiff.models.experts`) has a second
+    `latentdiff.OpenCLIPTextModel` and `latentdiff.CLIPTextModelWithWordEmbeddings`), `tokenizer`, `unet`,
+    `scheduler`, and, for IP-Adapter only, `image_encoder` (set by `load_ip_adapter`). A model with noise-level experts (:mod:`latentdiff.models.experts`) has a second
     U-Net, `unet_high_noise`, which denoises the timesteps `t >= boundary_ratio * num_train_timesteps` (the
     pipeline's config, as in Diffusers' Wan 2.2 pipelines); `unet` denoises the rest.
     """

@@ -58,9 +58,8 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
             input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
             return_dict=True, **kwargs,
         )  # fmt: skip
-        words = self._final_layer_norm()(outputs.hidden_states[0])
         result = BaseModelOutputWithPooling(
-            last_hidden_state=torch.cat([words, outputs.last_hidden_state], dim=-1),
+            last_hidden_state=self.conditioning(outputs.hidden_states),
             pooler_output=outputs.pooler_output,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
