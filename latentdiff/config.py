@@ -135,6 +135,10 @@ class TextEncoderConfig:
     last-layer state, concatenated along the features as SD-XL concatenates its two encoders' states (Podell et al.
     2023); the U-Net's cross-attention width doubles (:mod:`latentdiff.models.word_context`). For a ``clip``
     encoder with at least one layer."""
+    word_embeddings_axis: Literal["features", "tokens"] = "features"
+    """How ``word_embeddings_in_context`` joins the two paths: ``features`` (per token, twice the width) or
+    ``tokens`` (the word embeddings as tokens of their own before the last layer's, the width unchanged, as
+    Stable Diffusion 3 joins its two encoders' states along the sequence; Esser et al. 2024)."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -647,6 +651,9 @@ def check_values(config: Config) -> None:
     if text.word_embeddings_in_context and not text.pretrained and text.num_hidden_layers == 0:
         fail("model.text_encoder.word_embeddings_in_context", True,
              "false with model.text_encoder.num_hidden_layers=0 (the context already is the word embeddings)")
+    if text.word_embeddings_axis != "features" and not text.word_embeddings_in_context:
+        fail("model.text_encoder.word_embeddings_axis", text.word_embeddings_axis,
+             "'features' (the default) unless model.text_encoder.word_embeddings_in_context is true (it joins that path)")
     if text.kind == "open_clip" and text.hidden_act not in ("gelu", "quick_gelu"):
         fail("model.text_encoder.hidden_act", text.hidden_act, "'gelu' or 'quick_gelu' for kind 'open_clip'")
     if data.shapes.max_objects < data.shapes.min_objects:

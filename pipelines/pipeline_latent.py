@@ -433,14 +433,17 @@ class LatentDiffusionMixin(PipelineHubMixin):
         `negative_prompt` string applies to every prompt; `clip_skip` works with any text encoder that returns its
         hidden states and has a final layer norm (Diffusers reads `text_encoder.text_model`, which transformers 5's
         `CLIPTextModel` no longer has); and the negative prompt is read at the same layer as the prompt, so that
-        guidance contrasts two embeddings of one kind."""
+        guidance contrasts two embeddings of one kind. The negative prompt is also encoded here for a text encoder
+        that joins its word embeddings along the tokens: Diffusers pads it to `prompt_embeds.shape[1]` tokens, twice
+        what that encoder reads."""
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         if isinstance(negative_prompt, str) and not isinstance(prompt, str):
             negative_prompt = [negative_prompt] * batch_size
         if prompt_embeds is None:
             self._warn_if_truncated(prompt)
-        if clip_skip is not None:
-            if prompt_embeds is None:
+        joins_tokens = getattr(self.text_encoder.config, "word_embeddings_axis", None) == "tokens"
+        if clip_skip is not None or joins_tokens:
+            if prompt_embeds is None and clip_skip is not None:
                 prompt_embeds = self._encode_text(prompt, device, clip_skip)
             if do_classifier_free_guidance and negative_prompt_embeds is None:
                 negative = negative_prompt if negative_prompt is not None else [""] * batch_size
@@ -460,7 +463,7 @@ class LatentDiffusionMixin(PipelineHubMixin):
                 dropped = self.tokenizer.decode(ids[limit - 1 : -1])
                 logger.warning(f"`prompt` was truncated: the text encoder reads at most {limit} tokens; dropped: {dropped}")
 
-    def _encode_text(self, text, device, clip_skip: int) -> torch.Tensor:
+    def _encode_text(self, text, device, clip_skip: int | None) -> torch.Tensor:
         if isinstance(self, TextualInversionLoaderMixin):
             text = self.maybe_convert_prompt(text, self.tokenizer)
         inputs = self.tokenizer(
@@ -468,8 +471,9 @@ class LatentDiffusionMixin(PipelineHubMixin):
         )
         return self._encode_token_ids(inputs.input_ids, inputs.attention_mask, device, clip_skip)
 
-    def _encode_token_ids(self, input_ids, attention_mask, device, clip_skip: int) -> torch.Tensor:
-        """Hidden states `clip_skip` layers before the last, through the final layer norm (as the last one is).
+    def _encode_token_ids(self, input_ids, attention_mask, device, clip_skip: int | None) -> torch.Tensor:
+        """Hidden states `clip_skip` layers before the last, through the final layer norm (as the last one is);
+        the text encoder's own output for `clip_skip=None`.
 
         Needs `output_hidden_states=True` and the final layer norm as `text_model.final_layer_norm` or
         `final_layer_norm`.
@@ -477,6 +481,8 @@ class LatentDiffusionMixin(PipelineHubMixin):
         encoder_kwargs = {}
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             encoder_kwargs["attention_mask"] = attention_mask.to(device)
+        if clip_skip is None:
+            return self.text_encoder(input_ids.to(device), **encoder_kwargs)[0]
         name = type(self.text_encoder).__name__
         final_layer_norm = getattr(getattr(self.text_encoder, "text_model", None), "final_layer_norm", None)
         final_layer_norm = final_layer_norm or getattr(self.text_encoder, "final_layer_norm", None)

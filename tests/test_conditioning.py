@@ -288,6 +288,15 @@ def test_word_embeddings_in_context_needs_a_clip_encoder_with_layers(overrides, 
         load_config(None, ["model.text_encoder.word_embeddings_in_context=true", *overrides])
 
 
+def test_word_embeddings_axis_needs_the_word_path_and_a_known_axis():
+    from latentdiff.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="word_embeddings_axis.*word_embeddings_in_context is true"):
+        load_config(None, ["model.text_encoder.word_embeddings_axis=tokens"])
+    with pytest.raises(ConfigError, match="word_embeddings_axis.*'features', 'tokens'"):
+        load_config(None, ["model.text_encoder.word_embeddings_in_context=true", "model.text_encoder.word_embeddings_axis=sequence"])
+
+
 @pytest.mark.slow
 def test_text_stage_feeds_stage_two(tmp_path):
     """train_text.py writes a text encoder that train_ldm.py loads, frozen and cached, with a 32-token context."""

@@ -342,32 +342,36 @@ def test_openclip_text_tower_saves_and_loads(tmp_path):
     np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
 
 
-def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path):
-    """`word_embeddings_in_context`: the conditioning is [LN(word + position embeddings); CLIPTextModel's own output],
-    the U-Net is built that wide, and the pipeline saves, reloads and `clip_skip`s with it."""
+@pytest.mark.parametrize("axis", ["features", "tokens"])
+def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axis):
+    """`word_embeddings_in_context`: the conditioning joins LN(word + position embeddings) and CLIPTextModel's own
+    output along `word_embeddings_axis`, the U-Net is built that wide, and the pipeline saves, reloads (with the
+    axis) and `clip_skip`s with it."""
     from transformers import CLIPTextModel
 
     from latentdiff import CLIPTextModelWithWordEmbeddings
     from latentdiff.testing import tiny_components
 
-    components = tiny_components(seed=0, overrides={"model.text_encoder.word_embeddings_in_context": True})
+    overrides = {"model.text_encoder.word_embeddings_in_context": True, "model.text_encoder.word_embeddings_axis": axis}
+    components = tiny_components(seed=0, overrides=overrides)
     encoder = components["text_encoder"]
-    width = encoder.config.hidden_size
+    width, dim = encoder.config.hidden_size, {"features": -1, "tokens": -2}[axis]
     assert isinstance(encoder, CLIPTextModelWithWordEmbeddings)
-    assert components["unet"].config.cross_attention_dim == 2 * width
+    assert components["unet"].config.cross_attention_dim == (2 * width if axis == "features" else width)
     plain = CLIPTextModel(encoder.config).eval()
     plain.load_state_dict(encoder.state_dict())  # the same weights: the word path adds no parameter
     pipe = make_pipe(components)
     ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         context = encoder(ids)[0]
-        torch.testing.assert_close(context[..., width:], plain(ids).last_hidden_state)
-        torch.testing.assert_close(context[..., :width], plain.final_layer_norm(plain.embeddings(input_ids=ids)))
+        words, last = context.split([width, width] if axis == "features" else [77, 77], dim=dim)
+        torch.testing.assert_close(last, plain(ids).last_hidden_state)
+        torch.testing.assert_close(words, plain.final_layer_norm(plain.embeddings(input_ids=ids)))
         assert torch.equal(encoder(ids, return_dict=False)[0], context)
 
         empty = pipe.tokenizer([""] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
         skipped, unconditional = (
-            torch.cat([plain.final_layer_norm(states[0]), plain.final_layer_norm(states[-2])], dim=-1)
+            torch.cat([plain.final_layer_norm(states[0]), plain.final_layer_norm(states[-2])], dim=dim)
             for states in (plain(tokens, output_hidden_states=True).hidden_states for tokens in (ids, empty))
         )
     by_hand = run(pipe, None, prompt_embeds=skipped, negative_prompt_embeds=unconditional, guidance_scale=5.0)
@@ -379,7 +383,18 @@ def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path):
     reloaded = LatentPipeline.from_pretrained(tmp_path)
     reloaded.set_progress_bar_config(disable=True)
     assert isinstance(reloaded.text_encoder, CLIPTextModelWithWordEmbeddings)
+    assert reloaded.text_encoder.config.word_embeddings_axis == axis
     np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
+
+
+def test_word_embeddings_text_encoder_rejects_an_unknown_axis():
+    from transformers import CLIPTextConfig
+
+    from latentdiff import CLIPTextModelWithWordEmbeddings
+
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, word_embeddings_axis="rows")
+    with pytest.raises(ValueError, match="word_embeddings_axis is 'rows'; expected one of \\['features', 'tokens'\\]"):
+        CLIPTextModelWithWordEmbeddings(config)
 
 
 def test_pixel_space_pipeline(tmp_path):

@@ -133,7 +133,8 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
 
 def _text_hidden_size(text_encoder: TextEncoderConfig) -> int:
     """The width of the text encoder's conditioning, which is the U-Net's cross-attention width."""
-    paths = 2 if text_encoder.word_embeddings_in_context else 1  # word embeddings beside the last layer's states
+    # The word embeddings beside the last layer's states, along the features, double the width.
+    paths = 2 if text_encoder.word_embeddings_in_context and text_encoder.word_embeddings_axis == "features" else 1
     if text_encoder.kind == "open_clip" and text_encoder.open_clip_model:
         from .text_encoders import open_clip_text_config
 
@@ -168,9 +169,11 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
             context_length=text.max_position_embeddings,
             hidden_act=text.hidden_act,
         )
-    model_class = CLIPTextModelWithWordEmbeddings if text.word_embeddings_in_context else CLIPTextModel
+    model_class, word_path = CLIPTextModel, {}
+    if text.word_embeddings_in_context:  # a CLIPTextConfig attribute, so that the saved folder reloads the same
+        model_class, word_path = CLIPTextModelWithWordEmbeddings, {"word_embeddings_axis": text.word_embeddings_axis}
     if text.pretrained:
-        return _from_pretrained(model_class, text.pretrained, text.subfolder, "model.text_encoder.pretrained")
+        return _from_pretrained(model_class, text.pretrained, text.subfolder, "model.text_encoder.pretrained", **word_path)
     tokenizer_vocab_size = 49408
     model = model_class(
         CLIPTextConfig(
@@ -185,6 +188,7 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=0,
+            **word_path,
         )
     )
     if text.zero_init_residual:

@@ -5,10 +5,16 @@ layers mix the tokens (each state is an attention-weighted sum over the caption)
 shapes data one such layer made the U-Net stop reading the place words while it read the colors
 and shapes bound better (docs/conditioning.md, tenth round). :class:`CLIPTextModelWithWordEmbeddings`
 gives the U-Net both: for each token, its input embedding (word + position, which no layer has
-mixed) and its last-layer state, concatenated along the features, as Stable Diffusion XL concatenates
-the states of its two text encoders (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for
-High-Resolution Image Synthesis", Sec. 2.1). The U-Net's ``cross_attention_dim`` is twice the encoder's
-width; each attention head can read one path, the other or both.
+mixed) and its last-layer state, joined along one of two axes (``config.word_embeddings_axis``):
+
+- ``"features"``: concatenated per token, as Stable Diffusion XL concatenates the states of its two text
+  encoders (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
+  Synthesis", Sec. 2.1). The U-Net's ``cross_attention_dim`` is twice the encoder's width; a token's key is
+  a sum of what both paths say about it.
+- ``"tokens"``: the two paths as two sequences, one after the other, as Stable Diffusion 3 joins its CLIP
+  and T5 states along the sequence (Esser et al. 2024, "Scaling Rectified Flow Transformers for
+  High-Resolution Image Synthesis", Sec. 5.2). The width stays the encoder's; each query's attention
+  weighs a word as it was written and the same word as the layer placed it in context separately.
 
 It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
 same final layer norm as the last layer's state, so there is no new parameter): its folder is a CLIP
@@ -26,12 +32,14 @@ __all__ = ["CLIPTextModelWithWordEmbeddings"]
 
 
 class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
-    r"""``CLIPTextModel`` whose ``last_hidden_state`` is ``[LN(embeddings); LN(last layer)]`` per token.
+    r"""``CLIPTextModel`` whose ``last_hidden_state`` joins ``LN(embeddings)`` and ``LN(last layer)``.
 
-    ``LN`` is the model's final layer norm and ``embeddings`` the token + position embeddings, so the
-    output has ``2 * hidden_size`` features. ``pooler_output`` and ``hidden_states`` are those of
-    ``CLIPTextModel`` (``hidden_size`` wide); :meth:`conditioning` builds the same two-path context
-    from any layer's state (a pipeline's ``clip_skip``).
+    ``LN`` is the model's final layer norm and ``embeddings`` the token + position embeddings. With
+    ``config.word_embeddings_axis == "features"`` (the default, also for folders saved without it) the
+    output has ``2 * hidden_size`` features per token; with ``"tokens"`` it has ``2 * tokens`` tokens of
+    ``hidden_size`` features, the word embeddings first. ``pooler_output`` and ``hidden_states`` are those
+    of ``CLIPTextModel``; :meth:`conditioning` builds the same two-path context from any layer's state
+    (a pipeline's ``clip_skip``).
 
     Example::
 
@@ -39,7 +47,18 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
         from latentdiff.models.word_context import CLIPTextModelWithWordEmbeddings
         encoder = CLIPTextModelWithWordEmbeddings(CLIPTextConfig(hidden_size=128, num_hidden_layers=1))
         encoder(input_ids)[0].shape  # [batch, tokens, 256]
+        config = CLIPTextConfig(hidden_size=128, num_hidden_layers=1, word_embeddings_axis="tokens")
+        CLIPTextModelWithWordEmbeddings(config)(input_ids)[0].shape  # [batch, 2 * tokens, 128]
     """
+
+    AXES = {"features": -1, "tokens": -2}
+
+    def __init__(self, config, *args, **kwargs):
+        axis = getattr(config, "word_embeddings_axis", "features")
+        if axis not in self.AXES:
+            raise ValueError(f"word_embeddings_axis is {axis!r}; expected one of {sorted(self.AXES)}")
+        super().__init__(config, *args, **kwargs)
+        self.word_embeddings_axis = axis
 
     def _final_layer_norm(self) -> torch.nn.LayerNorm:
         # transformers 5's CLIPTextModel is flat; transformers 4 keeps the modules under ``text_model``.
@@ -49,7 +68,7 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
         """The two-path context from ``hidden_states`` (``output_hidden_states=True``): the input embedding and the
         state of ``layer`` (an index into ``hidden_states``; ``-1``: the last layer), each through the final layer norm."""
         norm = self._final_layer_norm()
-        return torch.cat([norm(hidden_states[0]), norm(hidden_states[layer])], dim=-1)
+        return torch.cat([norm(hidden_states[0]), norm(hidden_states[layer])], dim=self.AXES[self.word_embeddings_axis])
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         output_hidden_states = kwargs.pop("output_hidden_states", None)
