@@ -139,6 +139,11 @@ class TextEncoderConfig:
     """How ``word_embeddings_in_context`` joins the two paths: ``features`` (per token, twice the width) or
     ``tokens`` (the word embeddings as tokens of their own before the last layer's, the width unchanged, as
     Stable Diffusion 3 joins its two encoders' states along the sequence; Esser et al. 2024)."""
+    word_path_dropout: float = 0.0
+    """With ``word_embeddings_in_context``: the probability, per training caption, of zeroing the word embeddings,
+    and the same probability of zeroing the layer's states instead (never both; never at inference), so that the
+    U-Net learns to read each path alone, as Stable Diffusion 3 drops each text encoder's states independently in
+    training (Esser et al. 2024). At most 0.5; needs ``train: true`` (a frozen encoder runs in eval mode)."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -654,6 +659,14 @@ def check_values(config: Config) -> None:
     if text.word_embeddings_axis != "features" and not text.word_embeddings_in_context:
         fail("model.text_encoder.word_embeddings_axis", text.word_embeddings_axis,
              "'features' (the default) unless model.text_encoder.word_embeddings_in_context is true (it joins that path)")
+    if text.word_path_dropout and not text.word_embeddings_in_context:
+        fail("model.text_encoder.word_path_dropout", text.word_path_dropout,
+             "0 unless model.text_encoder.word_embeddings_in_context is true (it drops one of that encoder's two paths)")
+    if not 0.0 <= text.word_path_dropout <= 0.5:
+        fail("model.text_encoder.word_path_dropout", text.word_path_dropout, "a probability from 0 to 0.5 (per path, never both)")
+    if text.word_path_dropout and not text.train:
+        fail("model.text_encoder.word_path_dropout", text.word_path_dropout,
+             "0 with model.text_encoder.train=false (a frozen text encoder runs in eval mode, where nothing is dropped)")
     if text.kind == "open_clip" and text.hidden_act not in ("gelu", "quick_gelu"):
         fail("model.text_encoder.hidden_act", text.hidden_act, "'gelu' or 'quick_gelu' for kind 'open_clip'")
     if data.shapes.max_objects < data.shapes.min_objects:

@@ -288,6 +288,48 @@ def test_word_embeddings_in_context_needs_a_clip_encoder_with_layers(overrides, 
         load_config(None, ["model.text_encoder.word_embeddings_in_context=true", *overrides])
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["model.text_encoder.word_path_dropout=0.2"], "word_path_dropout.*word_embeddings_in_context is true"),
+        (["model.text_encoder.word_embeddings_in_context=true", "model.text_encoder.word_path_dropout=0.6"],
+         "word_path_dropout.*from 0 to 0.5"),
+        (["model.text_encoder.word_embeddings_in_context=true", "model.text_encoder.word_path_dropout=0.2",
+          "model.text_encoder.train=false"], "word_path_dropout.*train=false"),
+    ],
+)
+def test_word_path_dropout_config_errors(overrides, match):
+    from latentdiff.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, ["model.text_encoder.num_hidden_layers=1", *overrides])
+
+
+@pytest.mark.parametrize("axis", ["features", "tokens"])
+def test_word_path_dropout_zeroes_one_path_per_caption_in_training_only(axis):
+    """p = 0.5: every training caption loses exactly one path, each path about half the time; eval mode keeps both."""
+    from latentdiff.config import ModelConfig, TextEncoderConfig
+    from latentdiff.models.builders import build_text_encoder
+
+    text = TextEncoderConfig(num_hidden_layers=1, word_embeddings_in_context=True, word_embeddings_axis=axis,
+                             word_path_dropout=0.5, max_position_embeddings=8)
+    torch.manual_seed(0)
+    encoder = build_text_encoder(ModelConfig(text_encoder=text))
+    ids = torch.randint(1, 1000, (64, 8))
+    with torch.no_grad():
+        kept = encoder.eval()(ids)[0]
+        dropped = encoder.train()(ids)[0]
+    dim, size = (-1, 128) if axis == "features" else (-2, 8)
+    words_zero, states_zero = (
+        (part == 0).flatten(1).all(dim=1) for part in dropped.split([size, size], dim=dim)
+    )
+    assert torch.equal(words_zero, ~states_zero)  # exactly one path per caption
+    assert 16 <= int(words_zero.sum()) <= 48
+    kept_words, kept_states = kept.split([size, size], dim=dim)
+    expected = torch.cat([kept_words * ~words_zero[:, None, None], kept_states * ~states_zero[:, None, None]], dim=dim)
+    torch.testing.assert_close(dropped, expected)  # the path that is kept is the eval-mode one
+
+
 def test_word_embeddings_axis_needs_the_word_path_and_a_known_axis():
     from latentdiff.config import ConfigError, load_config
 

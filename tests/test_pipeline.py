@@ -342,17 +342,21 @@ def test_openclip_text_tower_saves_and_loads(tmp_path):
     np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("axis", ["features", "tokens"])
-def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axis):
+@pytest.mark.parametrize("axis, path_dropout", [("features", 0.0), ("tokens", 0.25)])
+def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axis, path_dropout):
     """`word_embeddings_in_context`: the conditioning joins LN(word + position embeddings) and CLIPTextModel's own
     output along `word_embeddings_axis`, the U-Net is built that wide, and the pipeline saves, reloads (with the
-    axis) and `clip_skip`s with it."""
+    axis and the training-only path dropout, which inference never applies) and `clip_skip`s with it."""
     from transformers import CLIPTextModel
 
     from latentdiff import CLIPTextModelWithWordEmbeddings
     from latentdiff.testing import tiny_components
 
-    overrides = {"model.text_encoder.word_embeddings_in_context": True, "model.text_encoder.word_embeddings_axis": axis}
+    overrides = {
+        "model.text_encoder.word_embeddings_in_context": True,
+        "model.text_encoder.word_embeddings_axis": axis,
+        "model.text_encoder.word_path_dropout": path_dropout,
+    }
     components = tiny_components(seed=0, overrides=overrides)
     encoder = components["text_encoder"]
     width, dim = encoder.config.hidden_size, {"features": -1, "tokens": -2}[axis]
@@ -384,6 +388,7 @@ def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axi
     reloaded.set_progress_bar_config(disable=True)
     assert isinstance(reloaded.text_encoder, CLIPTextModelWithWordEmbeddings)
     assert reloaded.text_encoder.config.word_embeddings_axis == axis
+    assert reloaded.text_encoder.config.word_path_dropout == path_dropout
     np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
 
 

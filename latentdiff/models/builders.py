@@ -171,7 +171,8 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
         )
     model_class, word_path = CLIPTextModel, {}
     if text.word_embeddings_in_context:  # a CLIPTextConfig attribute, so that the saved folder reloads the same
-        model_class, word_path = CLIPTextModelWithWordEmbeddings, {"word_embeddings_axis": text.word_embeddings_axis}
+        model_class = CLIPTextModelWithWordEmbeddings
+        word_path = {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout}
     if text.pretrained:
         return _from_pretrained(model_class, text.pretrained, text.subfolder, "model.text_encoder.pretrained", **word_path)
     tokenizer_vocab_size = 49408

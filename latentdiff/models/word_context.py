@@ -16,6 +16,12 @@ mixed) and its last-layer state, joined along one of two axes (``config.word_emb
   High-Resolution Image Synthesis", Sec. 5.2). The width stays the encoder's; each query's attention
   weighs a word as it was written and the same word as the layer placed it in context separately.
 
+With ``config.word_path_dropout = p`` the model, in training mode only, zeroes one of the two paths of a
+caption at random: the word embeddings with probability ``p``, the layer's states with probability ``p``,
+never both. The U-Net then has to read each attribute from either path alone, as Stable Diffusion 3 drops
+each of its text encoders' states independently in training (Esser et al. 2024), which keeps
+it from leaning on the one path that is easiest to read early on.
+
 It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
 same final layer norm as the last layer's state, so there is no new parameter): its folder is a CLIP
 text encoder folder, and a pipeline's ``model_index.json`` lists it as ``["latentdiff",
@@ -57,8 +63,12 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
         axis = getattr(config, "word_embeddings_axis", "features")
         if axis not in self.AXES:
             raise ValueError(f"word_embeddings_axis is {axis!r}; expected one of {sorted(self.AXES)}")
+        dropout = getattr(config, "word_path_dropout", 0.0)
+        if not 0.0 <= dropout <= 0.5:
+            raise ValueError(f"word_path_dropout is {dropout!r}; expected a probability from 0 to 0.5 (per path, never both)")
         super().__init__(config, *args, **kwargs)
         self.word_embeddings_axis = axis
+        self.word_path_dropout = dropout
 
     def _final_layer_norm(self) -> torch.nn.LayerNorm:
         # transformers 5's CLIPTextModel is flat; transformers 4 keeps the modules under ``text_model``.
@@ -68,7 +78,17 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
         """The two-path context from ``hidden_states`` (``output_hidden_states=True``): the input embedding and the
         state of ``layer`` (an index into ``hidden_states``; ``-1``: the last layer), each through the final layer norm."""
         norm = self._final_layer_norm()
-        return torch.cat([norm(hidden_states[0]), norm(hidden_states[layer])], dim=self.AXES[self.word_embeddings_axis])
+        return self._join(norm(hidden_states[0]), norm(hidden_states[layer]))
+
+    def _join(self, words: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return torch.cat([words, states], dim=self.AXES[self.word_embeddings_axis])
+
+    def _drop_one_path(self, words: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per caption: zero the words with probability ``p``, else the states with probability ``p``."""
+        draw = torch.rand(words.shape[0], 1, 1, device=words.device)
+        keep_words = draw >= self.word_path_dropout
+        keep_states = (draw < self.word_path_dropout) | (draw >= 2 * self.word_path_dropout)
+        return words * keep_words.to(words.dtype), states * keep_states.to(states.dtype)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         output_hidden_states = kwargs.pop("output_hidden_states", None)
@@ -77,8 +97,12 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
             input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
             return_dict=True, **kwargs,
         )  # fmt: skip
+        norm = self._final_layer_norm()
+        words, states = norm(outputs.hidden_states[0]), norm(outputs.hidden_states[-1])
+        if self.training and self.word_path_dropout > 0:
+            words, states = self._drop_one_path(words, states)
         result = BaseModelOutputWithPooling(
-            last_hidden_state=self.conditioning(outputs.hidden_states),
+            last_hidden_state=self._join(words, states),
             pooler_output=outputs.pooler_output,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
