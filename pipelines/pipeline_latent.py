@@ -441,7 +441,7 @@ class LatentDiffusionMixin(PipelineHubMixin):
             negative_prompt = [negative_prompt] * batch_size
         if prompt_embeds is None:
             self._warn_if_truncated(prompt)
-        joins_tokens = getattr(self.text_encoder.config, "word_embeddings_axis", None) == "tokens"
+        joins_tokens = getattr(getattr(self.text_encoder, "config", None), "word_embeddings_axis", None) == "tokens"
         if clip_skip is not None or joins_tokens:
             if prompt_embeds is None and clip_skip is not None:
                 prompt_embeds = self._encode_text(prompt, device, clip_skip)

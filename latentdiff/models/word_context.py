@@ -13,14 +13,15 @@ mixed) and its last-layer state, joined along one of two axes (``config.word_emb
   a sum of what both paths say about it.
 - ``"tokens"``: the two paths as two sequences, one after the other, as Stable Diffusion 3 joins its CLIP
   and T5 states along the sequence (Esser et al. 2024, "Scaling Rectified Flow Transformers for
-  High-Resolution Image Synthesis", Sec. 5.2). The width stays the encoder's; each query's attention
+  High-Resolution Image Synthesis"). The width stays the encoder's; each query's attention
   weighs a word as it was written and the same word as the layer placed it in context separately.
 
 With ``config.word_path_dropout = p`` the model, in training mode only, zeroes one of the two paths of a
 caption at random: the word embeddings with probability ``p``, the layer's states with probability ``p``,
 never both. The U-Net then has to read each attribute from either path alone, as Stable Diffusion 3 drops
-each of its text encoders' states independently in training (Esser et al. 2024), which keeps
-it from leaning on the one path that is easiest to read early on.
+each of its text encoders' states independently in training (Esser et al. 2024). It is meant to keep
+the U-Net from reading one path only: along the tokens and without it, the U-Net stops reading the word
+embeddings (place words unread; docs/conditioning.md, twelfth round).
 
 It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
 same final layer norm as the last layer's state, so there is no new parameter): its folder is a CLIP
