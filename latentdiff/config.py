@@ -562,6 +562,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "hidden_size": AT_LEAST_1,
         "num_hidden_layers": NON_NEGATIVE,  # 0: token and position embeddings only
         "num_attention_heads": AT_LEAST_1, "intermediate_size": AT_LEAST_1, "max_position_embeddings": AT_LEAST_1,
+        "word_path_dropout": Range(0, 0.5),  # per path, never both
     },
     ShapesConfig: {
         "num_samples": AT_LEAST_1, "seed": SEED, "min_objects": Range(1, 3), "max_objects": Range(1, 3),
@@ -662,8 +663,6 @@ def check_values(config: Config) -> None:
     if text.word_path_dropout and not text.word_embeddings_in_context:
         fail("model.text_encoder.word_path_dropout", text.word_path_dropout,
              "0 unless model.text_encoder.word_embeddings_in_context is true (it drops one of that encoder's two paths)")
-    if not 0.0 <= text.word_path_dropout <= 0.5:
-        fail("model.text_encoder.word_path_dropout", text.word_path_dropout, "a probability from 0 to 0.5 (per path, never both)")
     if text.word_path_dropout and not text.train:
         fail("model.text_encoder.word_path_dropout", text.word_path_dropout,
              "0 with model.text_encoder.train=false (a frozen text encoder runs in eval mode, where nothing is dropped)")

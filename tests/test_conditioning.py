@@ -293,7 +293,7 @@ def test_word_embeddings_in_context_needs_a_clip_encoder_with_layers(overrides, 
     [
         (["model.text_encoder.word_path_dropout=0.2"], "word_path_dropout.*word_embeddings_in_context is true"),
         (["model.text_encoder.word_embeddings_in_context=true", "model.text_encoder.word_path_dropout=0.6"],
-         "word_path_dropout.*from 0 to 0.5"),
+         r"word_path_dropout.*\[0, 0.5\], got 0.6"),
         (["model.text_encoder.word_embeddings_in_context=true", "model.text_encoder.word_path_dropout=0.2",
           "model.text_encoder.train=false"], "word_path_dropout.*train=false"),
     ],
