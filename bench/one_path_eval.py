@@ -14,6 +14,7 @@ one without it has not (its one-path scores are out of distribution). Writes ``O
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -30,15 +31,16 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default: MODEL/eval-<keep>-only")
     args = parser.parse_args()
 
-    import json
-
     from latentdiff import CLIPTextModelWithWordEmbeddings
 
-    index = os.path.join(args.model, "model_index.json")
-    text_encoder = json.load(open(index, encoding="utf-8")).get("text_encoder") if os.path.isfile(index) else None
+    index, text_encoder = os.path.join(args.model, "model_index.json"), None
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as file:
+            text_encoder = json.load(file).get("text_encoder")
     if text_encoder != ["latentdiff", "CLIPTextModelWithWordEmbeddings"]:
         sys.exit(f"{args.model}: expected a pipeline folder whose text encoder is latentdiff's "
                  f"CLIPTextModelWithWordEmbeddings (model_index.json), found {text_encoder}")
+
     from latentdiff.eval.adherence import evaluate_model
 
     join = CLIPTextModelWithWordEmbeddings._join
