@@ -14,6 +14,7 @@ one without it has not (its one-path scores are out of distribution). Writes ``O
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,6 +24,39 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@contextlib.contextmanager
+def one_path(keep: str):
+    """Within the block, every ``CLIPTextModelWithWordEmbeddings`` zeroes the path other than ``keep`` (``"words"`` or
+    ``"states"``). Written here: the class has no inference-time switch for one path (path dropout is random and
+    training-only)."""
+    from latentdiff import CLIPTextModelWithWordEmbeddings
+
+    if keep not in ("words", "states"):
+        raise ValueError(f"keep is {keep!r}; expected 'words' or 'states'")
+    join = CLIPTextModelWithWordEmbeddings._join
+
+    def join_one_path(self, words: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return join(self, words if keep == "words" else torch.zeros_like(words),
+                    states if keep == "states" else torch.zeros_like(states))  # fmt: skip
+
+    CLIPTextModelWithWordEmbeddings._join = join_one_path
+    try:
+        yield
+    finally:
+        CLIPTextModelWithWordEmbeddings._join = join
+
+
+def check_model(model: str) -> None:
+    """Fail unless ``model`` is a pipeline folder whose text encoder has the two paths."""
+    index, text_encoder = os.path.join(model, "model_index.json"), None
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as file:
+            text_encoder = json.load(file).get("text_encoder")
+    if text_encoder != ["latentdiff", "CLIPTextModelWithWordEmbeddings"]:
+        raise SystemExit(f"{model}: expected a pipeline folder whose text encoder is latentdiff's "
+                         f"CLIPTextModelWithWordEmbeddings (model_index.json), found {text_encoder}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a pipeline folder with a CLIPTextModelWithWordEmbeddings text encoder")
@@ -30,29 +64,13 @@ def main() -> None:
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--out", default=None, help="default: MODEL/eval-<keep>-only")
     args = parser.parse_args()
-
-    from latentdiff import CLIPTextModelWithWordEmbeddings
-
-    index, text_encoder = os.path.join(args.model, "model_index.json"), None
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as file:
-            text_encoder = json.load(file).get("text_encoder")
-    if text_encoder != ["latentdiff", "CLIPTextModelWithWordEmbeddings"]:
-        sys.exit(f"{args.model}: expected a pipeline folder whose text encoder is latentdiff's "
-                 f"CLIPTextModelWithWordEmbeddings (model_index.json), found {text_encoder}")
+    check_model(args.model)
 
     from latentdiff.eval.adherence import evaluate_model
 
-    join = CLIPTextModelWithWordEmbeddings._join
-
-    # Written here: the class has no inference-time switch for one path (path dropout is random and training-only).
-    def join_one_path(self, words: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return join(self, words if args.keep == "words" else torch.zeros_like(words),
-                    states if args.keep == "states" else torch.zeros_like(states))  # fmt: skip
-
-    CLIPTextModelWithWordEmbeddings._join = join_one_path
     out = args.out or os.path.join(args.model, f"eval-{args.keep}-only")
-    results, paths = evaluate_model(args.model, out, images_per_prompt=args.images_per_prompt, steps=25, scheduler="dpm")
+    with one_path(args.keep):
+        results, paths = evaluate_model(args.model, out, images_per_prompt=args.images_per_prompt, steps=25, scheduler="dpm")
     print(f"{args.keep} only: overall {results.overall:.3f}; wrote {paths['results']} and {paths['grid']}")
 
 

@@ -408,6 +408,31 @@ def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path
     assert all(value == 0 for values in deaf.values() for value in values)
 
 
+def test_one_path_eval_zeroes_the_other_path_and_restores_it(tmp_path):
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import load_bench_script, tiny_components
+
+    script = load_bench_script("one_path_eval")
+    components = tiny_components(seed=0, overrides={"model.text_encoder.word_embeddings_in_context": True})
+    encoder, width = components["text_encoder"], components["text_encoder"].config.hidden_size
+    ids = torch.randint(1, 1000, (2, 77))
+    with torch.no_grad():
+        both = encoder(ids)[0]
+        with script.one_path("words"):
+            words_only = encoder(ids)[0]
+        with script.one_path("states"):
+            states_only = encoder(ids)[0]
+        torch.testing.assert_close(encoder(ids)[0], both)  # restored after the block
+    torch.testing.assert_close(words_only, torch.cat([both[..., :width], torch.zeros_like(both[..., width:])], dim=-1))
+    torch.testing.assert_close(states_only, torch.cat([torch.zeros_like(both[..., :width]), both[..., width:]], dim=-1))
+
+    LatentPipeline(**components).save_pretrained(tmp_path / "two_paths", model_card=False)
+    script.check_model(str(tmp_path / "two_paths"))
+    LatentPipeline(**tiny_components(seed=0)).save_pretrained(tmp_path / "plain", model_card=False)
+    with pytest.raises(SystemExit, match="CLIPTextModelWithWordEmbeddings.*found \\['transformers', 'CLIPTextModel'\\]"):
+        script.check_model(str(tmp_path / "plain"))
+
+
 def test_snr_weight_floor_keeps_the_terminal_step_of_a_zero_snr_schedule():
     from latentdiff.diffusion import min_snr_weights
 
