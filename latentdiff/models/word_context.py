@@ -77,11 +77,14 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
 
     def conditioning(self, hidden_states: tuple[torch.Tensor, ...], layer: int = -1) -> torch.Tensor:
         """The two-path context from ``hidden_states`` (``output_hidden_states=True``): the input embedding and the
-        state of ``layer`` (an index into ``hidden_states``; ``-1``: the last layer), each through the final layer norm."""
+        state of ``layer`` (an index into ``hidden_states``; ``-1``: the last layer), each through the final layer norm,
+        joined along ``word_embeddings_axis`` (in training mode, with ``word_path_dropout`` applied first)."""
         norm = self._final_layer_norm()
         return self._join(norm(hidden_states[0]), norm(hidden_states[layer]))
 
     def _join(self, words: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        if self.training and self.word_path_dropout > 0:
+            words, states = self._drop_one_path(words, states)
         return torch.cat([words, states], dim=self.AXES[self.word_embeddings_axis])
 
     def _drop_one_path(self, words: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,12 +101,8 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
             input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
             return_dict=True, **kwargs,
         )  # fmt: skip
-        norm = self._final_layer_norm()
-        words, states = norm(outputs.hidden_states[0]), norm(outputs.hidden_states[-1])
-        if self.training and self.word_path_dropout > 0:
-            words, states = self._drop_one_path(words, states)
         result = BaseModelOutputWithPooling(
-            last_hidden_state=self._join(words, states),
+            last_hidden_state=self.conditioning(outputs.hidden_states),
             pooler_output=outputs.pooler_output,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
