@@ -144,6 +144,10 @@ class TextEncoderConfig:
     and the same probability of zeroing the layer's states instead (never both; never at inference), so that the
     U-Net learns to read each path alone, as Stable Diffusion 3 drops each text encoder's states independently in
     training (Esser et al. 2024). At most 0.5; needs ``train: true`` (a frozen encoder runs in eval mode)."""
+    word_path_own_projection: bool = False
+    """With ``word_embeddings_axis: tokens``: give each path a half of its own of ``2 * hidden_size`` features
+    (``[word, 0]`` and ``[0, state]``), so that each goes through its own columns of the U-Net's cross-attention
+    key and value projections, as each path does along the features. The cross-attention width doubles."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -660,6 +664,10 @@ def check_values(config: Config) -> None:
     if text.word_embeddings_axis != "features" and not text.word_embeddings_in_context:
         fail("model.text_encoder.word_embeddings_axis", text.word_embeddings_axis,
              "'features' (the default) unless model.text_encoder.word_embeddings_in_context is true (it joins that path)")
+    if text.word_path_own_projection and (not text.word_embeddings_in_context or text.word_embeddings_axis != "tokens"):
+        fail("model.text_encoder.word_path_own_projection", True,
+             "false unless model.text_encoder.word_embeddings_in_context is true and word_embeddings_axis is 'tokens' "
+             "(along the features each path already has its own columns of the U-Net's projections)")
     if text.word_path_dropout and not text.word_embeddings_in_context:
         fail("model.text_encoder.word_path_dropout", text.word_path_dropout,
              "0 unless model.text_encoder.word_embeddings_in_context is true (it drops one of that encoder's two paths)")

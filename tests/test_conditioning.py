@@ -330,6 +330,24 @@ def test_word_path_dropout_zeroes_one_path_per_caption_in_training_only(axis):
     torch.testing.assert_close(dropped, expected)  # the path that is kept is the eval-mode one
 
 
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.text_encoder.word_embeddings_in_context=true"],  # along the features
+])
+def test_word_path_own_projection_needs_the_tokens_axis(overrides):
+    from transformers import CLIPTextConfig
+
+    from latentdiff import CLIPTextModelWithWordEmbeddings
+    from latentdiff.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="word_path_own_projection.*word_embeddings_axis is 'tokens'"):
+        load_config(None, ["model.text_encoder.num_hidden_layers=1", "model.text_encoder.word_path_own_projection=true", *overrides])
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+                            word_path_own_projection=True)  # fmt: skip
+    with pytest.raises(ValueError, match="word_path_own_projection is true with word_embeddings_axis 'features'"):
+        CLIPTextModelWithWordEmbeddings(config)
+
+
 def test_word_embeddings_axis_needs_the_word_path_and_a_known_axis():
     from latentdiff.config import ConfigError, load_config
 

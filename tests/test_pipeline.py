@@ -342,11 +342,12 @@ def test_openclip_text_tower_saves_and_loads(tmp_path):
     np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("axis, path_dropout", [("features", 0.0), ("tokens", 0.25)])
-def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axis, path_dropout):
+@pytest.mark.parametrize("axis, path_dropout, own_projection", [("features", 0.0, False), ("tokens", 0.25, False), ("tokens", 0.0, True)])
+def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axis, path_dropout, own_projection):
     """`word_embeddings_in_context`: the conditioning joins LN(word + position embeddings) and CLIPTextModel's own
-    output along `word_embeddings_axis`, the U-Net is built that wide, and the pipeline saves, reloads (with the
-    axis and the training-only path dropout, which inference never applies) and `clip_skip`s with it."""
+    output along `word_embeddings_axis` (each path in its own half of the features with `word_path_own_projection`),
+    the U-Net is built that wide, and the pipeline saves, reloads (with the axis, the halves and the training-only
+    path dropout, which inference never applies) and `clip_skip`s with it."""
     from transformers import CLIPTextModel
 
     from latentdiff import CLIPTextModelWithWordEmbeddings
@@ -356,12 +357,13 @@ def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axi
         "model.text_encoder.word_embeddings_in_context": True,
         "model.text_encoder.word_embeddings_axis": axis,
         "model.text_encoder.word_path_dropout": path_dropout,
+        "model.text_encoder.word_path_own_projection": own_projection,
     }
     components = tiny_components(seed=0, overrides=overrides)
     encoder = components["text_encoder"]
     width, dim = encoder.config.hidden_size, {"features": -1, "tokens": -2}[axis]
     assert isinstance(encoder, CLIPTextModelWithWordEmbeddings)
-    assert components["unet"].config.cross_attention_dim == (2 * width if axis == "features" else width)
+    assert components["unet"].config.cross_attention_dim == (2 * width if axis == "features" or own_projection else width)
     plain = CLIPTextModel(encoder.config).eval()
     plain.load_state_dict(encoder.state_dict())  # the same weights: the word path adds no parameter
     pipe = make_pipe(components)
@@ -369,13 +371,20 @@ def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axi
     with torch.no_grad():
         context = encoder(ids)[0]
         words, last = context.split([width, width] if axis == "features" else [77, 77], dim=dim)
+        if own_projection:  # [word, 0] and [0, state]
+            assert not words[..., width:].any() and not last[..., :width].any()
+            words, last = words[..., :width], last[..., width:]
         torch.testing.assert_close(last, plain(ids).last_hidden_state)
         torch.testing.assert_close(words, plain.final_layer_norm(plain.embeddings(input_ids=ids)))
         assert torch.equal(encoder(ids, return_dict=False)[0], context)
 
         empty = pipe.tokenizer([""] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        def halves(words, states):
+            zero = torch.zeros_like(words)
+            return (torch.cat([words, zero], dim=-1), torch.cat([zero, states], dim=-1)) if own_projection else (words, states)
+
         skipped, unconditional = (
-            torch.cat([plain.final_layer_norm(states[0]), plain.final_layer_norm(states[-2])], dim=dim)
+            torch.cat(halves(plain.final_layer_norm(states[0]), plain.final_layer_norm(states[-2])), dim=dim)
             for states in (plain(tokens, output_hidden_states=True).hidden_states for tokens in (ids, empty))
         )
     by_hand = run(pipe, None, prompt_embeds=skipped, negative_prompt_embeds=unconditional, guidance_scale=5.0)
@@ -389,6 +398,7 @@ def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axi
     assert isinstance(reloaded.text_encoder, CLIPTextModelWithWordEmbeddings)
     assert reloaded.text_encoder.config.word_embeddings_axis == axis
     assert reloaded.text_encoder.config.word_path_dropout == path_dropout
+    assert reloaded.text_encoder.config.word_path_own_projection == own_projection
     np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
 
 

@@ -133,8 +133,9 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
 
 def _text_hidden_size(text_encoder: TextEncoderConfig) -> int:
     """The width of the text encoder's conditioning, which is the U-Net's cross-attention width."""
-    # The word embeddings beside the last layer's states, along the features, double the width.
-    paths = 2 if text_encoder.word_embeddings_in_context and text_encoder.word_embeddings_axis == "features" else 1
+    # The word embeddings beside the last layer's states, along the features or each in its own half, double the width.
+    paths = 2 if text_encoder.word_embeddings_in_context and (
+        text_encoder.word_embeddings_axis == "features" or text_encoder.word_path_own_projection) else 1
     if text_encoder.kind == "open_clip" and text_encoder.open_clip_model:
         from .text_encoders import open_clip_text_config
 
@@ -172,7 +173,8 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
     model_class, word_path = CLIPTextModel, {}
     if text.word_embeddings_in_context:  # a CLIPTextConfig attribute, so that the saved folder reloads the same
         model_class = CLIPTextModelWithWordEmbeddings
-        word_path = {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout}
+        word_path = {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout,
+                     "word_path_own_projection": text.word_path_own_projection}
     if text.pretrained:
         return _from_pretrained(model_class, text.pretrained, text.subfolder, "model.text_encoder.pretrained", **word_path)
     tokenizer_vocab_size = 49408

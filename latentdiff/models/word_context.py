@@ -23,6 +23,13 @@ each of its text encoders' states independently in training (Esser et al. 2024).
 the U-Net from reading one path only: along the tokens and without it, the U-Net stops reading the word
 embeddings (place words unread; docs/conditioning.md, twelfth round).
 
+With ``config.word_path_own_projection`` (along the tokens only) each path's tokens keep their features in
+a half of their own of ``2 * hidden_size``, the other half zero: ``[word, 0]`` and ``[0, state]``. Along the
+tokens both paths otherwise go through the same key and value projections of every cross-attention layer,
+where along the features each path has its own columns of them; with this the U-Net's projection of a
+token is ``W_words @ word`` or ``W_states @ state``, two projections, and the cross-attention width is
+``2 * hidden_size`` as along the features.
+
 It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
 same final layer norm as the last layer's state, so there is no new parameter): its folder is a CLIP
 text encoder folder, and a pipeline's ``model_index.json`` lists it as ``["latentdiff",
@@ -44,7 +51,7 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
     ``LN`` is the model's final layer norm and ``embeddings`` the token + position embeddings. With
     ``config.word_embeddings_axis == "features"`` (the default, also for folders saved without it) the
     output has ``2 * hidden_size`` features per token; with ``"tokens"`` it has ``2 * tokens`` tokens of
-    ``hidden_size`` features, the word embeddings first. ``pooler_output`` and ``hidden_states`` are those
+    ``hidden_size`` features (``2 * hidden_size`` with ``config.word_path_own_projection``), the word embeddings first. ``pooler_output`` and ``hidden_states`` are those
     of ``CLIPTextModel``; :meth:`conditioning` builds the same two-path context from any layer's state
     (a pipeline's ``clip_skip``).
 
@@ -67,9 +74,14 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
         dropout = getattr(config, "word_path_dropout", 0.0)
         if not 0.0 <= dropout <= 0.5:
             raise ValueError(f"word_path_dropout is {dropout!r}; expected a probability from 0 to 0.5 (per path, never both)")
+        own_projection = getattr(config, "word_path_own_projection", False)
+        if own_projection and axis != "tokens":
+            raise ValueError(f"word_path_own_projection is true with word_embeddings_axis {axis!r}; expected 'tokens' "
+                             "(along the features each path already has its own columns of the U-Net's projections)")
         super().__init__(config, *args, **kwargs)
         self.word_embeddings_axis = axis
         self.word_path_dropout = dropout
+        self.word_path_own_projection = own_projection
 
     def _final_layer_norm(self) -> torch.nn.LayerNorm:
         # transformers 5's CLIPTextModel is flat; transformers 4 keeps the modules under ``text_model``.
@@ -85,6 +97,9 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
     def _join(self, words: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         if self.training and self.word_path_dropout > 0:
             words, states = self._drop_one_path(words, states)
+        if self.word_path_own_projection:  # [word, 0] and [0, state]
+            width = words.shape[-1]
+            words, states = torch.nn.functional.pad(words, (0, width)), torch.nn.functional.pad(states, (width, 0))
         return torch.cat([words, states], dim=self.AXES[self.word_embeddings_axis])
 
     def _drop_one_path(self, words: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
