@@ -28,7 +28,8 @@ a half of their own of ``2 * hidden_size``, the other half zero: ``[word, 0]`` a
 tokens both paths otherwise go through the same key and value projections of every cross-attention layer,
 where along the features each path has its own columns of them; with this the U-Net's projection of a
 token is ``W_words @ word`` or ``W_states @ state``, two projections, and the cross-attention width is
-``2 * hidden_size`` as along the features.
+``2 * hidden_size`` as along the features. On the patient preset the U-Net then read the word path only
+(docs/conditioning.md, thirteenth round).
 
 It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
 same final layer norm as the last layer's state, so there is no new parameter): its folder is a CLIP
@@ -51,9 +52,9 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
     ``LN`` is the model's final layer norm and ``embeddings`` the token + position embeddings. With
     ``config.word_embeddings_axis == "features"`` (the default, also for folders saved without it) the
     output has ``2 * hidden_size`` features per token; with ``"tokens"`` it has ``2 * tokens`` tokens of
-    ``hidden_size`` features (``2 * hidden_size`` with ``config.word_path_own_projection``), the word embeddings first. ``pooler_output`` and ``hidden_states`` are those
-    of ``CLIPTextModel``; :meth:`conditioning` builds the same two-path context from any layer's state
-    (a pipeline's ``clip_skip``).
+    ``hidden_size`` features (``2 * hidden_size`` with ``config.word_path_own_projection``), the word
+    embeddings first. ``pooler_output`` and ``hidden_states`` are those of ``CLIPTextModel``;
+    :meth:`conditioning` builds the same two-path context from any layer's state (a pipeline's ``clip_skip``).
 
     Example::
 
