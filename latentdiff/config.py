@@ -665,7 +665,7 @@ def check_values(config: Config) -> None:
     if text.word_embeddings_axis != "features" and not text.word_embeddings_in_context:
         fail("model.text_encoder.word_embeddings_axis", text.word_embeddings_axis,
              "'features' (the default) unless model.text_encoder.word_embeddings_in_context is true (it joins that path)")
-    if text.word_path_own_projection and (not text.word_embeddings_in_context or text.word_embeddings_axis != "tokens"):
+    if text.word_path_own_projection and text.word_embeddings_axis != "tokens":  # "tokens" needs the word path (above)
         fail("model.text_encoder.word_path_own_projection", True,
              "false unless model.text_encoder.word_embeddings_in_context is true and word_embeddings_axis is 'tokens' "
              "(along the features each path already has its own columns of the U-Net's projections)")

@@ -342,7 +342,9 @@ def test_openclip_text_tower_saves_and_loads(tmp_path):
     np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("axis, path_dropout, own_projection", [("features", 0.0, False), ("tokens", 0.25, False), ("tokens", 0.0, True)])
+@pytest.mark.parametrize(
+    "axis, path_dropout, own_projection", [("features", 0.0, False), ("tokens", 0.25, False), ("tokens", 0.0, True)]
+)
 def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axis, path_dropout, own_projection):
     """`word_embeddings_in_context`: the conditioning joins LN(word + position embeddings) and CLIPTextModel's own
     output along `word_embeddings_axis` (each path in its own half of the features with `word_path_own_projection`),
@@ -379,6 +381,7 @@ def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axi
         assert torch.equal(encoder(ids, return_dict=False)[0], context)
 
         empty = pipe.tokenizer([""] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+
         def halves(words, states):
             zero = torch.zeros_like(words)
             return (torch.cat([words, zero], dim=-1), torch.cat([zero, states], dim=-1)) if own_projection else (words, states)
