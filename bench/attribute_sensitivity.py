@@ -11,6 +11,11 @@ the object's color, its shape or its place, each to another value drawn at rando
 absolute change of the estimate, per attribute and band of ``t``, is printed beside the change
 the whole caption makes (full description against the empty caption). A model that reads an
 attribute changes its estimate when that word changes; one that ignores it gives ~0.
+
+A U-Net built with ``addition_embed_type="text"`` reads the caption by two routes: its cross-attention
+and an attention-pooled summary added to the timestep embedding (AdaGN). ``--route cross`` changes the
+caption in the cross-attention only (the pooled route keeps the full description), ``--route pooled``
+in the pooled route only; ``both`` (the default) changes it everywhere.
 """
 
 from __future__ import annotations
@@ -42,7 +47,24 @@ def _variant(scene: dict, attribute: str, rng: random.Random) -> dict:
     return make_scene([obj], background=background)
 
 
-def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...]) -> dict[str, list[float]]:
+ROUTES = ("both", "cross", "pooled")
+
+
+def _routed_prediction(unet, noisy, steps, changed, full, route: str) -> torch.Tensor:
+    """The U-Net's output with the ``changed`` caption states in ``route`` and the ``full`` ones elsewhere."""
+    if route == "both":
+        return unet(noisy, steps, changed).sample
+    cross, pooled = (changed, full) if route == "cross" else (full, changed)
+    # Diffusers computes the pooled route as `unet.add_embedding(encoder_hidden_states)`; a pre-hook hands it
+    # other states than the cross-attention's, which no argument of UNet2DConditionModel.forward can.
+    handle = unet.add_embedding.register_forward_pre_hook(lambda module, args: (pooled,))
+    try:
+        return unet(noisy, steps, cross).sample
+    finally:
+        handle.remove()
+
+
+def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...], route: str = "both") -> dict[str, list[float]]:
     from diffusers import DDPMScheduler
 
     from latentdiff.data.shapes import full_caption, make_shapes_dataset
@@ -55,6 +77,9 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...]) -> d
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import oracle_text_encoder  # noqa: F401
     pipeline = LatentPipeline.from_pretrained(model)
+    if route != "both" and pipeline.unet.config.addition_embed_type != "text":
+        raise SystemExit(f"--route {route}: {model}'s U-Net has no pooled text route (addition_embed_type "
+                         f"{pipeline.unet.config.addition_embed_type!r}, not 'text'); use --route both")
     scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     data = make_shapes_dataset(scenes, seed=10_000 + seed, min_objects=1, max_objects=1, progress_bar=False)
     rng = random.Random(seed)
@@ -71,7 +96,8 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...]) -> d
         for t in timesteps:
             steps = torch.full((scenes,), t, dtype=torch.long)
             noisy = scheduler.add_noise(latents, noise, steps)
-            x0 = {name: predicted_clean_latents(scheduler, noisy, pipeline.unet(noisy, steps, state).sample, steps)
+            x0 = {name: predicted_clean_latents(
+                      scheduler, noisy, _routed_prediction(pipeline.unet, noisy, steps, state, states["full"], route), steps)
                   for name, state in states.items()}
             result["caption"].append((x0["full"] - x0["empty"]).abs().mean().item())
             for attribute in ATTRIBUTES:
@@ -85,15 +111,19 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=32, help="held single-object scenes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timesteps", default="950,750,500,250", help="comma-separated t to measure at")
+    parser.add_argument("--route", choices=ROUTES, default="both",
+                        help="where the caption changes: everywhere, in the cross-attention only, or in the pooled "
+                             "(AdaGN) route only (default %(default)s)")
     args = parser.parse_args()
     timesteps = tuple(int(t) for t in args.timesteps.split(","))
     header = " | ".join(f"t={t}" for t in timesteps)
     print(f"| model | changed | {header} |")
     print("|---|---|" + "---|" * len(timesteps))
     for model in args.models:
-        result = measure(model, args.scenes, args.seed, timesteps)
+        result = measure(model, args.scenes, args.seed, timesteps, args.route)
         for name, values in result.items():
             label = "whole caption (vs empty)" if name == "caption" else f"only the {name}"
+            label += "" if args.route == "both" else f", {args.route} route"
             print(f"| {model} | {label} | " + " | ".join(f"{value:.4f}" for value in values) + " |", flush=True)
 
 

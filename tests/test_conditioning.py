@@ -426,6 +426,29 @@ def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path
     assert all(value == 0 for values in deaf.values() for value in values)
 
 
+def test_attribute_sensitivity_routes_change_the_caption_in_one_route_only(tmp_path):
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import load_bench_script, tiny_components
+
+    script = load_bench_script("attribute_sensitivity")
+    pipeline = LatentPipeline(**tiny_components(seed=0, overrides={"model.unet.addition_embed_type": "text"}))
+    with torch.no_grad():  # cut the cross-attention: only the pooled route carries the text
+        for name, module in pipeline.unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                module.weight.zero_()
+                module.bias.zero_()
+    pipeline.save_pretrained(tmp_path / "pooled_only", model_card=False)
+    measured = {route: script.measure(str(tmp_path / "pooled_only"), scenes=4, seed=0, timesteps=(900,), route=route)
+                for route in script.ROUTES}
+    assert all(value == 0 for values in measured["cross"].values() for value in values)
+    assert measured["pooled"]["caption"][0] > 0 and measured["pooled"]["color"][0] > 0
+    assert measured["both"] == measured["pooled"]  # the cut route changes nothing either way
+
+    LatentPipeline(**tiny_components(seed=0)).save_pretrained(tmp_path / "no_pooled_route", model_card=False)
+    with pytest.raises(SystemExit, match="--route pooled: .* has no pooled text route"):
+        script.measure(str(tmp_path / "no_pooled_route"), scenes=4, seed=0, timesteps=(900,), route="pooled")
+
+
 def test_one_path_eval_zeroes_the_other_path_and_restores_it(tmp_path):
     from latentdiff.pipelines import LatentPipeline
     from latentdiff.testing import load_bench_script, tiny_components
