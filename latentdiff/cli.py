@@ -67,6 +67,7 @@ def _add_sampling_arguments(
     choose_scheduler: bool = True,
     seed: bool = True,
     interval: bool = True,
+    rescale: bool = False,
 ) -> None:
     """The sampling arguments; a default left ``None`` is the model's own (the pipeline resolves it)."""
     own = "the model's own from latentdiff.json, else Diffusers'"
@@ -84,6 +85,12 @@ def _add_sampling_arguments(
         parser.add_argument(
             "--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
             help="guidance only at timesteps LOW <= t <= HIGH, e.g. 0 600 (default: the model's own, else every step)",
+        )
+    if rescale:
+        parser.add_argument(
+            "--guidance-rescale", type=float, default=None, metavar="PHI",
+            help="rescale the guided prediction toward the conditional one's standard deviation, 0-1 "
+                 "(Lin et al. 2024 use 0.7 with a zero-terminal-SNR schedule; default 0: off)",
         )
     if seed:
         parser.add_argument(
@@ -119,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default %(default)s)")
     generate.add_argument("--size", type=_size, default=None, help="HxW in pixels (default: the model's size)")
     generate.add_argument("--out", default="samples", help="output folder (default %(default)s)")
-    _add_sampling_arguments(generate)
+    _add_sampling_arguments(generate, rescale=True)
 
     img2img = commands.add_parser(
         "img2img", help="image-to-image: redraw an image under a prompt",
@@ -226,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default all)")
     evaluate.add_argument("--max-prompts-per-task", type=int, default=None, metavar="N",
                           help="only the first N prompts of each task (a quick check; default all)")
-    _add_sampling_arguments(evaluate, steps=25, scheduler="dpm")
+    _add_sampling_arguments(evaluate, steps=25, scheduler="dpm", rescale=True)
 
     push = commands.add_parser(
         "push", help="upload a pipeline folder to the Hub with a model card",
@@ -309,7 +316,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     steps = pipe.sampling_default("num_inference_steps", args.steps)
     guidance = pipe.sampling_default("guidance_scale", args.guidance)
     settings = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-                    negative_prompt=args.negative_prompt, guidance_interval=args.guidance_interval)
+                    negative_prompt=args.negative_prompt, guidance_interval=args.guidance_interval,
+                    guidance_rescale=args.guidance_rescale)
     jobs = [(prompt, args.seed + index) for index, prompt in enumerate(p for p in args.prompt for _ in range(args.num_images))]
     digits = max(3, len(str(len(jobs) - 1)))
     images = []
@@ -559,6 +567,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         negative_prompt=args.negative_prompt,
         guidance_interval=args.guidance_interval,
+        guidance_rescale=args.guidance_rescale,
         tasks=args.tasks,
         max_prompts_per_task=args.max_prompts_per_task,
         device=args.device,

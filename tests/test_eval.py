@@ -156,6 +156,25 @@ def test_eval_guidance_interval_is_passed_to_the_pipeline_and_recorded(pipeline_
     assert not (tmp_path / "bad").exists()
 
 
+def test_eval_guidance_rescale_is_passed_to_the_pipeline_and_recorded(pipeline_folder, tmp_path, capsys):
+    from latentdiff.cli import main
+
+    argv = ["eval", pipeline_folder, "--tasks", "color", "--max-prompts-per-task", "1", "--steps", "2",
+            "--images-per-prompt", "1", "--guidance", "5"]
+    assert main(argv + ["--out", str(tmp_path / "plain")]) == 0
+    assert "guidance rescale" not in capsys.readouterr().out
+    assert main(argv + ["--guidance-rescale", "1", "--out", str(tmp_path / "rescaled")]) == 0
+    assert "guidance rescale 1" in capsys.readouterr().out
+    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in ("plain", "rescaled")}
+    assert (results["plain"]["sampler"]["guidance_rescale"], results["rescaled"]["sampler"]["guidance_rescale"]) == (0, 1)
+    # the pipeline got it: the same seed and prompt give another image
+    images = [np.asarray(Image.open(tmp_path / name / "grid.png")) for name in ("plain", "rescaled")]
+    assert images[0].shape == images[1].shape and not np.array_equal(*images)
+    assert main(argv + ["--guidance-rescale", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "guidance-rescale must be in [0, 1] (0: off; Lin et al. 2024 use 0.7), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_eval_records_the_negative_prompt_it_used_the_given_or_the_model_saved_one(pipeline_folder, tmp_path, capsys):
     from latentdiff.cli import main
 

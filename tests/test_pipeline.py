@@ -541,12 +541,19 @@ def test_generate_command_writes_images_and_grid(components, tmp_path, capsys):
     expected = run(pipe, "two blue squares", seed=7, guidance_scale=3.0, output_type="pil")[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "002-two-blue-squares.png")), np.asarray(expected))
 
+    # --guidance-rescale reaches the pipeline (Lin et al. 2024's rescale of the guided prediction)
+    assert main(argv[:4] + ["-n", "1", "--steps", "2", "--scheduler", "ddim", "--seed", "5", "--guidance-rescale", "0.7",
+                            "--out", str(tmp_path / "rescaled")]) == 0
+    expected = run(pipe, "a red circle", seed=5, guidance_scale=3.0, guidance_rescale=0.7, output_type="pil")[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "rescaled" / "000-a-red-circle.png")), np.asarray(expected))
+
 
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--steps", "0"], "--steps must be at least 1"),
         (["--size", "33x32"], "`height` and `width` have to be divisible by 2"),
+        (["--guidance-rescale", "2"], "`guidance_rescale` has to be a number in [0, 1] but is 2.0."),
     ],
 )
 def test_generate_command_bad_input(components, tmp_path, capsys, extra, message):

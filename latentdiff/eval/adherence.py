@@ -203,10 +203,11 @@ def _model_negative_prompt(pipeline: Any, negative_prompt: str | None) -> str | 
 
 
 def _call_settings(
-    steps: int | None, guidance: float | None, negative_prompt: str | None, guidance_interval: Sequence[float] | None = None
+    steps: int | None, guidance: float | None, negative_prompt: str | None, guidance_interval: Sequence[float] | None = None,
+    guidance_rescale: float | None = None,
 ) -> dict[str, Any]:
     return {"num_inference_steps": steps, "guidance_scale": guidance, "negative_prompt": negative_prompt,
-            "guidance_interval": guidance_interval}
+            "guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
 
 
 @contextlib.contextmanager
@@ -266,6 +267,7 @@ def evaluate_adherence(
     *,
     negative_prompt: str | None = None,
     guidance_interval: Sequence[float] | None = None,
+    guidance_rescale: float | None = None,
     progress: bool = True,
 ) -> AdherenceResults:
     """Generate and judge ``images_per_prompt`` images for every prompt of ``suite``.
@@ -279,6 +281,8 @@ def evaluate_adherence(
         guidance: classifier-free guidance scale; ``None``: the model's own (then Diffusers' default).
         guidance_interval: ``(low, high)``: guidance only at timesteps ``low <= t <= high``; ``None``: the model's
             own (``pipeline.sampling_defaults``), else every step.
+        guidance_rescale: the guided prediction's rescale toward the conditional one's standard deviation, in [0, 1]
+            (Lin et al. 2024, Sec. 3.4; the pipeline's ``guidance_rescale``); ``None``: the pipeline's default, 0.
         seed: base seed; image ``j`` of a prompt uses :func:`image_seed` ``(seed, prompt, j)``.
         batch_size: images per pipeline call (prompts are mixed freely; images do not depend on it).
     """
@@ -300,7 +304,7 @@ def evaluate_adherence(
     started = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=f"eval {SHAPES_SUITE_VERSION}", unit="img", disable=not progress)
     with _sampler(pipeline, scheduler), bar:
-        settings = _call_settings(steps, guidance, negative_prompt, guidance_interval)
+        settings = _call_settings(steps, guidance, negative_prompt, guidance_interval, guidance_rescale)
         for start, batch in generate(pipeline, jobs, batch_size, **settings):
             for (spec, image_index), (_, job_seed), image in zip(specs[start:], jobs[start:], batch):
                 judged = judge_image(image)
@@ -329,6 +333,7 @@ def evaluate_adherence(
         "seed": seed,
         "images_per_prompt": images_per_prompt,
         "negative_prompt": _model_negative_prompt(pipeline, negative_prompt),
+        "guidance_rescale": float(guidance_rescale or 0.0),
         "batch_size": batch_size,
     }
     return AdherenceResults(records, images, settings, summarize(records), time.perf_counter() - started)
@@ -375,6 +380,7 @@ def format_report(results: AdherenceResults) -> str:
         + (f" ({settings['guidance_source']})" if "guidance_source" in settings else "")
         + (f" at timesteps {interval[0]:g}-{interval[1]:g}" if (interval := settings.get("guidance_interval")) else "")
         + (f", negative prompt {negative!r}" if (negative := settings.get("negative_prompt")) else "")
+        + (f", guidance rescale {rescale:g}" if (rescale := settings.get("guidance_rescale")) else "")
         + (f"\nholdout {extra['holdout']} from {extra['holdout_source']}" if "holdout" in extra else "")
     )
     return f"{header}\n{format_table(results.summary)}"
@@ -521,6 +527,7 @@ def evaluate_model(
     batch_size: int = 32,
     negative_prompt: str | None = None,
     guidance_interval: Sequence[float] | None = None,
+    guidance_rescale: float | None = None,
     tasks: Sequence[str] | None = None,
     max_prompts_per_task: int | None = None,
     device: str | None = None,
@@ -552,6 +559,8 @@ def evaluate_model(
     from ..pipelines.pipeline_latent import check_guidance_interval
 
     check_guidance_interval(guidance_interval)
+    if guidance_rescale is not None and not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance-rescale must be in [0, 1] (0: off; Lin et al. 2024 use 0.7), got {guidance_rescale!r}")
     holdout, holdout_source = model_holdout(model)
     suite = select_prompts(shapes_suite(holdout), tasks, max_prompts_per_task)
     out = out if out is not None else os.path.join(model, "eval") if os.path.isdir(model) else "eval"
@@ -576,6 +585,7 @@ def evaluate_model(
         batch_size=batch_size,
         negative_prompt=negative_prompt,
         guidance_interval=guidance_interval,
+        guidance_rescale=guidance_rescale,
         progress=progress,
     )
     results.settings["guidance_source"] = guidance_source
