@@ -449,6 +449,17 @@ def test_attribute_sensitivity_routes_change_the_caption_in_one_route_only(tmp_p
         script.measure(str(tmp_path / "no_pooled_route"), scenes=4, seed=0, timesteps=(900,), route="pooled")
 
 
+def test_object_counts_counts_every_image_of_every_caption(tmp_path):
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import load_bench_script, tiny_components
+
+    script = load_bench_script("object_counts")
+    LatentPipeline(**tiny_components(seed=0)).save_pretrained(tmp_path / "model", model_card=False)
+    counts = script.object_counts(str(tmp_path / "model"), ["", "a red circle"], images=3, guidance=1.0, steps=2)
+    assert list(counts) == ["", "a red circle"]
+    assert all(sum(counter.values()) == 3 and all(isinstance(n, int) and n >= 0 for n in counter) for counter in counts.values())
+
+
 def test_one_path_eval_zeroes_the_other_path_and_restores_it(tmp_path):
     from latentdiff.pipelines import LatentPipeline
     from latentdiff.testing import load_bench_script, tiny_components
