@@ -90,6 +90,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_unit_interval(name: str, value) -> None:
+    """A `ValueError` naming `name` unless `value` is a number in [0, 1] (`eta`, `guidance_rescale`)."""
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f"`{name}` has to be a number in [0, 1] but is {value!r}.")
+
+
 def check_guidance_interval(interval) -> tuple[float, float] | None:
     """`interval` as a `(low, high)` pair of floats, or `None`; a `ValueError` unless it is `None` or two finite
     numbers with `0 <= low <= high` (training timesteps: guidance applies where `low <= t <= high`)."""
@@ -332,8 +338,7 @@ class LatentDiffusionMixin(PipelineHubMixin):
         if not _is_number(guidance_scale) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"`guidance_scale` has to be a finite number >= 0 (1: no guidance) but is {guidance_scale!r}.")
         for name, value in (("eta", eta), ("guidance_rescale", guidance_rescale)):
-            if not _is_number(value) or not 0 <= value <= 1:
-                raise ValueError(f"`{name}` has to be a number in [0, 1] but is {value!r}.")
+            check_unit_interval(name, value)
         if not _is_positive_int(num_images_per_prompt):
             raise ValueError(f"`num_images_per_prompt` has to be a positive integer but is {num_images_per_prompt!r}.")
         if output_type not in OUTPUT_TYPES:

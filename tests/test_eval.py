@@ -171,7 +171,7 @@ def test_eval_guidance_rescale_is_passed_to_the_pipeline_and_recorded(pipeline_f
     images = [np.asarray(Image.open(tmp_path / name / "grid.png")) for name in ("plain", "rescaled")]
     assert images[0].shape == images[1].shape and not np.array_equal(*images)
     assert main(argv + ["--guidance-rescale", "1.5", "--out", str(tmp_path / "bad")]) == 2
-    assert "guidance-rescale must be in [0, 1] (0: off; Lin et al. 2024 use 0.7), got 1.5" in capsys.readouterr().err
+    assert "`guidance_rescale` has to be a number in [0, 1] but is 1.5." in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

@@ -556,11 +556,11 @@ def evaluate_model(
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    from ..pipelines.pipeline_latent import check_guidance_interval
+    from ..pipelines.pipeline_latent import check_guidance_interval, check_unit_interval
 
     check_guidance_interval(guidance_interval)
-    if guidance_rescale is not None and not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance-rescale must be in [0, 1] (0: off; Lin et al. 2024 use 0.7), got {guidance_rescale!r}")
+    if guidance_rescale is not None:
+        check_unit_interval("guidance_rescale", guidance_rescale)
     holdout, holdout_source = model_holdout(model)
     suite = select_prompts(shapes_suite(holdout), tasks, max_prompts_per_task)
     out = out if out is not None else os.path.join(model, "eval") if os.path.isdir(model) else "eval"
