@@ -12,6 +12,13 @@ absolute change of the estimate, per attribute and band of ``t``, is printed bes
 the whole caption makes (full description against the empty caption). A model that reads an
 attribute changes its estimate when that word changes; one that ignores it gives ~0.
 
+The last row, ``binding``, is measured on as many fresh two-object scenes of two different colors: the
+two objects' colors are swapped in the caption ("a red circle ... and a blue square ..." against "a blue
+circle ... and a red square ..."), which keeps every word and changes only which object a color belongs
+to. A model that reads its caption as a bag of words gives ~0 there however well it reads each word
+(Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"); the
+suite's two-object and color-binding tasks need it to be clearly above 0.
+
 A U-Net built with ``addition_embed_type="text"`` reads the caption by two routes: its cross-attention
 and an attention-pooled summary added to the timestep embedding (AdaGN). ``--route cross`` changes the
 caption in the cross-attention only (the pooled route keeps the full description), ``--route pooled``
@@ -30,12 +37,13 @@ import numpy as np
 import torch
 
 ATTRIBUTES = ("background", "color", "shape", "position")
+OBJECT_KEYS = ("shape", "color", "size", "position")
 
 
 def _variant(scene: dict, attribute: str, rng: random.Random) -> dict:
     from latentdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, make_scene
 
-    obj = {key: scene["objects"][0][key] for key in ("shape", "color", "size", "position")}
+    obj = {key: scene["objects"][0][key] for key in OBJECT_KEYS}
     background = scene["background"]
     choices = {"background": list(BACKGROUNDS), "color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}
     current = background if attribute == "background" else obj[attribute]
@@ -45,6 +53,26 @@ def _variant(scene: dict, attribute: str, rng: random.Random) -> dict:
     else:
         obj[attribute] = new
     return make_scene([obj], background=background)
+
+
+def _colors_swapped(scene: dict) -> dict:
+    """The two-object ``scene`` with its objects' colors exchanged (same shapes, sizes and places)."""
+    from latentdiff.data.shapes import make_scene
+
+    first, second = ({key: obj[key] for key in OBJECT_KEYS} for obj in scene["objects"])
+    first["color"], second["color"] = second["color"], first["color"]
+    return make_scene([first, second], background=scene["background"])
+
+
+def _two_color_scenes(count: int, seed: int) -> dict:
+    """``count`` fresh two-object scenes whose objects differ in color (and so have a caption to swap)."""
+    from latentdiff.data.shapes import make_shapes_dataset
+
+    data = make_shapes_dataset(4 * count, seed=20_000 + seed, min_objects=2, max_objects=2, progress_bar=False)
+    keep = [i for i, scene in enumerate(data["scene"]) if scene["objects"][0]["color"] != scene["objects"][1]["color"]]
+    if len(keep) < count:  # pragma: no cover - about 6 in 7 random pairs differ in color
+        raise RuntimeError(f"only {len(keep)} of {4 * count} two-object scenes have two colors")
+    return data.select(keep[:count])
 
 
 ROUTES = ("both", "cross", "pooled")
@@ -86,29 +114,41 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...], rout
     captions = {"full": [full_caption(scene) for scene in data["scene"]], "empty": [""] * scenes}
     for attribute in ATTRIBUTES:
         captions[attribute] = [full_caption(_variant(scene, attribute, rng)) for scene in data["scene"]]
-    pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in data["image"]]))
-    pixels = pixels.permute(0, 3, 1, 2) / 127.5 - 1
-    with torch.no_grad():
-        latents = encode_images(pipeline.vae, pixels, None, mean=True).float()
-        states = {name: pipeline.text_encoder(tokenize(pipeline.tokenizer, texts))[0] for name, texts in captions.items()}
+    pairs = _two_color_scenes(scenes, seed)
+    pair_captions = {"full": [full_caption(scene) for scene in pairs["scene"]],
+                     "binding": [full_caption(_colors_swapped(scene)) for scene in pairs["scene"]]}
+
+    def encode(images) -> torch.Tensor:
+        pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]))
+        return encode_images(pipeline.vae, pixels.permute(0, 3, 1, 2) / 127.5 - 1, None, mean=True).float()
+
+    def x0_estimates(latents, caption_sets, t) -> dict[str, torch.Tensor]:
+        states = {name: pipeline.text_encoder(tokenize(pipeline.tokenizer, texts))[0] for name, texts in caption_sets.items()}
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
-        result = {name: [] for name in ("caption", *ATTRIBUTES)}
+        steps = torch.full((len(latents),), t, dtype=torch.long)
+        noisy = scheduler.add_noise(latents, noise, steps)
+        return {name: predicted_clean_latents(
+                    scheduler, noisy, _routed_prediction(pipeline.unet, noisy, steps, state, states["full"], route), steps)
+                for name, state in states.items()}
+
+    with torch.no_grad():
+        latents, pair_latents = encode(data["image"]), encode(pairs["image"])
+        result = {name: [] for name in ("caption", *ATTRIBUTES, "binding")}
         for t in timesteps:
-            steps = torch.full((scenes,), t, dtype=torch.long)
-            noisy = scheduler.add_noise(latents, noise, steps)
-            x0 = {name: predicted_clean_latents(
-                      scheduler, noisy, _routed_prediction(pipeline.unet, noisy, steps, state, states["full"], route), steps)
-                  for name, state in states.items()}
+            x0 = x0_estimates(latents, captions, t)
             result["caption"].append((x0["full"] - x0["empty"]).abs().mean().item())
             for attribute in ATTRIBUTES:
                 result[attribute].append((x0["full"] - x0[attribute]).abs().mean().item())
+            x0 = x0_estimates(pair_latents, pair_captions, t)
+            result["binding"].append((x0["full"] - x0["binding"]).abs().mean().item())
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="pipeline folders")
-    parser.add_argument("--scenes", type=int, default=32, help="held single-object scenes")
+    parser.add_argument("--scenes", type=int, default=32,
+                        help="fresh scenes of each kind: single-object ones, and two-object ones for binding")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timesteps", default="950,750,500,250", help="comma-separated t to measure at")
     parser.add_argument("--route", choices=ROUTES, default="both",
@@ -122,7 +162,8 @@ def main() -> None:
     for model in args.models:
         result = measure(model, args.scenes, args.seed, timesteps, args.route)
         for name, values in result.items():
-            label = "whole caption (vs empty)" if name == "caption" else f"only the {name}"
+            label = {"caption": "whole caption (vs empty)", "binding": "binding (two objects' colors swapped)"}.get(
+                name, f"only the {name}")
             label += "" if args.route == "both" else f", {args.route} route"
             print(f"| {model} | {label} | " + " | ".join(f"{value:.4f}" for value in values) + " |", flush=True)
 

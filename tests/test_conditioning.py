@@ -413,8 +413,8 @@ def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path
     pipeline = LatentPipeline(**tiny_components(seed=0))
     pipeline.save_pretrained(tmp_path / "reads")
     reads = script.measure(str(tmp_path / "reads"), scenes=4, seed=0, timesteps=(900, 100))
-    assert set(reads) == {"caption", *script.ATTRIBUTES} and all(len(values) == 2 for values in reads.values())
-    assert reads["caption"][0] > 0 and reads["color"][0] > 0
+    assert set(reads) == {"caption", *script.ATTRIBUTES, "binding"} and all(len(values) == 2 for values in reads.values())
+    assert reads["caption"][0] > 0 and reads["color"][0] > 0 and reads["binding"][0] > 1e-2 * reads["color"][0]
     # cut the cross-attention outputs: the text can no longer reach the U-Net
     with torch.no_grad():
         for name, module in pipeline.unet.named_modules():
@@ -424,6 +424,26 @@ def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path
     pipeline.save_pretrained(tmp_path / "deaf")
     deaf = script.measure(str(tmp_path / "deaf"), scenes=4, seed=0, timesteps=(900, 100))
     assert all(value == 0 for values in deaf.values() for value in values)
+
+
+def test_attribute_sensitivity_binding_is_zero_for_a_bag_of_words_text_encoder(tmp_path):
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import load_bench_script, tiny_components
+
+    script = load_bench_script("attribute_sensitivity")
+    scene = script._two_color_scenes(1, seed=0)["scene"][0]
+    swapped = script._colors_swapped(scene)
+    assert [obj["color"] for obj in swapped["objects"]] == [obj["color"] for obj in scene["objects"]][::-1]
+    assert [obj["shape"] for obj in swapped["objects"]] == [obj["shape"] for obj in scene["objects"]]
+    # No transformer layer and no position embeddings: each token's state is its word's alone, and cross-attention
+    # does not see the order of its keys, so swapping two words changes nothing (up to rounding).
+    pipeline = LatentPipeline(**tiny_components(seed=0, overrides={"model.text_encoder.num_hidden_layers": 0}))
+    with torch.no_grad():
+        pipeline.text_encoder.embeddings.position_embedding.weight.zero_()
+    pipeline.save_pretrained(tmp_path / "bag_of_words", model_card=False)
+    measured = script.measure(str(tmp_path / "bag_of_words"), scenes=4, seed=0, timesteps=(900,))
+    assert measured["color"][0] > 1e-3
+    assert measured["binding"][0] < 1e-3 * measured["color"][0]
 
 
 def test_attribute_sensitivity_routes_change_the_caption_in_one_route_only(tmp_path):
@@ -814,3 +834,27 @@ def test_snr_clamp_pool_gives_the_clamps_added_weight_to_the_coarse_error_only()
                             generator=torch.Generator().manual_seed(0), snr_clamp_low=0.25)
     torch.testing.assert_close(output.per_sample, min_snr_weights(scheduler, output.timesteps, 5.0, low=0.25),
                                atol=2e-4, rtol=1e-3)
+
+
+def test_autoguidance_with_the_model_itself_as_guide_is_the_model_alone():
+    """D_guide + w (D - D_guide) is D for any w when the guide is the model; another guide changes the image."""
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import load_bench_script, tiny_components
+
+    script = load_bench_script("autoguidance")
+    pipeline, other = LatentPipeline(**tiny_components(seed=0)), LatentPipeline(**tiny_components(seed=1))
+    other.vae = pipeline.vae
+    call = dict(prompt=["a red circle", "a blue square"], num_inference_steps=2, output_type="np")
+
+    def sample(pipe, guidance):
+        return pipe(**call, guidance_scale=guidance, generator=torch.Generator().manual_seed(0)).images
+
+    alone, classifier_free = sample(pipeline, 1.0), sample(pipeline, 2.0)
+    with script.autoguided(pipeline, pipeline):
+        np.testing.assert_allclose(sample(pipeline, 3.0), alone, atol=1e-5)
+    with script.autoguided(pipeline, other):
+        assert np.abs(sample(pipeline, 3.0) - alone).max() > 1e-3
+    with script.autoguided(pipeline, pipeline, cfg=2.0):  # the guide's term vanishes: classifier-free guidance alone
+        np.testing.assert_allclose(sample(pipeline, 3.0), classifier_free, atol=1e-5)
+    assert "encode_prompt" not in pipeline.__dict__ and "forward" not in pipeline.unet.__dict__
+    assert script.same_autoencoder(pipeline, other) and not script.same_autoencoder(pipeline, LatentPipeline(**tiny_components(seed=1)))
