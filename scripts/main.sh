@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# The main job on the built-in default: train the autoencoder (stage 1) and the text-conditional
-# latent U-Net (stage 2) on the captioned shapes data, then write a grid of samples.
+# The main job on the built-in default: train the autoencoder (stage 1), the text encoder's contrastive
+# pretraining if the config asks for it, and the text-conditional latent U-Net (stage 2) on the captioned
+# shapes data, then write a grid of samples.
 #   bash scripts/main.sh [key=value ...]        e.g. bash scripts/main.sh output_dir=runs/mine
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
 config="${LATENTDIFF_CONFIG:-configs/shapes.yaml}"
-output_dir="$(python -m latentdiff.cli config --config "$config" "$@" | python -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["output_dir"])')"
+# The resolved config's output folder, and whether it pretrains its text encoder (one line each).
+{ read -r output_dir; read -r text_pretraining; } < <(python -m latentdiff.cli config --config "$config" "$@" | python -c '
+import sys, yaml
+config = yaml.safe_load(sys.stdin)
+print(config["output_dir"], config["model"]["text_encoder"]["contrastive_pretraining"], sep="\n")')
 # accelerate launch gives a single CPU process one thread unless told otherwise: use every core.
 threads="${OMP_NUM_THREADS:-$(nproc)}"
 launch=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
         --num_cpu_threads_per_process "$threads")
 start=$(date +%s)
 "${launch[@]}" training/train_vae.py --config "$config" "$@"
+if [ "$text_pretraining" = True ]; then  # model.text_encoder.contrastive_pretraining: the text encoder's own stage
+    "${launch[@]}" training/train_text.py --config "$config" "$@"
+fi
 "${launch[@]}" training/train_ldm.py --config "$config" "$@"
 end=$(date +%s)
 echo
