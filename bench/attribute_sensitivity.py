@@ -122,9 +122,14 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...], rout
         pixels = torch.from_numpy(np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]))
         return encode_images(pipeline.vae, pixels.permute(0, 3, 1, 2) / 127.5 - 1, None, mean=True).float()
 
-    def x0_estimates(latents, caption_sets, t) -> dict[str, torch.Tensor]:
-        states = {name: pipeline.text_encoder(tokenize(pipeline.tokenizer, texts))[0] for name, texts in caption_sets.items()}
+    def prepared(images, caption_sets) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The scenes' latents, their noise and every caption set's text states, computed once for all t."""
+        latents = encode(images)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        states = {name: pipeline.text_encoder(tokenize(pipeline.tokenizer, texts))[0] for name, texts in caption_sets.items()}
+        return latents, noise, states
+
+    def x0_estimates(latents, noise, states, t) -> dict[str, torch.Tensor]:
         steps = torch.full((len(latents),), t, dtype=torch.long)
         noisy = scheduler.add_noise(latents, noise, steps)
         return {name: predicted_clean_latents(
@@ -132,14 +137,14 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...], rout
                 for name, state in states.items()}
 
     with torch.no_grad():
-        latents, pair_latents = encode(data["image"]), encode(pairs["image"])
+        singles, two_colors = prepared(data["image"], captions), prepared(pairs["image"], pair_captions)
         result = {name: [] for name in ("caption", *ATTRIBUTES, "binding")}
         for t in timesteps:
-            x0 = x0_estimates(latents, captions, t)
+            x0 = x0_estimates(*singles, t)
             result["caption"].append((x0["full"] - x0["empty"]).abs().mean().item())
             for attribute in ATTRIBUTES:
                 result[attribute].append((x0["full"] - x0[attribute]).abs().mean().item())
-            x0 = x0_estimates(pair_latents, pair_captions, t)
+            x0 = x0_estimates(*two_colors, t)
             result["binding"].append((x0["full"] - x0["binding"]).abs().mean().item())
     return result
 
