@@ -391,6 +391,18 @@ class TextTrainConfig:
     image_encoder_resolution: int | None = 32
     """Images are average-pooled to this size for the vision side (cheaper; None: data.resolution)."""
     projection_dim: int = 128
+    hard_negatives: bool = False
+    """Also contrast each image with false captions made from its own by changing one place or swapping two
+    colors (NegCLIP's hard negatives, Yuksekgonul et al. 2023; :func:`latentdiff.data.shapes.hard_negative_captions`).
+    In-batch negatives alone rarely differ from the true caption in an object's column or in which color goes
+    with which shape, so CLIP's objective need not learn them. Captions outside the shapes vocabulary get none
+    (the logs give ``hard_negatives_per_caption``)."""
+    freeze_embeddings: bool = False
+    """Train the text tower's transformer layers (and final layer norm) only: its token and position
+    embeddings keep their random initialization, and stage 2 learns them from scratch as without this stage.
+    With ``model.text_encoder.word_embeddings_in_context`` they are the word path, from which the U-Net reads
+    places; pretrained whole, the encoder cost the patient preset its places (docs/conditioning.md, fifteenth
+    and sixteenth rounds)."""
     mixed_precision: MixedPrecision = "no"
     checkpointing_steps: int = 100
     checkpoints_total_limit: int | None = 2

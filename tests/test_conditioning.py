@@ -248,6 +248,55 @@ def test_contrastive_model_starts_from_the_text_encoder_and_gives_it_back():
     assert retrieval_accuracy(logits, ["a", "a", "c"]).item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="patch_size"):
         build_contrastive_model(text_encoder, TextTrainConfig(image_encoder_patch_size=5), image_size=32)
+    # freeze_embeddings: the token and position embeddings are frozen, the layers and the vision tower are not
+    frozen = build_contrastive_model(text_encoder, TextTrainConfig(image_encoder_width=32, image_encoder_layers=1,
+                                                                   projection_dim=16, freeze_embeddings=True), 32)
+    trainable = {name for name, parameter in frozen.named_parameters() if parameter.requires_grad}
+    assert not any(name.startswith("text_model.embeddings.") for name in trainable)
+    assert any(name.startswith("text_model.encoder.") for name in trainable)
+    assert any(name.startswith("vision_model.") for name in trainable) and "logit_scale" in trainable
+
+
+def test_contrastive_loss_is_clips_and_takes_hard_negatives_on_the_text_side():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from latentdiff.config import TextTrainConfig
+    from latentdiff.trainer.text_pretraining import build_contrastive_model, contrastive_loss, hard_negative_accuracy
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=16))
+    model = build_contrastive_model(text_encoder, TextTrainConfig(image_encoder_width=32, image_encoder_layers=1,
+                                                                  projection_dim=16), image_size=32).eval()
+    ids, pixels = torch.randint(0, 1000, (5, 16)), torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        paired = model(input_ids=ids[:3], pixel_values=pixels, return_loss=True)
+        with_negatives = model(input_ids=ids, pixel_values=pixels)
+    # without extra captions it is CLIPModel's own loss
+    torch.testing.assert_close(contrastive_loss(paired.logits_per_image, paired.logits_per_text), paired.loss)
+    assert with_negatives.logits_per_image.shape == (3, 5)
+    # extra captions enter the images' side only: the more an image likes a false caption, the higher the loss
+    logits = paired.logits_per_image
+    unlikely, likely = (torch.cat([logits, torch.full((3, 2), value)], dim=1) for value in (-1e4, 1e4))
+    torch.testing.assert_close(contrastive_loss(unlikely, unlikely.T), paired.loss)
+    assert contrastive_loss(likely, likely.T) > paired.loss + 1e3
+    # a negative counts as told apart when its image scores its own caption higher
+    logits = torch.tensor([[5.0, 0.0, 4.0, 6.0], [0.0, 5.0, 1.0, 1.0]])
+    assert hard_negative_accuracy(logits, owners=[0, 0]).item() == pytest.approx(0.5)   # 4 < 5 (told), 6 > 5 (not)
+    assert hard_negative_accuracy(logits, owners=[1, 0]).item() == pytest.approx(0.5)   # 1 < 5 (told), 6 > 5 (not)
+    assert hard_negative_accuracy(logits, owners=[1, 1]).item() == pytest.approx(1.0)
+
+
+def test_the_hard_negative_probe_sorts_place_negatives_by_what_they_move():
+    from latentdiff.testing import load_bench_script
+
+    kind = load_bench_script("hard_negative_probe").negative_kind
+    caption = "a red circle at the top left and a blue square in the center"
+    assert kind(caption, "place", "a red circle at the top right and a blue square in the center") == "column"
+    assert kind(caption, "place", "a red circle at the top left and a blue square at the bottom") == "row"
+    assert kind(caption, "place", "a red circle at the bottom right and a blue square in the center") == "row+column"
+    assert kind("a red circle above a blue square", "place", "a red circle below a blue square") == "relation"
+    assert kind(caption, "binding", "a blue circle at the top left and a red square in the center") == "binding"
 
 
 def test_a_zero_initialized_text_layer_starts_as_the_layer_free_encoder_and_then_learns():
@@ -371,7 +420,8 @@ def test_text_stage_feeds_stage_two(tmp_path):
     run_script(TRAIN_VAE, *common)
     missing = run_script(TRAIN_LDM, *common, check=False)
     assert missing.returncode == 2 and "run training/train_text.py" in missing.stderr
-    run_script(train_text, *common, "text_train.max_steps=3", "text_train.batch_size=16", "text_train.checkpointing_steps=2")
+    run_script(train_text, *common, "text_train.max_steps=3", "text_train.batch_size=16", "text_train.checkpointing_steps=2",
+               "text_train.hard_negatives=true")
     assert sorted(p.name for p in (tmp_path / "text_stage" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
     pretrained = CLIPTextModel.from_pretrained(tmp_path / "text_encoder")
     run_script(TRAIN_LDM, *common, "model.text_encoder.train=false", "train.cache=true", "train.max_steps=2")
@@ -379,6 +429,12 @@ def test_text_stage_feeds_stage_two(tmp_path):
     for name, tensor in pretrained.state_dict().items():
         assert torch.equal(tensor, exported.state_dict()[name]), name
     assert CLIPTokenizer.from_pretrained(tmp_path / "pipeline" / "tokenizer").model_max_length == 32
+    # the hard-negative probe reads the stage's last checkpoint (text and vision towers)
+    from latentdiff.testing import load_bench_script
+
+    shares = load_bench_script("hard_negative_probe").probe(str(tmp_path), samples=8, seed=0)
+    assert sum(count for _, count in shares.values()) > 0
+    assert all(0.0 <= share <= 1.0 for share, count in shares.values() if count)
 
 
 def test_normalize_vae_script_writes_a_standardized_copy(tmp_path, monkeypatch):

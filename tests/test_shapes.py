@@ -246,3 +246,31 @@ def test_cli_writes_an_image_folder(tmp_path, capsys):
     assert sorted(path.name for path in (tmp_path / "out").iterdir())[-1] == "metadata.jsonl"
     assert len(list((tmp_path / "out").glob("*.png"))) == 5
     assert "wrote 5" in capsys.readouterr().out
+
+
+def test_hard_negatives_are_false_and_differ_in_one_place_or_one_binding():
+    import random
+
+    from latentdiff.data.shapes import full_caption, hard_negative_captions
+
+    rng, kinds = random.Random(0), Counter()
+    for scene in make_shapes_dataset(300, seed=5)["scene"]:
+        for caption in all_scene_captions(scene) + [full_caption(scene)]:
+            for kind, negative in hard_negative_captions(caption, rng).items():
+                kinds[kind] += 1
+                with pytest.raises(AssertionError):  # the reader finds it false for the scene ...
+                    _check_caption(negative, scene)
+                # ... though it has the caption's words, bar the place phrase (or two articles: "a"/"an")
+                before, after = Counter(caption.split()), Counter(negative.split())
+                changed = (after - before) + (before - after)
+                assert (set(changed) <= {"a", "an"}) == (kind == "binding"), (caption, negative)
+    assert kinds["place"] > 1000 and kinds["binding"] > 300, kinds
+    # the article follows the swapped color, and alike objects are not swapped into the same caption
+    assert hard_negative_captions("a red circle and an orange square", rng) == {"binding": "an orange circle and a red square"}
+    assert hard_negative_captions("a red circle and a blue circle", rng) == {}
+    assert hard_negative_captions("a red circle above a blue circle", rng) == {
+        "place": "a red circle below a blue circle", "binding": "a blue circle above a red circle"}
+    # "at the top left" is one phrase, not "at the top" followed by "left"
+    moved = hard_negative_captions("a red circle at the top left", rng)["place"]
+    assert moved.startswith("a red circle ") and moved.removeprefix("a red circle ") in set(POSITIONS) - {"at the top left"}
+    assert hard_negative_captions("a teddy bear on a skateboard", rng) == {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import sys
 import time
@@ -37,7 +38,14 @@ from latentdiff.trainer.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
-from latentdiff.trainer.text_pretraining import build_contrastive_model, retrieval_accuracy, text_encoder_of
+from latentdiff.data.shapes import hard_negative_captions
+from latentdiff.trainer.text_pretraining import (
+    build_contrastive_model,
+    contrastive_loss,
+    hard_negative_accuracy,
+    retrieval_accuracy,
+    text_encoder_of,
+)
 from latentdiff.trainer.encoding import tokenize
 from latentdiff.trainer.loop import (
     batch_size_of,
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     dataloader = make_train_dataloader(dataset, batch_per_process, collate_image_text, config.data.num_workers, accelerator)
     optimizer_config = train.optimizer
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [parameter for parameter in model.parameters() if parameter.requires_grad],
         lr=optimizer_config.learning_rate,
         betas=(optimizer_config.adam_beta1, optimizer_config.adam_beta2),
         weight_decay=optimizer_config.adam_weight_decay,
@@ -125,10 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         accelerator.init_trackers("latentdiff-text", config={"output_dir": config.output_dir, "max_steps": train.max_steps})
 
-    # 4. The training loop: CLIP's symmetric cross-entropy over the batch (CLIPModel's own loss).
+    # 4. The training loop: CLIP's symmetric cross-entropy over the batch, with NegCLIP's hard negatives on the
+    #    text side when text_train.hard_negatives is on.
     progress = tqdm(total=train.max_steps, initial=state.global_step, desc="train text",
                     disable=not accelerator.is_local_main_process)
     loss_sum, accuracy_sum = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    negative_accuracy_sum, negative_batches, negatives_per_caption_sum = torch.zeros((), device=accelerator.device), 0, 0.0
     log_count, last_batch = 0, None
     interval_start, interval_images = time.perf_counter(), 0
     while state.global_step < train.max_steps:
@@ -140,19 +150,33 @@ def main(argv: list[str] | None = None) -> None:
             if batch is None:
                 continue
             last_batch = batch
+            captions, negatives, owners = batch["captions"], [], []
+            if train.hard_negatives:
+                # A function of (seed, process, epoch, batch), so a resumed run draws the same negatives.
+                negative_rng = random.Random(
+                    f"latentdiff-negatives/{config.seed}/{accelerator.process_index}/{state.epoch}/{state.epoch_batches}"
+                )
+                for owner, caption in enumerate(captions):
+                    made = list(hard_negative_captions(caption, negative_rng).values())
+                    negatives += made
+                    owners += [owner] * len(made)
             with accelerator.accumulate(model):
                 output = model(
-                    input_ids=tokenize(tokenizer, batch["captions"]).to(accelerator.device),
+                    input_ids=tokenize(tokenizer, captions + negatives).to(accelerator.device),
                     pixel_values=F.adaptive_avg_pool2d(batch["pixel_values"].to(accelerator.device), image_size),
-                    return_loss=True,
                 )
-                accelerator.backward(output.loss * loss_weight)
+                loss = contrastive_loss(output.logits_per_image, output.logits_per_text)
+                accelerator.backward(loss * loss_weight)
                 if accelerator.sync_gradients and optimizer_config.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), optimizer_config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += output.loss.detach()
-            accuracy_sum += retrieval_accuracy(output.logits_per_text.detach(), batch["captions"])
+            loss_sum += loss.detach()
+            accuracy_sum += retrieval_accuracy(output.logits_per_text[: len(captions)].detach(), captions)
+            if owners:
+                negative_accuracy_sum += hard_negative_accuracy(output.logits_per_image.detach(), owners)
+                negative_batches += 1
+                negatives_per_caption_sum += len(owners) / len(captions)
             log_count += 1
             interval_images += len(batch["captions"]) * accelerator.num_processes
             if not accelerator.sync_gradients:
@@ -168,11 +192,18 @@ def main(argv: list[str] | None = None) -> None:
                     "retrieval_accuracy": accelerator.reduce(accuracy_sum / log_count, reduction="mean").item(),
                     "images_per_s": interval_images / (time.perf_counter() - interval_start),
                 }
+                if train.hard_negatives:
+                    logs["hard_negative_accuracy"] = accelerator.reduce(
+                        negative_accuracy_sum / max(negative_batches, 1), reduction="mean").item()
+                    logs["hard_negatives_per_caption"] = negatives_per_caption_sum / log_count
                 progress.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs['retrieval_accuracy']:.2f}",
+                                     **({"neg_acc": f"{logs['hard_negative_accuracy']:.2f}"} if train.hard_negatives else {}),
                                      img_s=f"{logs['images_per_s']:.0f}")
                 accelerator.log(logs, step=state.global_step)
                 loss_sum.zero_()
                 accuracy_sum.zero_()
+                negative_accuracy_sum.zero_()
+                negative_batches, negatives_per_caption_sum = 0, 0.0
                 log_count = 0
                 interval_start, interval_images = time.perf_counter(), 0
             if train.checkpointing_steps and (

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import random
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -614,6 +615,58 @@ def scene_captions(scene: Mapping[str, Any], rng: random.Random, k: int = 5, ful
         if len(captions) == k:
             break
     return captions
+
+
+# Longest phrase first, so that "at the top left" is not read as "at the top".
+POSITION_PATTERN = re.compile(r"\b(" + "|".join(sorted(POSITIONS, key=len, reverse=True)) + r")\b")
+_RELATION_FLIPS = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+                   "below": "above"}
+_RELATION_PATTERN = re.compile(r"\b(" + "|".join(_RELATION_FLIPS) + r")\b")
+
+
+def hard_negative_captions(caption: str, rng: random.Random) -> dict[str, str]:
+    """False captions that differ from ``caption`` in one place or one binding: NegCLIP's hard negatives
+    (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words, and what to do
+    about it", Sec. 4). Contrasted with the true caption, they make a text encoder tell apart what in-batch
+    negatives rarely do: an object's column, a relation's direction, which color goes with which shape.
+
+    Up to two, keyed by kind, each only where the caption has what it changes:
+
+    - *place*: one position phrase changed to another the caption does not name ("at the top left" ->
+      "on the right"), or else a relation flipped ("to the left of" -> "to the right of", "above" -> "below");
+    - *binding*: the first two different color words swapped ("a red circle and a blue square" -> "a blue
+      circle and a red square"), unless the swap says the same thing (the two colors name alike objects,
+      "a red circle and a blue circle", and no place or relation tells them apart).
+
+    Captions outside the shapes vocabulary get none.
+    """
+    negatives = {}
+    places = list(POSITION_PATTERN.finditer(caption))
+    if places:
+        chosen = rng.choice(places)
+        others = [name for name in POSITIONS if name not in {match.group(0) for match in places}]
+        negatives["place"] = caption[: chosen.start()] + rng.choice(others) + caption[chosen.end():]
+    elif relation := _RELATION_PATTERN.search(caption):
+        negatives["place"] = caption[: relation.start()] + _RELATION_FLIPS[relation.group(0)] + caption[relation.end():]
+    words = caption.split(" ")
+    colored = [i for i, word in enumerate(words) if word in COLORS]
+    told_apart = bool(places) or bool(_RELATION_PATTERN.search(caption))
+
+    def alike(i: int, j: int) -> bool:  # the same words around the colors: size or article before, shape after
+        def around(k: int) -> tuple[str, str]:
+            return ("a" if words[k - 1] == "an" else words[k - 1]), words[k + 1].rstrip(",")
+        return around(i) == around(j)
+
+    pairs = [(i, j) for i in colored for j in colored if i < j and words[i] != words[j]]
+    swappable = [(i, j) for i, j in pairs if told_apart or not alike(i, j)]
+    if swappable:
+        i, j = swappable[0]
+        words[i], words[j] = words[j], words[i]
+        for k in (i, j):  # "an orange" swapped with "a red" reads "a orange", a giveaway of a negative
+            if words[k - 1] in ("a", "an"):
+                words[k - 1] = _article(words[k])
+        negatives["binding"] = " ".join(words)
+    return negatives
 
 
 # --------------------------------------------------------------------------------------------
