@@ -12,7 +12,9 @@ image scores its true caption higher. The shares are printed by kind of negative
 - ``row`` / ``column``: one object moved to another place in the same column / row of the grid;
 - ``row+column``: moved to a place that differs in both;
 - ``relation``: a relation flipped ("to the left of" -> "to the right of", "above" -> "below");
-- ``binding``: two objects' colors swapped.
+- ``binding``: two objects' colors swapped;
+- ``color`` (the control): one color word replaced by another, a difference in-batch negatives do show, so
+  a stage that learned anything reads it.
 
 Chance is 0.5. CLIP's in-batch negatives rarely differ from a caption in one of these alone (Yuksekgonul et
 al. 2023, "When and why vision-language models behave like bags-of-words"), so a stage can retrieve the
@@ -31,14 +33,29 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-KINDS = ("row", "column", "row+column", "relation", "binding")
+KINDS = ("row", "column", "row+column", "relation", "binding", "color")
+
+
+def color_changed(caption: str, rng: random.Random) -> str | None:
+    """The control negative: the caption's first color word replaced by another color (None: no color word)."""
+    from latentdiff.data.shapes import COLORS
+
+    words = caption.split(" ")
+    colored = [i for i, word in enumerate(words) if word in COLORS]
+    if not colored:
+        return None
+    i = colored[0]
+    words[i] = rng.choice([color for color in COLORS if color != words[i]])
+    if i and words[i - 1] in ("a", "an"):
+        words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+    return " ".join(words)
 
 
 def negative_kind(caption: str, kind: str, negative: str) -> str:
     """``binding``, or for a place negative which of the grid's coordinates it changed (or ``relation``)."""
     from latentdiff.data.shapes import POSITION_PATTERN, POSITIONS
 
-    if kind == "binding":
+    if kind in ("binding", "color"):
         return kind
     before = [match.group(0) for match in POSITION_PATTERN.finditer(caption)]
     after = [match.group(0) for match in POSITION_PATTERN.finditer(negative)]
@@ -83,6 +100,8 @@ def probe(output_dir: str, samples: int, seed: int) -> dict[str, tuple[float, in
         image = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
         for caption in row["captions"]:
             negatives = hard_negative_captions(caption, rng)
+            if control := color_changed(caption, rng):
+                negatives["color"] = control
             if not negatives:
                 continue
             ids = tokenize(tokenizer, [caption, *negatives.values()])

@@ -290,13 +290,24 @@ def test_contrastive_loss_is_clips_and_takes_hard_negatives_on_the_text_side():
 def test_the_hard_negative_probe_sorts_place_negatives_by_what_they_move():
     from latentdiff.testing import load_bench_script
 
-    kind = load_bench_script("hard_negative_probe").negative_kind
+    import random
+
+    script = load_bench_script("hard_negative_probe")
+    kind = script.negative_kind
     caption = "a red circle at the top left and a blue square in the center"
     assert kind(caption, "place", "a red circle at the top right and a blue square in the center") == "column"
     assert kind(caption, "place", "a red circle at the top left and a blue square at the bottom") == "row"
     assert kind(caption, "place", "a red circle at the bottom right and a blue square in the center") == "row+column"
     assert kind("a red circle above a blue square", "place", "a red circle below a blue square") == "relation"
     assert kind(caption, "binding", "a blue circle at the top left and a red square in the center") == "binding"
+    # the control changes one color word (and its article) and nothing else
+    from latentdiff.data.shapes import COLORS
+
+    for seed in range(8):
+        article, color, rest = script.color_changed("a red circle and an orange square", random.Random(seed)).split(" ", 2)
+        assert rest == "circle and an orange square" and color in set(COLORS) - {"red"}
+        assert article == ("an" if color == "orange" else "a")
+    assert script.color_changed("a circle", random.Random(0)) is None
 
 
 def test_a_zero_initialized_text_layer_starts_as_the_layer_free_encoder_and_then_learns():
