@@ -274,3 +274,7 @@ def test_hard_negatives_are_false_and_differ_in_one_place_or_one_binding():
     moved = hard_negative_captions("a red circle at the top left", rng)["place"]
     assert moved.startswith("a red circle ") and moved.removeprefix("a red circle ") in set(POSITIONS) - {"at the top left"}
     assert hard_negative_captions("a teddy bear on a skateboard", rng) == {}
+    # captions of other data may open or end on a color word
+    assert hard_negative_captions("red sky and a blue car", rng) == {"binding": "blue sky and a red car"}
+    assert hard_negative_captions("the sky is blue and the car is red", rng) == {
+        "binding": "the sky is red and the car is blue"}

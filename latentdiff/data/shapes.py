@@ -652,18 +652,17 @@ def hard_negative_captions(caption: str, rng: random.Random) -> dict[str, str]:
     colored = [i for i, word in enumerate(words) if word in COLORS]
     told_apart = bool(places) or bool(_RELATION_PATTERN.search(caption))
 
-    def alike(i: int, j: int) -> bool:  # the same words around the colors: size or article before, shape after
-        def around(k: int) -> tuple[str, str]:
-            return ("a" if words[k - 1] == "an" else words[k - 1]), words[k + 1].rstrip(",")
-        return around(i) == around(j)
+    def around(k: int) -> tuple[str, str]:  # the words beside a color: size or article before, shape after
+        before, after = words[k - 1] if k else "", words[k + 1].rstrip(",") if k + 1 < len(words) else ""
+        return ("a" if before == "an" else before), after
 
     pairs = [(i, j) for i in colored for j in colored if i < j and words[i] != words[j]]
-    swappable = [(i, j) for i, j in pairs if told_apart or not alike(i, j)]
+    swappable = [(i, j) for i, j in pairs if told_apart or around(i) != around(j)]
     if swappable:
         i, j = swappable[0]
         words[i], words[j] = words[j], words[i]
         for k in (i, j):  # "an orange" swapped with "a red" reads "a orange", a giveaway of a negative
-            if words[k - 1] in ("a", "an"):
+            if k and words[k - 1] in ("a", "an"):
                 words[k - 1] = _article(words[k])
         negatives["binding"] = " ".join(words)
     return negatives
