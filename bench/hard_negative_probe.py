@@ -38,7 +38,7 @@ KINDS = ("row", "column", "row+column", "relation", "binding", "color")
 
 def color_changed(caption: str, rng: random.Random) -> str | None:
     """The control negative: the caption's first color word replaced by another color (None: no color word)."""
-    from latentdiff.data.shapes import COLORS
+    from latentdiff.data.shapes import COLORS, _article
 
     words = caption.split(" ")
     colored = [i for i, word in enumerate(words) if word in COLORS]
@@ -47,7 +47,7 @@ def color_changed(caption: str, rng: random.Random) -> str | None:
     i = colored[0]
     words[i] = rng.choice([color for color in COLORS if color != words[i]])
     if i and words[i - 1] in ("a", "an"):
-        words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+        words[i - 1] = _article(words[i])
     return " ".join(words)
 
 

@@ -641,16 +641,16 @@ def hard_negative_captions(caption: str, rng: random.Random) -> dict[str, str]:
     Captions outside the shapes vocabulary get none.
     """
     negatives = {}
-    places = list(POSITION_PATTERN.finditer(caption))
+    places, relation = list(POSITION_PATTERN.finditer(caption)), _RELATION_PATTERN.search(caption)
     if places:
         chosen = rng.choice(places)
         others = [name for name in POSITIONS if name not in {match.group(0) for match in places}]
         negatives["place"] = caption[: chosen.start()] + rng.choice(others) + caption[chosen.end():]
-    elif relation := _RELATION_PATTERN.search(caption):
+    elif relation:
         negatives["place"] = caption[: relation.start()] + _RELATION_FLIPS[relation.group(0)] + caption[relation.end():]
     words = caption.split(" ")
     colored = [i for i, word in enumerate(words) if word in COLORS]
-    told_apart = bool(places) or bool(_RELATION_PATTERN.search(caption))
+    told_apart = bool(places or relation)
 
     def around(k: int) -> tuple[str, str]:  # the words beside a color: size or article before, shape after
         before, after = words[k - 1] if k else "", words[k + 1].rstrip(",") if k + 1 < len(words) else ""
