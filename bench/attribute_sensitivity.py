@@ -19,6 +19,9 @@ to. A model that reads its caption as a bag of words gives ~0 there however well
 (Yuksekgonul et al. 2023, "When and why vision-language models behave like bags-of-words"); the
 suite's two-object and color-binding tasks need it to be clearly above 0.
 
+The ``count`` row is measured on as many fresh scenes of two or three like objects, captioned as the suite's
+counting prompts are ("two green triangles"), against the same caption with "two" and "three" exchanged.
+
 A U-Net built with ``addition_embed_type="text"`` reads the caption by two routes: its cross-attention
 and an attention-pooled summary added to the timestep embedding (AdaGN). ``--route cross`` changes the
 caption in the cross-attention only (the pooled route keeps the full description), ``--route pooled``
@@ -73,6 +76,21 @@ def _two_color_scenes(count: int, seed: int) -> dict:
     if len(keep) < count:  # pragma: no cover - about 6 in 7 random pairs differ in color
         raise RuntimeError(f"only {len(keep)} of {4 * count} two-object scenes have two colors")
     return data.select(keep[:count])
+
+
+def _count_scenes(count: int, seed: int) -> dict:
+    """``count`` fresh scenes of two or three like objects, with the suite's counting caption for each and
+    the same caption with the other count ("two green triangles" / "three green triangles")."""
+    from latentdiff.data.shapes import make_shapes_dataset, noun_phrase
+
+    data = make_shapes_dataset(count, seed=30_000 + seed, min_objects=2, max_objects=3, mixture={"count": 1.0},
+                               progress_bar=False)
+    true, changed = [], []
+    for scene in data["scene"]:
+        first, objects = scene["objects"][0], len(scene["objects"])
+        true.append(noun_phrase(first["shape"], first["color"], count=objects))
+        changed.append(noun_phrase(first["shape"], first["color"], count=5 - objects))  # 2 <-> 3
+    return data, {"full": true, "count": changed}
 
 
 ROUTES = ("both", "cross", "pooled")
@@ -136,9 +154,12 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...], rout
                     scheduler, noisy, _routed_prediction(pipeline.unet, noisy, steps, state, states["full"], route), steps)
                 for name, state in states.items()}
 
+    counts, count_captions = _count_scenes(scenes, seed)
+
     with torch.no_grad():
         singles, two_colors = prepared(data["image"], captions), prepared(pairs["image"], pair_captions)
-        result = {name: [] for name in ("caption", *ATTRIBUTES, "binding")}
+        like_objects = prepared(counts["image"], count_captions)
+        result = {name: [] for name in ("caption", *ATTRIBUTES, "binding", "count")}
         for t in timesteps:
             x0 = x0_estimates(*singles, t)
             result["caption"].append((x0["full"] - x0["empty"]).abs().mean().item())
@@ -146,6 +167,8 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...], rout
                 result[attribute].append((x0["full"] - x0[attribute]).abs().mean().item())
             x0 = x0_estimates(*two_colors, t)
             result["binding"].append((x0["full"] - x0["binding"]).abs().mean().item())
+            x0 = x0_estimates(*like_objects, t)
+            result["count"].append((x0["full"] - x0["count"]).abs().mean().item())
     return result
 
 
@@ -167,7 +190,8 @@ def main() -> None:
     for model in args.models:
         result = measure(model, args.scenes, args.seed, timesteps, args.route)
         for name, values in result.items():
-            label = {"caption": "whole caption (vs empty)", "binding": "binding (two objects' colors swapped)"}.get(
+            label = {"caption": "whole caption (vs empty)", "binding": "binding (two objects' colors swapped)",
+                     "count": "count (two <-> three like objects)"}.get(
                 name, f"only the {name}")
             label += "" if args.route == "both" else f", {args.route} route"
             print(f"| {model} | {label} | " + " | ".join(f"{value:.4f}" for value in values) + " |", flush=True)

@@ -13,6 +13,8 @@ image scores its true caption higher. The shares are printed by kind of negative
 - ``row+column``: moved to a place that differs in both;
 - ``relation``: a relation flipped ("to the left of" -> "to the right of", "above" -> "below");
 - ``binding``: two objects' colors swapped;
+- ``count``: "two" and "three" exchanged ("two blue circles" -> "three blue circles"), a negative the
+  stage is not trained with (``text_train.hard_negatives`` changes places and bindings only);
 - ``color`` (the control): one color word replaced by another, a difference in-batch negatives do show, so
   a stage that learned anything reads it.
 
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-KINDS = ("row", "column", "row+column", "relation", "binding", "color")
+KINDS = ("row", "column", "row+column", "relation", "binding", "count", "color")
 
 
 def color_changed(caption: str, rng: random.Random) -> str | None:
@@ -51,11 +53,21 @@ def color_changed(caption: str, rng: random.Random) -> str | None:
     return " ".join(words)
 
 
+def count_changed(caption: str) -> str | None:
+    """The caption with its first count word exchanged, "two" <-> "three" (None: it names no count of two or more)."""
+    words = caption.split(" ")
+    counted = [i for i, word in enumerate(words) if word in ("two", "three")]
+    if not counted:
+        return None
+    words[counted[0]] = {"two": "three", "three": "two"}[words[counted[0]]]
+    return " ".join(words)
+
+
 def negative_kind(caption: str, kind: str, negative: str) -> str:
     """``binding``, or for a place negative which of the grid's coordinates it changed (or ``relation``)."""
     from latentdiff.data.shapes import POSITION_PATTERN, POSITIONS
 
-    if kind in ("binding", "color"):
+    if kind in ("binding", "count", "color"):
         return kind
     before = [match.group(0) for match in POSITION_PATTERN.finditer(caption)]
     after = [match.group(0) for match in POSITION_PATTERN.finditer(negative)]
@@ -100,6 +112,8 @@ def probe(output_dir: str, samples: int, seed: int) -> dict[str, tuple[float, in
         image = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
         for caption in row["captions"]:
             negatives = hard_negative_captions(caption, rng)
+            if counted := count_changed(caption):
+                negatives["count"] = counted
             if control := color_changed(caption, rng):
                 negatives["color"] = control
             if not negatives:

@@ -308,6 +308,11 @@ def test_the_hard_negative_probe_sorts_place_negatives_by_what_they_move():
         assert rest == "circle and an orange square" and color in set(COLORS) - {"red"}
         assert article == ("an" if color == "orange" else "a")
     assert script.color_changed("a circle", random.Random(0)) is None
+    # the count negative exchanges "two" and "three", first count only, and leaves captions without one
+    assert script.count_changed("two blue circles") == "three blue circles"
+    assert script.count_changed("three red squares and two green circles") == "two red squares and two green circles"
+    assert script.count_changed("a red circle") is None
+    assert kind("two blue circles", "count", "three blue circles") == "count"
 
 
 def test_a_zero_initialized_text_layer_starts_as_the_layer_free_encoder_and_then_learns():
@@ -480,8 +485,17 @@ def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path
     pipeline = LatentPipeline(**tiny_components(seed=0))
     pipeline.save_pretrained(tmp_path / "reads")
     reads = script.measure(str(tmp_path / "reads"), scenes=4, seed=0, timesteps=(900, 100))
-    assert set(reads) == {"caption", *script.ATTRIBUTES, "binding"} and all(len(values) == 2 for values in reads.values())
+    assert set(reads) == {"caption", *script.ATTRIBUTES, "binding", "count"} and all(len(values) == 2 for values in reads.values())
     assert reads["caption"][0] > 0 and reads["color"][0] > 0 and reads["binding"][0] > 1e-2 * reads["color"][0]
+    assert reads["count"][0] > 0
+    # the count row's scenes hold two or three like objects, named with their count and with the other one
+    scenes, captions = script._count_scenes(6, seed=0)
+    for scene, true, changed in zip(scenes["scene"], captions["full"], captions["count"]):
+        objects = scene["objects"]
+        assert len(objects) in (2, 3) and len({(obj["shape"], obj["color"]) for obj in objects}) == 1
+        number = {2: "two", 3: "three"}[len(objects)]
+        assert true == f"{number} {objects[0]['color']} {objects[0]['shape']}s"
+        assert changed == f"{'three' if number == 'two' else 'two'} {objects[0]['color']} {objects[0]['shape']}s"
     # cut the cross-attention outputs: the text can no longer reach the U-Net
     with torch.no_grad():
         for name, module in pipeline.unet.named_modules():
