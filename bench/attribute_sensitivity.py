@@ -78,9 +78,10 @@ def _two_color_scenes(count: int, seed: int) -> dict:
     return data.select(keep[:count])
 
 
-def _count_scenes(count: int, seed: int) -> dict:
-    """``count`` fresh scenes of two or three like objects, with the suite's counting caption for each and
-    the same caption with the other count ("two green triangles" / "three green triangles")."""
+def _count_scenes(count: int, seed: int) -> tuple["datasets.Dataset", dict[str, list[str]]]:
+    """``count`` fresh scenes of two or three like objects (a ``datasets.Dataset``), and their captions: the
+    suite's counting caption for each and the same with the other count ("two green triangles" / "three green
+    triangles")."""
     from latentdiff.data.shapes import make_shapes_dataset, noun_phrase
 
     data = make_shapes_dataset(count, seed=30_000 + seed, min_objects=2, max_objects=3, mixture={"count": 1.0},
