@@ -399,8 +399,8 @@ class TextTrainConfig:
     (the logs give ``hard_negatives_per_caption``). Measured on the built-in data: 600 steps do not learn them
     (``hard_negative_accuracy`` 0.56); 3,000 steps tell places apart (0.96, ``bench/hard_negative_probe.py``)
     and bindings partly (0.64; docs/conditioning.md, sixteenth round). Carried into the patient preset's
-    stage 2 (seed 1), that stage keeps its places (0.96) and lifts two objects (0.69 against 0.39): overall
-    0.667 against 0.638 (seventeenth round)."""
+    stage 2, that stage keeps the places (0.96 on two seeds) and scores as the preset does: 0.667 and 0.767
+    against 0.638 and 0.801 (seventeenth round)."""
     freeze_embeddings: bool = False
     """Train the text tower's transformer layers (and final layer norm) only: its token and position
     embeddings keep their random initialization, and stage 2 learns them from scratch as without this stage.
