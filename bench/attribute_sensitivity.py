@@ -90,7 +90,7 @@ def _count_scenes(count: int, seed: int) -> tuple["datasets.Dataset", dict[str, 
     for scene in data["scene"]:
         first, objects = scene["objects"][0], len(scene["objects"])
         true.append(noun_phrase(first["shape"], first["color"], count=objects))
-        changed.append(noun_phrase(first["shape"], first["color"], count=5 - objects))  # 2 <-> 3
+        changed.append(noun_phrase(first["shape"], first["color"], count={2: 3, 3: 2}[objects]))
     return data, {"full": true, "count": changed}
 
 

@@ -55,11 +55,14 @@ def color_changed(caption: str, rng: random.Random) -> str | None:
 
 def count_changed(caption: str) -> str | None:
     """The caption with its first count word exchanged, "two" <-> "three" (None: it names no count of two or more)."""
+    from latentdiff.data.shapes import NUMBER_WORDS
+
+    exchanged = {NUMBER_WORDS[2]: NUMBER_WORDS[3], NUMBER_WORDS[3]: NUMBER_WORDS[2]}
     words = caption.split(" ")
-    counted = [i for i, word in enumerate(words) if word in ("two", "three")]
+    counted = [i for i, word in enumerate(words) if word in exchanged]
     if not counted:
         return None
-    words[counted[0]] = {"two": "three", "three": "two"}[words[counted[0]]]
+    words[counted[0]] = exchanged[words[counted[0]]]
     return " ".join(words)
 
 
