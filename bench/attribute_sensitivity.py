@@ -22,6 +22,10 @@ suite's two-object and color-binding tasks need it to be clearly above 0.
 The ``count`` row is measured on as many fresh scenes of two or three like objects, captioned as the suite's
 counting prompts are ("two green triangles"), against the same caption with "two" and "three" exchanged.
 
+The ``relation`` row uses the binding row's two-object scenes, captioned as the suite's relation prompts are
+("a red circle to the left of a blue square", a relation that holds in the scene), against the same caption
+with the relation flipped ("... to the right of ..."): the same objects, the other layout.
+
 A U-Net built with ``addition_embed_type="text"`` reads the caption by two routes: its cross-attention
 and an attention-pooled summary added to the timestep embedding (AdaGN). ``--route cross`` changes the
 caption in the cross-attention only (the pooled route keeps the full description), ``--route pooled``
@@ -94,6 +98,24 @@ def _count_scenes(count: int, seed: int) -> tuple["datasets.Dataset", dict[str, 
     return data, {"full": true, "count": changed}
 
 
+_FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def _relation_captions(scenes) -> dict[str, list[str]]:
+    """Each two-object scene's first relation, as the suite words it ("a red circle to the left of a blue
+    square"), and the same caption with that relation flipped ("... to the right of ...")."""
+    from latentdiff.data.shapes import RELATION_PHRASES, noun_phrase
+
+    true, flipped = [], []
+    for scene in scenes:
+        relation = scene["relations"][0]  # objects in distinct cells: at least one relation holds
+        subject, other = scene["objects"][relation["subject"]], scene["objects"][relation["object"]]
+        a, b = noun_phrase(subject["shape"], subject["color"]), noun_phrase(other["shape"], other["color"])
+        true.append(f"{a} {RELATION_PHRASES[relation['relation']]} {b}")
+        flipped.append(f"{a} {RELATION_PHRASES[_FLIPPED[relation['relation']]]} {b}")
+    return {"full": true, "relation": flipped}
+
+
 ROUTES = ("both", "cross", "pooled")
 
 
@@ -160,7 +182,8 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...], rout
     with torch.no_grad():
         singles, two_colors = prepared(data["image"], captions), prepared(pairs["image"], pair_captions)
         like_objects = prepared(counts["image"], count_captions)
-        result = {name: [] for name in ("caption", *ATTRIBUTES, "binding", "count")}
+        related = prepared(pairs["image"], _relation_captions(pairs["scene"]))
+        result = {name: [] for name in ("caption", *ATTRIBUTES, "binding", "count", "relation")}
         for t in timesteps:
             x0 = x0_estimates(*singles, t)
             result["caption"].append((x0["full"] - x0["empty"]).abs().mean().item())
@@ -170,6 +193,8 @@ def measure(model: str, scenes: int, seed: int, timesteps: tuple[int, ...], rout
             result["binding"].append((x0["full"] - x0["binding"]).abs().mean().item())
             x0 = x0_estimates(*like_objects, t)
             result["count"].append((x0["full"] - x0["count"]).abs().mean().item())
+            x0 = x0_estimates(*related, t)
+            result["relation"].append((x0["full"] - x0["relation"]).abs().mean().item())
     return result
 
 
@@ -192,7 +217,8 @@ def main() -> None:
         result = measure(model, args.scenes, args.seed, timesteps, args.route)
         for name, values in result.items():
             label = {"caption": "whole caption (vs empty)", "binding": "binding (two objects' colors swapped)",
-                     "count": "count (two <-> three like objects)"}.get(
+                     "count": "count (two <-> three like objects)",
+                     "relation": "relation (flipped: left <-> right, above <-> below)"}.get(
                 name, f"only the {name}")
             label += "" if args.route == "both" else f", {args.route} route"
             print(f"| {model} | {label} | " + " | ".join(f"{value:.4f}" for value in values) + " |", flush=True)

@@ -485,9 +485,24 @@ def test_attribute_sensitivity_is_zero_for_a_unet_that_cannot_read_text(tmp_path
     pipeline = LatentPipeline(**tiny_components(seed=0))
     pipeline.save_pretrained(tmp_path / "reads")
     reads = script.measure(str(tmp_path / "reads"), scenes=4, seed=0, timesteps=(900, 100))
-    assert set(reads) == {"caption", *script.ATTRIBUTES, "binding", "count"} and all(len(values) == 2 for values in reads.values())
+    assert set(reads) == {"caption", *script.ATTRIBUTES, "binding", "count", "relation"}
+    assert all(len(values) == 2 for values in reads.values())
     assert reads["caption"][0] > 0 and reads["color"][0] > 0 and reads["binding"][0] > 1e-2 * reads["color"][0]
-    assert reads["count"][0] > 0
+    assert reads["count"][0] > 0 and reads["relation"][0] > 0
+    # the relation row names a relation that holds between the scene's two objects, and then its opposite
+    from latentdiff.data.shapes import noun_phrase, scene_relations
+
+    pairs = script._two_color_scenes(6, seed=0)
+    phrases = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
+    relation_captions = script._relation_captions(pairs["scene"])
+    for scene, true, flipped in zip(pairs["scene"], relation_captions["full"], relation_captions["relation"]):
+        holding = {(noun_phrase(a["shape"], a["color"]), relation["relation"], noun_phrase(b["shape"], b["color"]))
+                   for relation in scene_relations(scene["objects"])
+                   for a, b in [(scene["objects"][relation["subject"]], scene["objects"][relation["object"]])]}
+        said = {(true[: true.index(p) - 1], r, true[true.index(p) + len(p) + 1:]) for p, r in phrases.items() if f" {p} " in true}
+        unsaid = {(flipped[: flipped.index(p) - 1], r, flipped[flipped.index(p) + len(p) + 1:])
+                  for p, r in phrases.items() if f" {p} " in flipped}
+        assert len(said) == 1 and said <= holding and len(unsaid) == 1 and not unsaid & holding
     # the count row's scenes hold two or three like objects, named with their count and with the other one
     scenes, captions = script._count_scenes(6, seed=0)
     for scene, true, changed in zip(scenes["scene"], captions["full"], captions["count"]):
