@@ -98,21 +98,19 @@ def _count_scenes(count: int, seed: int) -> tuple["datasets.Dataset", dict[str, 
     return data, {"full": true, "count": changed}
 
 
-_FLIPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
 def _relation_captions(scenes) -> dict[str, list[str]]:
     """Each two-object scene's first relation, as the suite words it ("a red circle to the left of a blue
     square"), and the same caption with that relation flipped ("... to the right of ...")."""
-    from latentdiff.data.shapes import RELATION_PHRASES, noun_phrase
+    from latentdiff.data.shapes import RELATION_PHRASES, hard_negative_captions, noun_phrase
 
-    true, flipped = [], []
+    true = []
     for scene in scenes:
         relation = scene["relations"][0]  # objects in distinct cells: at least one relation holds
         subject, other = scene["objects"][relation["subject"]], scene["objects"][relation["object"]]
         a, b = noun_phrase(subject["shape"], subject["color"]), noun_phrase(other["shape"], other["color"])
         true.append(f"{a} {RELATION_PHRASES[relation['relation']]} {b}")
-        flipped.append(f"{a} {RELATION_PHRASES[_FLIPPED[relation['relation']]]} {b}")
+    # A caption with a relation and no place: its "place" hard negative is the relation flipped (no random draw).
+    flipped = [hard_negative_captions(caption, random.Random(0))["place"] for caption in true]
     return {"full": true, "relation": flipped}
 
 
