@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from latentdiff.trainer.autoencoder import normalize_latents
+from latentdiff.trainer.autoencoder import normalize_latents, vae_reconstructor
 from latentdiff.diffusion import (
     TimestepSampling,
     caption_gap,
@@ -220,6 +220,20 @@ def test_normalized_latents_are_standard_and_decode_as_before():
         torch.testing.assert_close(posterior.mean, (before.mean - mu) / sigma, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(posterior.std, before.std / sigma, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(vae.decode(posterior.mean).sample, reference.decode(before.mean).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_vae_reconstructor_encodes_and_decodes_uint8_images():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).eval()
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
+    reconstructed = vae_reconstructor(vae, batch_size=2)(images)  # three chunks
+    assert reconstructed.dtype == np.uint8 and reconstructed.shape == images.shape
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+    expected = ((decoded.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    assert np.abs(reconstructed.astype(np.float32) - expected).max() <= 1.0
 
 
 def test_contrastive_model_starts_from_the_text_encoder_and_gives_it_back():

@@ -25,6 +25,7 @@ from latentdiff.eval.judge import (
     judge_agreement,
     judge_image,
     judge_render,
+    reconstruction_agreement,
     scene_differences,
 )
 from latentdiff.eval.suite import (
@@ -53,6 +54,25 @@ def test_judge_agrees_with_ground_truth_on_2000_scenes():
 def test_judge_tolerates_blur_and_noise():
     report = judge_agreement(300, seed=6, blur_radius=0.7, noise_std=5.0)
     assert report["agreement"] >= 0.97, report["mismatches"][:5]
+
+
+def test_reconstruction_agreement_judges_what_the_reconstruction_shows():
+    assert reconstruction_agreement(lambda images: images, num_scenes=64) == {
+        "agreement": 1.0, "num_scenes": 64, "differences": {}}
+
+    def blank(images):  # every pixel the color of the top-left corner (background): the objects are lost
+        return np.broadcast_to(images[:, :1, :1], images.shape).copy()
+
+    assert reconstruction_agreement(blank, num_scenes=20, batch_size=8) == {
+        "agreement": 0.0, "num_scenes": 20, "differences": {"objects": 20}}
+
+    def red_for_blue(images):  # a hue shift: the red and blue channels swapped
+        return images[..., ::-1].copy()
+
+    report = reconstruction_agreement(red_for_blue, num_scenes=64)
+    assert report["agreement"] < 0.5 and report["differences"]["objects"] > 32
+    with pytest.raises(ValueError, match=r"uint8 images shaped like its input \(4, 64, 64, 3\), got float32"):
+        reconstruction_agreement(lambda images: images.astype(np.float32), num_scenes=4)
 
 
 def test_judge_reads_every_color_and_shape_in_every_size():

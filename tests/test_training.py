@@ -73,7 +73,8 @@ def stage1(tmp_path_factory) -> Path:
     """A tiny autoencoder trained by stage 1 (shared by the stage-2 tests)."""
     output_dir = tmp_path_factory.mktemp("stage1")
     # tiny.yaml says train.report_to=none; stage 1 follows train.report_to unless vae_train.report_to is set
-    run_script(TRAIN_VAE, f"output_dir={output_dir}", "train.report_to=tensorboard")
+    result = run_script(TRAIN_VAE, f"output_dir={output_dir}", "train.report_to=tensorboard")
+    (output_dir / "train_vae.stderr").write_text(result.stderr)  # the run's log, for the tests that read it
     return output_dir
 
 
@@ -95,6 +96,13 @@ def test_stage1_outputs(stage1):
     assert hyperparameters["output_dir"] == str(stage1) and len(hyperparameters) > 100
     assert [step for step, _ in scalars["loss"]] == [4, 8]
     assert [(step, width) for step, width, _ in images["reconstructions"]] == [(8, 8 * 32)]
+    # The judge read 16 fresh scenes through the finished autoencoder; 8 steps leave it unreadable, so the
+    # run warns before stage 2 is run on it, and says how to train it longer.
+    ((step, agreement),) = scalars["reconstruction_agreement"]
+    assert step == 8 and agreement < 0.85
+    log = (stage1 / "train_vae.stderr").read_text()
+    assert f"the judge reads only {agreement:.3f} of 16 fresh scenes right through this autoencoder" in log
+    assert "vae_train.max_steps=16" in log
 
 
 def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):

@@ -26,6 +26,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
+from latentdiff.eval.judge import reconstruction_agreement
 from latentdiff.trainer.autoencoder import (
     AutoencoderForTraining,
     PatchDiscriminator,
@@ -36,6 +37,7 @@ from latentdiff.trainer.autoencoder import (
     measure_scaling_factor,
     normalize_latents,
     reconstruction_loss,
+    vae_reconstructor,
 )
 from latentdiff.trainer.checkpointing import (
     NonFiniteLossGuard,
@@ -257,7 +259,31 @@ def main(argv: list[str] | None = None) -> None:
         grid.save(os.path.join(config.output_dir, "vae_reconstructions.png"))
         log_images(accelerator, "reconstructions", grid, state.global_step)
         logger.info("autoencoder saved to %s", folder)
+        if config.data.source == "shapes" and train.judge_scenes:
+            check_reconstructions(accelerator, config, vae, state.global_step)
     accelerator.end_training()
+
+
+def check_reconstructions(accelerator, config: Config, vae, step: int) -> None:
+    """Log how often the shapes judge reads a reconstruction as its scene, and warn when it is low:
+    stage 2 draws no better than this autoencoder renders, and a weak one costs an hour of stage 2
+    before the samples show it (docs/conditioning.md, eighteenth round)."""
+    train = config.vae_train
+    report = reconstruction_agreement(vae_reconstructor(vae), train.judge_scenes, image_size=config.data.resolution)
+    agreement = report["agreement"]
+    accelerator.log({"reconstruction_agreement": agreement}, step=step)
+    logger.info("the judge reads %.3f of %d fresh scenes right through the autoencoder (differences: %s)",
+                agreement, report["num_scenes"], report["differences"] or "none")
+    if agreement < train.min_judge_agreement:
+        longer = f"vae_train.max_steps={2 * train.max_steps}"
+        if train.crop_steps is not None:
+            longer += f" vae_train.crop_steps={train.crop_steps + train.max_steps}"
+        logger.warning(
+            "the judge reads only %.3f of %d fresh scenes right through this autoencoder, below "
+            "vae_train.min_judge_agreement=%s (differences: %s). Stage 2 draws no better than the autoencoder "
+            "reconstructs: train stage 1 longer in a new output_dir (%s) or with another seed before stage 2.",
+            agreement, report["num_scenes"], train.min_judge_agreement, report["differences"], longer,
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -404,6 +404,46 @@ def judge_agreement(
     return {"agreement": 1.0 - len(mismatches) / num_scenes, "num_scenes": num_scenes, "mismatches": mismatches}
 
 
+# Scenes the training data never draws (its seeds are small integers): a fresh set for every check.
+RECONSTRUCTION_SEED = 424242
+
+
+def reconstruction_agreement(
+    reconstruct: Callable[[np.ndarray], np.ndarray],
+    num_scenes: int = 256,
+    image_size: int = 64,
+    seed: int = RECONSTRUCTION_SEED,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """How often the judge reads a reconstruction of a scene as that scene: the ceiling an autoencoder
+    sets on prompt adherence, since a latent model draws no better than its decoder renders.
+
+    ``reconstruct`` maps a batch of renders (uint8, ``(N, H, W, 3)``) to images of the same shape, e.g.
+    an autoencoder's encode and decode (:func:`latentdiff.trainer.autoencoder.vae_reconstructor`).
+    Scenes are samples ``0 .. num_scenes - 1`` of the shapes data with ``seed`` (default options).
+    Returns ``{"agreement", "num_scenes", "differences"}``, the last counting the kinds of difference
+    (``background``, ``objects``, ``relations``: :func:`scene_differences`), most common first.
+    """
+    if num_scenes < 1 or batch_size < 1:
+        raise ValueError(f"num_scenes and batch_size must be at least 1, got {num_scenes} and {batch_size}")
+    options = ShapesOptions.create()
+    agree, kinds = 0, Counter()
+    for start in range(0, num_scenes, batch_size):
+        samples = [make_shapes_sample(i, seed, image_size, options) for i in range(start, min(start + batch_size, num_scenes))]
+        renders = np.stack([np.asarray(sample["image"], dtype=np.uint8) for sample in samples])
+        reconstructions = np.asarray(reconstruct(renders))
+        if reconstructions.shape != renders.shape or reconstructions.dtype != np.uint8:
+            raise ValueError(
+                f"reconstruct must return uint8 images shaped like its input {renders.shape}, "
+                f"got {reconstructions.dtype} {reconstructions.shape}"
+            )
+        for reconstruction, sample in zip(reconstructions, samples):
+            differences = scene_differences(judge_image(reconstruction), sample["scene"])
+            agree += not differences
+            kinds.update(difference.split(" ")[0] for difference in differences)
+    return {"agreement": agree / num_scenes, "num_scenes": num_scenes, "differences": dict(kinds.most_common())}
+
+
 def judge_render(scene: Mapping[str, Any], image_size: int = 64) -> JudgedImage:
     """Render a scene and read it back (a convenience for tests and examples)."""
     return judge_image(render_scene(scene, image_size))
@@ -417,5 +457,6 @@ __all__: Sequence[str] = (
     "judge_render",
     "scene_differences",
     "judge_agreement",
+    "reconstruction_agreement",
     "degrade",
 )

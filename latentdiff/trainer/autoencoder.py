@@ -196,3 +196,22 @@ def normalize_latents(vae, batches, generator: torch.Generator | None = None) ->
     post.weight *= bias_sigma.view(1, -1, 1, 1)
     vae.register_to_config(scaling_factor=1.0)
     return mu.tolist(), sigma.tolist()
+
+
+def vae_reconstructor(vae, batch_size: int = 64):
+    """A function from uint8 images ``(N, H, W, 3)`` to their reconstructions through ``vae`` (encode to
+    the posterior mean, decode), as :func:`latentdiff.eval.judge.reconstruction_agreement` takes it.
+    Pixels are converted with Diffusers' ``VaeImageProcessor`` as the pipelines convert them."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    @torch.no_grad()
+    def reconstruct(images):
+        pixels = VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(images.astype("float32") / 255.0))
+        outputs = []
+        for chunk in pixels.split(batch_size):
+            latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode()
+            outputs.append(vae.decode(latents).sample.float().cpu())
+        decoded = VaeImageProcessor.pt_to_numpy(VaeImageProcessor.denormalize(torch.cat(outputs)))
+        return (decoded * 255).round().astype("uint8")
+
+    return reconstruct
