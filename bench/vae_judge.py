@@ -13,7 +13,6 @@ import argparse
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.image_processor import VaeImageProcessor
 
 from latentdiff.eval.judge import reconstruction_agreement
 from latentdiff.trainer.autoencoder import vae_reconstructor
@@ -26,19 +25,12 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     args = parser.parse_args()
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
-    reconstruct, latents = vae_reconstructor(vae), []
-
-    def reconstruct_and_keep_latents(images):
-        with torch.no_grad():
-            pixels = VaeImageProcessor.normalize(VaeImageProcessor.numpy_to_pt(images.astype("float32") / 255.0))
-            latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
-        return reconstruct(images)
-
-    report = reconstruction_agreement(reconstruct_and_keep_latents, args.n, image_size=args.resolution)
+    latents = []
+    reconstruct = vae_reconstructor(vae, on_latents=lambda z: latents.append(z * vae.config.scaling_factor))
+    report = reconstruction_agreement(reconstruct, args.n, image_size=args.resolution)
     z = torch.cat(latents)
-    agreement = report["agreement"]
-    print(f"judge agreement on reconstructions: {agreement:.3f} ({round(agreement * args.n)}/{args.n})")
-    print("differences:", report["differences"])
+    print(f"judge agreement on reconstructions: {report['agreement']:.3f} ({report['agreed']}/{args.n})")
+    print("images with each kind of difference:", report["differences"])
     print("scaled latents: mean", [round(v, 3) for v in z.mean(dim=(0, 2, 3)).tolist()], "std",
           [round(v, 3) for v in z.std(dim=(0, 2, 3)).tolist()], "overall mean", round(z.mean().item(), 3), "std", round(z.std().item(), 3))
 

@@ -356,6 +356,11 @@ class VAETrainConfig:
     adversarial_weight: float = 0.0
     """Patch-discriminator (hinge loss) weight, as in Esser et al. 2021; off by default."""
     adversarial_start_step: int = 0
+    scale_equivariance_weight: float = 0.0
+    """Weight of the scale-equivariance term (Skorokhodov et al. 2025): the decoder, given the latent
+    downsampled by ``scale_equivariance_factor``, must render the image downsampled by it, which removes
+    high-frequency power from the latents that a diffusion model learns slowly. 0: off."""
+    scale_equivariance_factor: int = 2
     scaling_samples: int = 1024
     """Images encoded to measure the latent scaling factor (1 / std of the latents)."""
     normalize_latents: bool = False
@@ -365,11 +370,12 @@ class VAETrainConfig:
     judge_scenes: int = 256
     """With ``data.source=shapes``: after training, encode and decode this many fresh scenes and log
     how often the prompt-adherence judge reads the reconstruction as the scene
-    (``reconstruction_agreement``, :func:`latentdiff.eval.judge.reconstruction_agreement`). A latent
-    model draws no better than its decoder renders, so this is the ceiling stage 2 works under. 0: skip."""
+    (``reconstruction_agreement``, :func:`latentdiff.eval.judge.reconstruction_agreement`; the default
+    scene options, not ``data.shapes``). A latent model draws no better than its decoder renders, so a
+    low figure predicts low prompt adherence. 0: skip."""
     min_judge_agreement: float = 0.85
-    """Warn, before stage 2 is run on it, when that agreement is lower (the patient preset's three seeds
-    read 0.934, 0.812 and 0.438 after 1,400 steps and scored 0.80, 0.64 and 0.39; docs/conditioning.md)."""
+    """Warn at the end of stage 1 when that agreement is lower (the patient preset's three seeds read
+    0.934, 0.812 and 0.438 after 1,400 steps and scored 0.80, 0.64 and 0.39; docs/conditioning.md)."""
     mixed_precision: MixedPrecision = "no"
     checkpointing_steps: int = 500
     """Save a resumable checkpoint every N steps and at the end; 0: never."""
@@ -620,6 +626,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "perceptual_weight": NON_NEGATIVE, "adversarial_weight": NON_NEGATIVE, "adversarial_start_step": NON_NEGATIVE,
         "scaling_samples": AT_LEAST_1, "checkpointing_steps": NON_NEGATIVE, "checkpoints_total_limit": AT_LEAST_1,
         "log_every": AT_LEAST_1, "judge_scenes": NON_NEGATIVE, "min_judge_agreement": Range(0, 1),
+        "scale_equivariance_weight": NON_NEGATIVE, "scale_equivariance_factor": Range(2),
     },
     TrainConfig: {
         "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1,
@@ -666,6 +673,13 @@ def check_values(config: Config) -> None:
         if crop is not None and (crop % factor or crop > data.resolution):
             fail("vae_train.crop_size", crop, f"a multiple of the autoencoder's downsampling factor {factor} and at "
                  f"most data.resolution={data.resolution}")
+        equivariance = config.vae_train.scale_equivariance_factor
+        if config.vae_train.scale_equivariance_weight > 0:
+            for key, size in (("data.resolution", data.resolution), ("vae_train.crop_size", crop)):
+                if size is not None and (size // factor) % equivariance:
+                    fail("vae_train.scale_equivariance_factor", equivariance,
+                         f"a divisor of the latent edge {size // factor} ({key}={size} / {factor}, the autoencoder's "
+                         "downsampling factor)")
         for channels in model.vae.block_out_channels:
             if channels % model.vae.norm_num_groups:
                 fail("model.vae.block_out_channels", list(model.vae.block_out_channels),

@@ -10,7 +10,14 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from latentdiff.trainer.autoencoder import normalize_latents, vae_reconstructor
+from latentdiff.trainer.autoencoder import (
+    AutoencoderForTraining,
+    downsample,
+    normalize_latents,
+    reconstruction_loss,
+    scale_equivariance_loss,
+    vae_reconstructor,
+)
 from latentdiff.diffusion import (
     TimestepSampling,
     caption_gap,
@@ -226,14 +233,40 @@ def test_vae_reconstructor_encodes_and_decodes_uint8_images():
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).eval()
+    with torch.no_grad():  # decoder outputs far outside [-1, 1], so that the conversion has to clip
+        vae.decoder.conv_out.weight *= 50
     images = np.random.default_rng(0).integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
-    reconstructed = vae_reconstructor(vae, batch_size=2)(images)  # three chunks
+    latents = []
+    reconstructed = vae_reconstructor(vae, batch_size=2, on_latents=latents.append)(images)  # three chunks
     assert reconstructed.dtype == np.uint8 and reconstructed.shape == images.shape
     with torch.no_grad():
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        posterior_mean = vae.encode(pixels).latent_dist.mode()
+        decoded = vae.decode(posterior_mean).sample
+    assert decoded.abs().max() > 2
     expected = ((decoded.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
     assert np.abs(reconstructed.astype(np.float32) - expected).max() <= 1.0
+    assert [len(chunk) for chunk in latents] == [2, 2, 1]
+    torch.testing.assert_close(torch.cat(latents), posterior_mean, rtol=1e-4, atol=1e-4)
+
+
+def test_scale_equivariance_decodes_the_downsampled_latent_and_trains_the_whole_autoencoder():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    *_, downscaled = AutoencoderForTraining(vae)(images)
+    assert downscaled is None  # off unless asked for
+    reconstructions, mean, _, downscaled = AutoencoderForTraining(vae, scale_equivariance_factor=2)(
+        images, torch.Generator().manual_seed(1))
+    assert reconstructions.shape == images.shape and mean.shape == (2, 4, 8, 8) and downscaled.shape == (2, 3, 8, 8)
+    # the target is the image downsampled by the same factor, with antialiasing (a plain image stays plain)
+    plain = torch.full((1, 3, 16, 16), 0.25)
+    torch.testing.assert_close(downsample(plain, 2), torch.full((1, 3, 8, 8), 0.25))
+    loss = scale_equivariance_loss(images, downscaled, 2, "mse")
+    torch.testing.assert_close(loss, reconstruction_loss(downsample(images, 2), downscaled, "mse"))
+    loss.backward()
+    assert vae.encoder.conv_in.weight.grad.abs().sum() > 0 and vae.decoder.conv_out.weight.grad.abs().sum() > 0
 
 
 def test_contrastive_model_starts_from_the_text_encoder_and_gives_it_back():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -148,6 +149,14 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_steps_and_a
     assert patient.data.shapes.num_samples > default.data.shapes.num_samples
     assert patient.train.max_steps > default.train.max_steps
     assert patient.train.optimizer == default.train.optimizer and patient.train.batch_size == default.train.batch_size
+
+
+def test_the_scale_equivariance_factor_must_divide_every_latent_edge_stage_1_trains_on():
+    assert load_config(overrides=["vae_train.scale_equivariance_weight=0.5"]).vae_train.scale_equivariance_factor == 2
+    load_config(overrides=["vae_train.scale_equivariance_factor=3"])  # unused while the weight is 0
+    message = "config key 'vae_train.scale_equivariance_factor': expected a divisor of the latent edge 4 (vae_train.crop_size=16"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=["vae_train.scale_equivariance_weight=0.5", "vae_train.crop_size=16", "vae_train.scale_equivariance_factor=8"])
 
 
 def test_the_config_command_prints_the_resolved_config_or_one_line_error():

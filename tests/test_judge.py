@@ -57,14 +57,15 @@ def test_judge_tolerates_blur_and_noise():
 
 
 def test_reconstruction_agreement_judges_what_the_reconstruction_shows():
-    assert reconstruction_agreement(lambda images: images, num_scenes=64) == {
-        "agreement": 1.0, "num_scenes": 64, "differences": {}}
+    for image_size in (32, 64):  # the tiny config's resolution and the presets'
+        assert reconstruction_agreement(lambda images: images, num_scenes=64, image_size=image_size) == {
+            "agreement": 1.0, "agreed": 64, "num_scenes": 64, "differences": {}}
 
     def blank(images):  # every pixel the color of the top-left corner (background): the objects are lost
         return np.broadcast_to(images[:, :1, :1], images.shape).copy()
 
     assert reconstruction_agreement(blank, num_scenes=20, batch_size=8) == {
-        "agreement": 0.0, "num_scenes": 20, "differences": {"objects": 20}}
+        "agreement": 0.0, "agreed": 0, "num_scenes": 20, "differences": {"objects": 20}}
 
     def red_for_blue(images):  # a hue shift: the red and blue channels swapped
         return images[..., ::-1].copy()

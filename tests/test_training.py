@@ -101,7 +101,7 @@ def test_stage1_outputs(stage1):
     ((step, agreement),) = scalars["reconstruction_agreement"]
     assert step == 8 and agreement < 0.85
     log = (stage1 / "train_vae.stderr").read_text()
-    assert f"the judge reads only {agreement:.3f} of 16 fresh scenes right through this autoencoder" in log
+    assert f"the judge reads only {round(agreement * 16)}/16 fresh scenes ({agreement:.3f}) right through this autoencoder" in log
     assert "vae_train.max_steps=16" in log
 
 

@@ -6,7 +6,10 @@
 Reconstruction (L1) + KL loss, with optional perceptual and adversarial terms
 (:mod:`latentdiff.trainer.autoencoder`). After training, the latent scaling factor (1 / std of the latents,
 Rombach et al. 2022, App. G) is measured on the data and stored in the VAE's config, so stage 2 and
-every pipeline scale latents the same way.
+every pipeline scale latents the same way. On the built-in shapes data the script ends by checking the
+autoencoder with the prompt-adherence judge (:func:`check_reconstructions`, ``vae_train.judge_scenes``):
+a latent model draws no better than its decoder renders, so it warns when the judge reads few
+reconstructions right.
 
 Outputs under ``output_dir``: ``vae/`` (Diffusers format, safetensors), ``vae_reconstructions.png``
 (originals above their reconstructions), ``vae_checkpoints/checkpoint-<step>`` and ``config.yaml``.
@@ -37,6 +40,7 @@ from latentdiff.trainer.autoencoder import (
     measure_scaling_factor,
     normalize_latents,
     reconstruction_loss,
+    scale_equivariance_loss,
     vae_reconstructor,
 )
 from latentdiff.trainer.checkpointing import (
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. Model, data, optimizers.
     vae = build_vae(config.model)
-    autoencoder = AutoencoderForTraining(vae).train()
+    scale_factor = train.scale_equivariance_factor if train.scale_equivariance_weight > 0 else None
+    autoencoder = AutoencoderForTraining(vae, scale_factor).train()
     discriminator = PatchDiscriminator() if train.adversarial_weight > 0 else None
     dataset = make_training_dataset(
         config.data, seed=config.seed, batch_size=batch_per_process,
@@ -158,12 +163,16 @@ def main(argv: list[str] | None = None) -> None:
                 images = random_crop(images, train.crop_size, rng.generator)
             use_adversarial = discriminator is not None and state.global_step >= train.adversarial_start_step
             with accelerator.accumulate(autoencoder):
-                reconstructions, posterior_mean, posterior_logvar = autoencoder(images, rng.generator)
+                reconstructions, posterior_mean, posterior_logvar, downscaled = autoencoder(images, rng.generator)
                 terms = {
                     "reconstruction": reconstruction_loss(images, reconstructions, train.reconstruction_loss),
                     "kl": kl_loss(posterior_mean, posterior_logvar),
                 }
                 loss = terms["reconstruction"] + train.kl_weight * terms["kl"]
+                if downscaled is not None:
+                    terms["scale_equivariance"] = scale_equivariance_loss(
+                        images, downscaled, scale_factor, train.reconstruction_loss)
+                    loss = loss + train.scale_equivariance_weight * terms["scale_equivariance"]
                 if perceptual is not None:
                     terms["perceptual"] = perceptual(images, reconstructions)
                     loss = loss + train.perceptual_weight * terms["perceptual"]
@@ -266,23 +275,24 @@ def main(argv: list[str] | None = None) -> None:
 
 def check_reconstructions(accelerator, config: Config, vae, step: int) -> None:
     """Log how often the shapes judge reads a reconstruction as its scene, and warn when it is low:
-    stage 2 draws no better than this autoencoder renders, and a weak one costs an hour of stage 2
-    before the samples show it (docs/conditioning.md, eighteenth round)."""
+    a latent model draws no better than its decoder renders, and a weak autoencoder otherwise shows only
+    in the samples, an hour of stage 2 later (docs/conditioning.md, eighteenth round)."""
     train = config.vae_train
     report = reconstruction_agreement(vae_reconstructor(vae), train.judge_scenes, image_size=config.data.resolution)
-    agreement = report["agreement"]
+    agreement, read = report["agreement"], f"{report['agreed']}/{report['num_scenes']}"
     accelerator.log({"reconstruction_agreement": agreement}, step=step)
-    logger.info("the judge reads %.3f of %d fresh scenes right through the autoencoder (differences: %s)",
-                agreement, report["num_scenes"], report["differences"] or "none")
+    logger.info("the judge reads %s fresh scenes (%.3f) right through the autoencoder (images with each kind "
+                "of difference: %s)", read, agreement, report["differences"] or "none")
     if agreement < train.min_judge_agreement:
         longer = f"vae_train.max_steps={2 * train.max_steps}"
         if train.crop_steps is not None:
             longer += f" vae_train.crop_steps={train.crop_steps + train.max_steps}"
         logger.warning(
-            "the judge reads only %.3f of %d fresh scenes right through this autoencoder, below "
-            "vae_train.min_judge_agreement=%s (differences: %s). Stage 2 draws no better than the autoencoder "
-            "reconstructs: train stage 1 longer in a new output_dir (%s) or with another seed before stage 2.",
-            agreement, report["num_scenes"], train.min_judge_agreement, report["differences"], longer,
+            "the judge reads only %s fresh scenes (%.3f) right through this autoencoder, below "
+            "vae_train.min_judge_agreement=%s (images with each kind of difference: %s). A model trained on it "
+            "draws no better than it reconstructs: train stage 1 longer in a new output_dir (%s) or with "
+            "another seed before stage 2.",
+            read, agreement, train.min_judge_agreement, report["differences"], longer,
         )
 
 

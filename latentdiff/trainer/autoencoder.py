@@ -46,22 +46,47 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
 
 
+def downsample(tensor: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bilinear downsampling by an integer ``factor`` with antialiasing (the scale-equivariance term's)."""
+    return F.interpolate(tensor, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
+
+
 class AutoencoderForTraining(nn.Module):
     """Encode, sample ``z ~ q(z|x)`` and decode in one ``forward``, returning what the losses need.
 
     ``AutoencoderKL.forward`` returns only the reconstruction; the KL term also needs the posterior.
     Going through one ``forward`` (instead of calling ``encode`` and ``decode`` on the unwrapped model)
     keeps DistributedDataParallel's gradient synchronisation in the loop.
+
+    With ``scale_equivariance_factor``, the forward also decodes the latent downsampled by that factor,
+    for the scale-equivariance term (:func:`scale_equivariance_loss`); otherwise that output is ``None``.
     """
 
-    def __init__(self, vae):
+    def __init__(self, vae, scale_equivariance_factor: int | None = None):
         super().__init__()
         self.vae = vae
+        self.scale_equivariance_factor = scale_equivariance_factor
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
         posterior = self.vae.encode(images).latent_dist
-        reconstructions = self.vae.decode(posterior.sample(generator=generator)).sample
-        return reconstructions, posterior.mean, posterior.logvar
+        latents = posterior.sample(generator=generator)
+        reconstructions = self.vae.decode(latents).sample
+        downscaled = None
+        if self.scale_equivariance_factor:
+            downscaled = self.vae.decode(downsample(latents, self.scale_equivariance_factor)).sample
+        return reconstructions, posterior.mean, posterior.logvar, downscaled
+
+
+def scale_equivariance_loss(images: torch.Tensor, downscaled_reconstructions: torch.Tensor, factor: int,
+                            kind: str = "l1") -> torch.Tensor:
+    """The decoder, given a latent downsampled by ``factor``, must render the image downsampled by it.
+
+    Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders" (ICML 2025): autoencoder
+    latents carry more high-frequency power than images do, which a diffusion model, generating coarse to
+    fine, learns slowly; asking the decoder to be scale-equivariant removes it. ``downscaled_reconstructions``
+    is :class:`AutoencoderForTraining`'s fourth output; the distance is the pixel loss's.
+    """
+    return reconstruction_loss(downsample(images, factor), downscaled_reconstructions, kind)
 
 
 class VGGPerceptualLoss(nn.Module):
@@ -198,10 +223,11 @@ def normalize_latents(vae, batches, generator: torch.Generator | None = None) ->
     return mu.tolist(), sigma.tolist()
 
 
-def vae_reconstructor(vae, batch_size: int = 64):
+def vae_reconstructor(vae, batch_size: int = 64, on_latents=None):
     """A function from uint8 images ``(N, H, W, 3)`` to their reconstructions through ``vae`` (encode to
     the posterior mean, decode), as :func:`latentdiff.eval.judge.reconstruction_agreement` takes it.
-    Pixels are converted with Diffusers' ``VaeImageProcessor`` as the pipelines convert them."""
+    Pixels are converted with Diffusers' ``VaeImageProcessor`` as the pipelines convert them.
+    ``on_latents``, if given, is called with each chunk's latents (unscaled posterior means)."""
     from diffusers.image_processor import VaeImageProcessor
 
     @torch.no_grad()
@@ -210,6 +236,8 @@ def vae_reconstructor(vae, batch_size: int = 64):
         outputs = []
         for chunk in pixels.split(batch_size):
             latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode()
+            if on_latents is not None:
+                on_latents(latents)
             outputs.append(vae.decode(latents).sample.float().cpu())
         decoded = VaeImageProcessor.pt_to_numpy(VaeImageProcessor.denormalize(torch.cat(outputs)))
         return (decoded * 255).round().astype("uint8")
