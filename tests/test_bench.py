@@ -115,6 +115,21 @@ def test_unet_flops_are_counted_without_running_the_model():
     assert one > 0 and two == 2 * one  # linear in the batch
 
 
+def test_high_frequency_share_of_noise_and_of_smooth_latents():
+    import torch
+
+    share = _load("vae_judge").high_frequency_share
+    noise = torch.randn(64, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.fft.fftfreq(16)
+    radius = (frequencies.view(-1, 1) ** 2 + frequencies.view(1, -1) ** 2).sqrt()
+    expected = (radius > 0.25).sum().item() / (16 * 16 - 1)  # flat spectrum over every bin but the mean's
+    assert share(noise) == pytest.approx(expected, abs=0.02)
+    y = torch.arange(16.0).view(-1, 1).expand(16, 16)
+    smooth = torch.cos(2 * torch.pi * y / 16).expand(2, 4, 16, 16) + 3.0  # one cycle per image, plus an offset
+    assert share(smooth) < 1e-6
+    assert share(smooth + 0.5 * torch.cos(torch.pi * y).expand(2, 4, 16, 16)) > 0.1  # the finest stripes
+
+
 def test_gpu_peak_is_known_for_h100_and_h200_only_by_name():
     common = _load("common")
     assert common.bf16_peak_flops("cpu") is None
