@@ -23,7 +23,7 @@ def high_frequency_share(latents: torch.Tensor, cutoff: float = 0.25) -> float:
     """The share of the latents' power (each channel's spatial mean removed) above ``cutoff`` cycles per
     latent pixel, from their 2-D Fourier spectrum averaged over images and channels. Skorokhodov et al.
     2025 ("Improving the Diffusability of Autoencoders") find that latents with more high-frequency power
-    than images have slow a diffusion model's training; white noise puts about 80% above 0.25."""
+    than images slow a diffusion model's training; white noise puts about 80% above 0.25."""
     centred = latents.double() - latents.double().mean(dim=(-2, -1), keepdim=True)
     power = torch.fft.fft2(centred).abs().pow(2).mean(dim=tuple(range(latents.dim() - 2)))
     height, width = power.shape

@@ -358,8 +358,9 @@ class VAETrainConfig:
     adversarial_start_step: int = 0
     scale_equivariance_weight: float = 0.0
     """Weight of the scale-equivariance term (Skorokhodov et al. 2025): the decoder, given the latent
-    downsampled by ``scale_equivariance_factor``, must render the image downsampled by it, which removes
-    high-frequency power from the latents that a diffusion model learns slowly. 0: off."""
+    downsampled by ``scale_equivariance_factor``, must render the image downsampled by it. They find it
+    removes high-frequency power from the latents, which slows a diffusion model's training; not yet
+    measured on the shapes data. 0: off."""
     scale_equivariance_factor: int = 2
     scaling_samples: int = 1024
     """Images encoded to measure the latent scaling factor (1 / std of the latents)."""
