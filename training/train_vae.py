@@ -281,9 +281,10 @@ def check_reconstructions(accelerator, config: Config, vae, step: int) -> None:
     report = reconstruction_agreement(vae_reconstructor(vae), train.judge_scenes, image_size=config.data.resolution)
     agreement, read = report["agreement"], f"{report['agreed']}/{report['num_scenes']}"
     accelerator.log({"reconstruction_agreement": agreement}, step=step)
-    logger.info("the judge reads %s fresh scenes (%.3f) right through the autoencoder (images with each kind "
-                "of difference: %s)", read, agreement, report["differences"] or "none")
-    if agreement < train.min_judge_agreement:
+    if agreement >= train.min_judge_agreement:
+        logger.info("the judge reads %s fresh scenes (%.3f) right through the autoencoder (images with each kind "
+                    "of difference: %s)", read, agreement, report["differences"] or "none")
+    else:
         longer = f"vae_train.max_steps={2 * train.max_steps}"
         if train.crop_steps is not None:
             longer += f" vae_train.crop_steps={train.crop_steps + train.max_steps}"
