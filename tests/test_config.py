@@ -148,6 +148,17 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_steps_and_a
     assert patient.train.optimizer == default.train.optimizer and patient.train.batch_size == default.train.batch_size
 
 
+def test_the_gpu_preset_trains_with_the_default_objective():
+    """configs/shapes-long.yaml is the default's recipe scaled up: a bigger model and budget, the same objective."""
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    default, long = load_config(configs / "shapes.yaml"), load_config(configs / "shapes-long.yaml")
+    assert long.diffusion == default.diffusion
+    assert long.data.shapes.holdout == default.data.shapes.holdout
+    assert long.train.max_steps > default.train.max_steps and long.data.shapes.num_samples > default.data.shapes.num_samples
+
+
 def test_the_scale_equivariance_factor_must_divide_every_latent_edge_stage_1_trains_on():
     assert load_config(overrides=["vae_train.scale_equivariance_weight=0.5"]).vae_train.scale_equivariance_factor == 2
     load_config(overrides=["vae_train.scale_equivariance_factor=3"])  # unused while the weight is 0
