@@ -1001,3 +1001,42 @@ def test_autoguidance_with_the_model_itself_as_guide_is_the_model_alone():
         np.testing.assert_allclose(sample(pipeline, 3.0), classifier_free, atol=1e-5)
     assert "encode_prompt" not in pipeline.__dict__ and "forward" not in pipeline.unet.__dict__
     assert script.same_autoencoder(pipeline, other) and not script.same_autoencoder(pipeline, LatentPipeline(**tiny_components(seed=1)))
+
+
+def test_eval_breakdown_splits_relations_by_word_and_counts_by_outcome():
+    from latentdiff.testing import load_bench_script
+
+    script = load_bench_script("eval_breakdown")
+
+    def image(task, prompt, passed, drawn=0):
+        return {"task": task, "prompt": prompt, "passed": passed, "judged": {"objects": [{}] * drawn}}
+
+    parts = script.breakdown([
+        image("relation", "a red circle above a blue square", True),
+        image("relation", "a red circle above a blue square", False),
+        image("relation", "a green square to the left of a red circle", False),
+        image("counting", "two red circles", True, drawn=2),
+        image("counting", "two red circles", False, drawn=3),
+        image("counting", "three blue squares", False, drawn=4),
+        image("counting", "three blue squares", False, drawn=2),
+        image("counting", "three blue squares", False, drawn=3),
+        image("position", "a red circle at the top", False),
+    ])
+    assert parts["relation"] == {"to the left of": [0, 1], "above": [1, 2]}
+    assert parts["counting"] == {2: {"right": 1, "+1": 1}, 3: {"+1": 1, "-1": 1, "right number, wrong kind": 1}}
+    with pytest.raises(ValueError, match="no relation word"):
+        script.breakdown([image("relation", "a red circle near a blue square", False)])
+    with pytest.raises(ValueError, match="a counting prompt starts with one of"):
+        script.breakdown([image("counting", "several red circles", False)])
+
+
+def test_eval_breakdown_measures_the_text_encoder_on_one_word_caption_pairs(tmp_path):
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import load_bench_script, tiny_components
+
+    script = load_bench_script("eval_breakdown")
+    LatentPipeline(**tiny_components(seed=0)).save_pretrained(tmp_path / "model", model_card=False)
+    distances = script.text_distances(str(tmp_path / "model"), {"same": ("a red circle", "a red circle"),
+                                                                 "other": ("a red circle", "three blue squares")})
+    assert distances["same"] == 0.0
+    assert distances["other"] > 0.0

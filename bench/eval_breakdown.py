@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Where a shapes model's relations and counts go wrong, read from a `latentdiff eval` results file
+(docs/conditioning.md, twentieth round).
+
+    python bench/eval_breakdown.py runs/shapes-patient/pipeline/eval/results.json [--text-distances]
+
+The suite scores each task as one figure. This splits two of them: relations by the relation word
+("to the left of", "to the right of", "above", "below"), and counting by the number named, with how many
+objects the judge saw where it was wrong (one too many, one too few...). With ``--text-distances`` it also
+loads the evaluated model and prints how far its text encoder puts captions that differ only in one word:
+the norm of the difference of the two contexts the U-Net cross-attends to, relative to the first's norm.
+A pair of words the encoder hardly separates is one the U-Net cannot tell apart either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+RELATION_WORDS = ("to the left of", "to the right of", "above", "below")
+NUMBER_WORDS = {"two": 2, "three": 3}
+# Captions that differ in one word, by what the word names.
+WORD_PAIRS: dict[str, tuple[str, str]] = {
+    "above / below": ("a red circle above a blue square", "a red circle below a blue square"),
+    "left of / right of": ("a red circle to the left of a blue square", "a red circle to the right of a blue square"),
+    "top / bottom (place)": ("a red circle at the top", "a red circle at the bottom"),
+    "left / right (place)": ("a red circle on the left", "a red circle on the right"),
+    "two / three": ("two red circles", "three red circles"),
+    "red / green": ("a red circle above a blue square", "a green circle above a blue square"),
+}
+
+
+def relation_word(prompt: str) -> str:
+    """The relation a relation prompt names."""
+    for word in RELATION_WORDS:
+        if f" {word} " in f" {prompt} ":
+            return word
+    raise ValueError(f"no relation word ({', '.join(RELATION_WORDS)}) in the relation prompt {prompt!r}")
+
+
+def named_count(prompt: str) -> int:
+    """The number a counting prompt names ("two red circles" -> 2)."""
+    first = prompt.split(" ", 1)[0]
+    if first not in NUMBER_WORDS:
+        raise ValueError(f"a counting prompt starts with one of {sorted(NUMBER_WORDS)}, got {prompt!r}")
+    return NUMBER_WORDS[first]
+
+
+def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"relation": {word: [passed, n]}, "counting": {named: Counter(outcome)}}`` for a results file's images.
+
+    A counting outcome is ``"right"`` for a passed image, else the judge's object count minus the named
+    number (``"+1"``, ``"-1"``), or ``"right number, wrong kind"``.
+    """
+    relation: dict[str, list[int]] = {word: [0, 0] for word in RELATION_WORDS}
+    counting: dict[int, collections.Counter] = {}
+    for image in images:
+        if image["task"] == "relation":
+            tally = relation[relation_word(image["prompt"])]
+            tally[0] += bool(image["passed"])
+            tally[1] += 1
+        elif image["task"] == "counting":
+            named = named_count(image["prompt"])
+            drawn = len(image["judged"]["objects"])
+            outcome = "right" if image["passed"] else (f"{drawn - named:+d}" if drawn != named else "right number, wrong kind")
+            counting.setdefault(named, collections.Counter())[outcome] += 1
+    return {"relation": {word: tally for word, tally in relation.items() if tally[1]}, "counting": counting}
+
+
+def text_distances(model: str, pairs: Mapping[str, tuple[str, str]] = WORD_PAIRS) -> dict[str, float]:
+    """``{name: |context(a) - context(b)| / |context(a)|}`` for each caption pair, with the model's text encoder."""
+    import torch
+
+    from latentdiff.pipelines import LatentPipeline
+
+    pipeline = LatentPipeline.from_pretrained(model)
+    distances = {}
+    with torch.no_grad():
+        for name, (first, second) in pairs.items():
+            # the same call the pipeline makes, without guidance: the context the U-Net reads
+            contexts, _ = pipeline.encode_prompt([first, second], device="cpu", num_images_per_prompt=1,
+                                                 do_classifier_free_guidance=False)
+            distances[name] = ((contexts[0] - contexts[1]).norm() / contexts[0].norm()).item()
+    return distances
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", help="a results.json written by `latentdiff eval`")
+    parser.add_argument("--text-distances", action="store_true",
+                        help="also load the evaluated model and measure its text encoder on one-word caption pairs")
+    args = parser.parse_args()
+    with open(args.results) as file:
+        results = json.load(file)
+    parts = breakdown(results["images"])
+    if parts["relation"]:
+        print("| relation | passed |\n|---|---|")
+        for word, (passed, n) in parts["relation"].items():
+            print(f"| {word} | {passed}/{n} ({passed / n:.2f}) |")
+    if parts["counting"]:
+        print("\n| named | outcomes |\n|---|---|")
+        for named, outcomes in sorted(parts["counting"].items()):
+            print(f"| {named} | {', '.join(f'{outcome}: {n}' for outcome, n in outcomes.most_common())} |")
+    if args.text_distances:
+        print(f"\n| caption pair ({results['model']}) | relative distance of the contexts |\n|---|---|")
+        for name, distance in text_distances(results["model"]).items():
+            print(f"| {name} | {distance:.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
