@@ -5,8 +5,9 @@
     python bench/eval_breakdown.py runs/shapes-patient/pipeline/eval/results.json [--text-distances]
 
 The suite scores each task as one figure. This splits two of them: relations by the relation word
-("to the left of", "to the right of", "above", "below"), and counting by the number named, with how many
-objects the judge saw where it was wrong (one too many, one too few...). With ``--text-distances`` it also
+("to the left of", "to the right of", "above", "below"), with what the judge saw where it was wrong (the two
+objects reversed, on one row or column, or one of them missing), and counting by the number named, with how
+many objects the judge saw where it was wrong (one too many, one too few...). With ``--text-distances`` it also
 loads the evaluated model and prints how far its text encoder puts captions that differ only in one word:
 the norm of the difference of the two contexts the U-Net cross-attends to, relative to the first's norm.
 A pair of words the encoder hardly separates is one the U-Net cannot tell apart either.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -42,6 +44,39 @@ def relation_word(prompt: str) -> str:
     raise ValueError(f"no relation word ({', '.join(RELATION_WORDS)}) in the relation prompt {prompt!r}")
 
 
+# "a red square to the left of a green circle": the suite's relation prompts
+_RELATION_PROMPT = re.compile(r"^an? (\w+) (\w+) (to the left of|to the right of|above|below) an? (\w+) (\w+)$")
+# the grid axis each relation is read along (row for above / below, column for left / right), and its sign
+_RELATION_AXIS = {"to the left of": ("col", -1), "to the right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}
+
+
+def relation_outcome(image: Mapping[str, Any]) -> str:
+    """What a relation image shows: ``"passed"``, ``"missing object"`` (one of the two is not drawn),
+    ``"reversed"`` (both drawn, in the opposite order), ``"one line"`` (both on the same row for above /
+    below, the same column for left / right), ``"several"`` (more than one object fits a description), or
+    ``"other"``."""
+    from latentdiff.data.shapes import POSITIONS
+
+    if image["passed"]:
+        return "passed"
+    match = _RELATION_PROMPT.match(image["prompt"])
+    if match is None:
+        raise ValueError(f"a relation prompt reads 'a <color> <shape> <relation> a <color> <shape>', got {image['prompt']!r}")
+    first_color, first_shape, relation, second_color, second_shape = match.groups()
+    objects = image["judged"]["objects"]
+    firsts = [obj for obj in objects if (obj["color"], obj["shape"]) == (first_color, first_shape)]
+    seconds = [obj for obj in objects if (obj["color"], obj["shape"]) == (second_color, second_shape)]
+    if not firsts or not seconds:
+        return "missing object"
+    if len(firsts) > 1 or len(seconds) > 1:
+        return "several"
+    axis, sign = _RELATION_AXIS[relation]
+    index = 0 if axis == "row" else 1
+    offset = POSITIONS[firsts[0]["position"]][index] - POSITIONS[seconds[0]["position"]][index]
+    # both in the named order but failed all the same: the background, say
+    return "one line" if offset == 0 else "reversed" if offset * sign < 0 else "other"
+
+
 def named_count(prompt: str) -> int:
     """The number a counting prompt names ("two red circles" -> 2)."""
     first = prompt.split(" ", 1)[0]
@@ -51,24 +86,23 @@ def named_count(prompt: str) -> int:
 
 
 def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """``{"relation": {word: [passed, n]}, "counting": {named: Counter(outcome)}}`` for a results file's images.
+    """``{"relation": {word: Counter(outcome)}, "counting": {named: Counter(outcome)}}`` for a results file's
+    images.
 
-    A counting outcome is ``"right"`` for a passed image, else the judge's object count minus the named
+    A relation outcome is one of :func:`relation_outcome`'s. A counting outcome is ``"right"`` for a passed image, else the judge's object count minus the named
     number (``"+1"``, ``"-1"``), or ``"right number, wrong kind"``.
     """
-    relation: dict[str, list[int]] = {word: [0, 0] for word in RELATION_WORDS}
+    relation: dict[str, collections.Counter] = {word: collections.Counter() for word in RELATION_WORDS}
     counting: dict[int, collections.Counter] = {}
     for image in images:
         if image["task"] == "relation":
-            tally = relation[relation_word(image["prompt"])]
-            tally[0] += bool(image["passed"])
-            tally[1] += 1
+            relation[relation_word(image["prompt"])][relation_outcome(image)] += 1
         elif image["task"] == "counting":
             named = named_count(image["prompt"])
             drawn = len(image["judged"]["objects"])
             outcome = "right" if image["passed"] else (f"{drawn - named:+d}" if drawn != named else "right number, wrong kind")
             counting.setdefault(named, collections.Counter())[outcome] += 1
-    return {"relation": {word: tally for word, tally in relation.items() if tally[1]}, "counting": counting}
+    return {"relation": {word: outcomes for word, outcomes in relation.items() if outcomes}, "counting": counting}
 
 
 def text_distances(model: str, pairs: Mapping[str, tuple[str, str]] = WORD_PAIRS) -> dict[str, float]:
@@ -98,9 +132,11 @@ def main() -> None:
         results = json.load(file)
     parts = breakdown(results["images"])
     if parts["relation"]:
-        print("| relation | passed |\n|---|---|")
-        for word, (passed, n) in parts["relation"].items():
-            print(f"| {word} | {passed}/{n} ({passed / n:.2f}) |")
+        print("| relation | passed | where it failed |\n|---|---|---|")
+        for word, outcomes in parts["relation"].items():
+            n, failed = sum(outcomes.values()), {k: v for k, v in outcomes.most_common() if k != "passed"}
+            print(f"| {word} | {outcomes['passed']}/{n} ({outcomes['passed'] / n:.2f}) | "
+                  f"{', '.join(f'{outcome}: {count}' for outcome, count in failed.items())} |")
     if parts["counting"]:
         print("\n| named | outcomes |\n|---|---|")
         for named, outcomes in sorted(parts["counting"].items()):

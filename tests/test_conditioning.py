@@ -1008,13 +1008,20 @@ def test_eval_breakdown_splits_relations_by_word_and_counts_by_outcome():
 
     script = load_bench_script("eval_breakdown")
 
-    def image(task, prompt, passed, drawn=0):
-        return {"task": task, "prompt": prompt, "passed": passed, "judged": {"objects": [{}] * drawn}}
+    def image(task, prompt, passed, drawn=0, objects=None):
+        return {"task": task, "prompt": prompt, "passed": passed, "judged": {"objects": objects or [{}] * drawn}}
 
+    def obj(color, shape, position):
+        return {"color": color, "shape": shape, "size": "large", "position": position}
+
+    red_circle, blue_square = ("red", "circle"), ("blue", "square")
     parts = script.breakdown([
         image("relation", "a red circle above a blue square", True),
-        image("relation", "a red circle above a blue square", False),
-        image("relation", "a green square to the left of a red circle", False),
+        image("relation", "a red circle above a blue square", False, objects=[obj(*red_circle, "at the bottom"), obj(*blue_square, "in the center")]),
+        image("relation", "a red circle above a blue square", False, objects=[obj(*red_circle, "on the left"), obj(*blue_square, "on the right")]),
+        image("relation", "a red circle above a blue square", False, objects=[obj(*red_circle, "on the left")]),
+        image("relation", "a green square to the left of a red circle", False,
+              objects=[obj("green", "square", "at the top"), obj(*red_circle, "at the bottom")]),
         image("counting", "two red circles", True, drawn=2),
         image("counting", "two red circles", False, drawn=3),
         image("counting", "three blue squares", False, drawn=4),
@@ -1022,10 +1029,12 @@ def test_eval_breakdown_splits_relations_by_word_and_counts_by_outcome():
         image("counting", "three blue squares", False, drawn=3),
         image("position", "a red circle at the top", False),
     ])
-    assert parts["relation"] == {"to the left of": [0, 1], "above": [1, 2]}
+    assert parts["relation"] == {"to the left of": {"one line": 1}, "above": {"passed": 1, "reversed": 1, "one line": 1, "missing object": 1}}
     assert parts["counting"] == {2: {"right": 1, "+1": 1}, 3: {"+1": 1, "-1": 1, "right number, wrong kind": 1}}
     with pytest.raises(ValueError, match="no relation word"):
         script.breakdown([image("relation", "a red circle near a blue square", False)])
+    with pytest.raises(ValueError, match="a relation prompt reads"):
+        script.breakdown([image("relation", "the red circle is above the blue square", False)])
     with pytest.raises(ValueError, match="a counting prompt starts with one of"):
         script.breakdown([image("counting", "several red circles", False)])
 
