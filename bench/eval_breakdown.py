@@ -23,7 +23,9 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-RELATION_WORDS = ("to the left of", "to the right of", "above", "below")
+from latentdiff.data.shapes import RELATION_PHRASES
+
+RELATION_WORDS = tuple(RELATION_PHRASES.values())  # "to the left of", "to the right of", "above", "below"
 NUMBER_WORDS = {"two": 2, "three": 3}
 # Captions that differ in one word, by what the word names.
 WORD_PAIRS: dict[str, tuple[str, str]] = {
@@ -46,8 +48,6 @@ def relation_word(prompt: str) -> str:
 
 # "a red square to the left of a green circle": the suite's relation prompts
 _RELATION_PROMPT = re.compile(r"^an? (\w+) (\w+) (to the left of|to the right of|above|below) an? (\w+) (\w+)$")
-# the grid axis each relation is read along (row for above / below, column for left / right), and its sign
-_RELATION_AXIS = {"to the left of": ("col", -1), "to the right of": ("col", 1), "above": ("row", -1), "below": ("row", 1)}
 
 
 def relation_outcome(image: Mapping[str, Any]) -> str:
@@ -56,25 +56,28 @@ def relation_outcome(image: Mapping[str, Any]) -> str:
     below, the same column for left / right), ``"several"`` (more than one object fits a description), or
     ``"other"``."""
     from latentdiff.data.shapes import POSITIONS
+    from latentdiff.eval.suite import relation_holds
 
     if image["passed"]:
         return "passed"
     match = _RELATION_PROMPT.match(image["prompt"])
     if match is None:
         raise ValueError(f"a relation prompt reads 'a <color> <shape> <relation> a <color> <shape>', got {image['prompt']!r}")
-    first_color, first_shape, relation, second_color, second_shape = match.groups()
-    objects = image["judged"]["objects"]
+    first_color, first_shape, phrase, second_color, second_shape = match.groups()
+    relation = next(name for name, words in RELATION_PHRASES.items() if words == phrase)
+    # the judged objects carry their place's name; relation_holds reads the grid cell
+    objects = [{**obj, **dict(zip(("row", "col"), POSITIONS[obj["position"]]))} for obj in image["judged"]["objects"]]
     firsts = [obj for obj in objects if (obj["color"], obj["shape"]) == (first_color, first_shape)]
     seconds = [obj for obj in objects if (obj["color"], obj["shape"]) == (second_color, second_shape)]
     if not firsts or not seconds:
         return "missing object"
     if len(firsts) > 1 or len(seconds) > 1:
         return "several"
-    axis, sign = _RELATION_AXIS[relation]
-    index = 0 if axis == "row" else 1
-    offset = POSITIONS[firsts[0]["position"]][index] - POSITIONS[seconds[0]["position"]][index]
+    (first,), (second,) = firsts, seconds
+    if relation_holds(second, relation, first):
+        return "reversed"
     # both in the named order but failed all the same: the background, say
-    return "one line" if offset == 0 else "reversed" if offset * sign < 0 else "other"
+    return "other" if relation_holds(first, relation, second) else "one line"
 
 
 def named_count(prompt: str) -> int:
