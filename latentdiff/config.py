@@ -209,6 +209,10 @@ class ShapesConfig:
     full_caption: bool = False
     """Make one of each image's captions its whole description (every object's size, color, shape and
     position, and the background): :func:`latentdiff.data.shapes.full_caption`."""
+    full_caption_order: Literal["reading", "random"] = "reading"
+    """The order in which that description names the objects: top to bottom and left to right, or drawn
+    at random per image. In reading order the first object named is never below the second, a cue to
+    the layout that "A below B" contradicts."""
     mixture: SceneMixtureConfig = field(default_factory=SceneMixtureConfig)
     """How often each kind of scene is drawn."""
 

@@ -122,6 +122,7 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
                 holdout=data.shapes.holdout,
                 captions_per_image=data.shapes.captions_per_image,
                 full_caption=data.shapes.full_caption,
+                full_caption_order=data.shapes.full_caption_order,
                 mixture=dataclasses.asdict(data.shapes.mixture),
             )
         except ValueError as error:  # an option of the built-in data, e.g. an unknown word in holdout

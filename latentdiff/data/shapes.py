@@ -91,6 +91,9 @@ RELATION_PHRASES: dict[str, str] = {
 SCENE_KINDS: tuple[str, ...] = ("single", "count", "relation", "multi")
 DEFAULT_MIXTURE: dict[str, float] = {"single": 0.4, "count": 0.2, "relation": 0.25, "multi": 0.15}
 
+#: Orders in which a scene's whole description (:func:`full_caption`) can name its objects.
+FULL_CAPTION_ORDERS: tuple[str, ...] = ("reading", "random")
+
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
 
 GRID = 3
@@ -196,6 +199,7 @@ class ShapesOptions:
     jitter: bool = True
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     full_caption: bool = False
+    full_caption_order: str = "reading"
 
     @functools.cached_property
     def allowed_objects(self) -> tuple[tuple[str, str, str], ...]:
@@ -218,6 +222,7 @@ class ShapesOptions:
         jitter: bool = True,
         backgrounds: Sequence[str] | None = None,
         full_caption: bool = False,
+        full_caption_order: str = "reading",
     ) -> ShapesOptions:
         """Check every option and return them frozen; raises ``ValueError`` naming the bad one."""
         if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 1 <= min_objects <= max_objects <= 3):
@@ -252,6 +257,8 @@ class ShapesOptions:
             )
         if not isinstance(captions_per_image, int) or captions_per_image < 1:
             raise ValueError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
+        if full_caption_order not in FULL_CAPTION_ORDERS:
+            raise ValueError(f"full_caption_order must be one of {list(FULL_CAPTION_ORDERS)}, got {full_caption_order!r}")
         backgrounds = tuple(BACKGROUNDS if backgrounds is None else backgrounds)
         bad = [name for name in backgrounds if name not in BACKGROUNDS]
         if bad or not backgrounds:
@@ -265,6 +272,7 @@ class ShapesOptions:
             jitter=bool(jitter),
             backgrounds=backgrounds,
             full_caption=bool(full_caption),
+            full_caption_order=full_caption_order,
         )
 
 
@@ -577,7 +585,7 @@ def caption_families(scene: Mapping[str, Any]) -> list[list[str]]:
     return families
 
 
-def full_caption(scene: Mapping[str, Any]) -> str:
+def full_caption(scene: Mapping[str, Any], rng: random.Random | None = None) -> str:
     """The scene's whole description: every object with size, color, shape and position, and the background.
 
     ``"a small red circle at the top left on a white background"``, ``"two large green triangles at the top
@@ -585,8 +593,14 @@ def full_caption(scene: Mapping[str, Any]) -> str:
     the bottom right on a gray background"``. Dense captions teach a text-to-image model faster than partial
     ones (Betker et al. 2023, "Improving Image Generation with Better Captions", DALL-E 3): every attribute
     the image shows is named, so none is left for the model to guess.
+
+    Without ``rng`` the objects are named in reading order (top to bottom, left to right), so the first
+    named is never below the second; with ``rng`` in a random order, so that the order of mention says
+    nothing of the layout and only the place words do.
     """
-    objects = scene["objects"]
+    objects = list(scene["objects"])
+    if rng is not None:
+        rng.shuffle(objects)
     on_background = f"on a {scene['background']} background"
     if len(objects) > 1 and len({(obj["color"], obj["shape"]) for obj in objects}) == 1:  # a count
         first = objects[0]
@@ -602,12 +616,15 @@ def all_scene_captions(scene: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(caption for family in caption_families(scene) for caption in family))
 
 
-def scene_captions(scene: Mapping[str, Any], rng: random.Random, k: int = 5, full: bool = False) -> list[str]:
+def scene_captions(
+    scene: Mapping[str, Any], rng: random.Random, k: int = 5, full: bool = False, full_order: str = "reading"
+) -> list[str]:
     """Up to ``k`` different captions of a scene, from ``k`` different template families chosen at random;
-    with ``full``, the first is always :func:`full_caption`."""
+    with ``full``, the first is always :func:`full_caption`, naming the objects in reading order or, with
+    ``full_order="random"``, in a random one."""
     families = caption_families(scene)
     rng.shuffle(families)
-    captions: list[str] = [full_caption(scene)] if full else []
+    captions: list[str] = [full_caption(scene, rng if full_order == "random" else None)] if full else []
     for family in families:
         caption = rng.choice(family)
         if caption not in captions:
@@ -686,7 +703,9 @@ def make_shapes_sample(index: int, seed: int, image_size: int, options: ShapesOp
     """One sample: ``{"image": PIL image, "text", "captions", "scene"}``; a function of its arguments only."""
     rng = sample_rng(seed, index)
     scene = sample_scene(rng, options)
-    captions = scene_captions(scene, rng, options.captions_per_image, full=options.full_caption)
+    captions = scene_captions(
+        scene, rng, options.captions_per_image, full=options.full_caption, full_order=options.full_caption_order
+    )
     return {"image": render_scene(scene, image_size), "text": captions[0], "captions": captions, "scene": scene}
 
 
@@ -709,6 +728,7 @@ def make_shapes_dataset(
     jitter: bool = True,
     backgrounds: Sequence[str] | None = None,
     full_caption: bool = False,
+    full_caption_order: str = "reading",
     progress_bar: bool | None = None,
 ) -> datasets.Dataset:
     """The captioned shapes as a :class:`datasets.Dataset`.
@@ -733,6 +753,9 @@ def make_shapes_dataset(
         jitter: shift objects randomly within their cells (never across a cell border).
         backgrounds: background names to draw from (default all of :data:`BACKGROUNDS`).
         full_caption: make each image's first caption its whole description (:func:`full_caption`).
+        full_caption_order: the order in which that description names the objects: ``"reading"`` (top to
+            bottom, left to right) or ``"random"`` (drawn per image, so that the order says nothing of the
+            layout).
         progress_bar: show a progress bar (default: for 2,000 samples or more).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
@@ -750,6 +773,7 @@ def make_shapes_dataset(
         jitter=jitter,
         backgrounds=backgrounds,
         full_caption=full_caption,
+        full_caption_order=full_caption_order,
     )
     from tqdm.auto import tqdm
 
