@@ -212,7 +212,9 @@ class ShapesConfig:
     full_caption_order: Literal["reading", "random"] = "reading"
     """The order in which that description names the objects: top to bottom and left to right, or drawn
     at random per image. In reading order the first object named is never below the second, a cue to
-    the layout that "A below B" contradicts."""
+    the layout that "A below B" contradicts; yet in random order the patient preset reversed its left / right
+    relations too (relation 0.53 -> 0.31 on seed 1; docs/conditioning.md, twenty-first round), so reading
+    order stays the default."""
     mixture: SceneMixtureConfig = field(default_factory=SceneMixtureConfig)
     """How often each kind of scene is drawn."""
 
