@@ -169,7 +169,7 @@ def test_full_captions_in_random_order_are_truthful_and_say_nothing_by_their_ord
             objects = scene["objects"]
             if scene["kind"] != "relation" or objects[0]["row"] == objects[1]["row"]:
                 continue
-            named = [o for o in sorted(objects, key=lambda o: caption.index(f"{o['color']} {o['shape']}"))]
+            named = sorted(objects, key=lambda o: caption.index(f"{o['color']} {o['shape']}"))
             first_below[order, named[0]["row"] > named[1]["row"]] += 1
     assert first_below["reading", True] == 0 and first_below["reading", False] > 20
     assert first_below["random", True] > 0.3 * (first_below["random", True] + first_below["random", False])
