@@ -25,6 +25,7 @@ _LAZY = {
     "LatentOutpaintPipeline": "latentdiff.pipelines",
     "OpenCLIPTextModel": "latentdiff.models.text_encoders",
     "CLIPTextModelWithWordEmbeddings": "latentdiff.models.word_context",
+    "BidirectionalCLIPTextModel": "latentdiff.models.bidirectional",
     "PositionalUNet2DConditionModel": "latentdiff.models.unet",
     "Config": "latentdiff.config",
     "load_config": "latentdiff.config",
@@ -108,4 +109,5 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .models.text_encoders import OpenCLIPTextModel
     from .models.word_context import CLIPTextModelWithWordEmbeddings
+    from .models.bidirectional import BidirectionalCLIPTextModel
     from .models.tokenizer import clip_tokenizer

@@ -149,6 +149,11 @@ class TextEncoderConfig:
     (``[word, 0]`` and ``[0, state]``), so that each goes through its own columns of the U-Net's cross-attention
     key and value projections, as each path does along the features. The cross-attention width doubles. Measured
     once on the patient preset: 0.555, the U-Net reading the word path only (docs/conditioning.md, thirteenth round)."""
+    bidirectional: bool = False
+    """Run the text encoder's layers without CLIP's causal mask, so that every token's state reads the whole
+    caption (padding masked), as Imagen's T5 encoder does (Saharia et al. 2022): in "a red circle below a blue
+    square" the subject's states then know the relation (:mod:`latentdiff.models.bidirectional`). For a ``clip``
+    encoder."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -702,6 +707,8 @@ def check_values(config: Config) -> None:
     if text.zero_init_residual and (text.kind != "clip" or text.pretrained):
         fail("model.text_encoder.zero_init_residual", True,
              "false with a pretrained or OpenCLIP text encoder (it initializes a CLIP encoder built from scratch)")
+    if text.bidirectional and text.kind != "clip":
+        fail("model.text_encoder.bidirectional", True, "false with an OpenCLIP text encoder (it wraps CLIPTextModel)")
     if text.word_embeddings_in_context and text.kind != "clip":
         fail("model.text_encoder.word_embeddings_in_context", True, "false with an OpenCLIP text encoder (it wraps CLIPTextModel)")
     if text.word_embeddings_in_context and not text.pretrained and text.num_hidden_layers == 0:

@@ -405,6 +405,28 @@ def test_word_embeddings_text_encoder_saves_loads_and_skips_layers(tmp_path, axi
     np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("word_path", [False, True])
+def test_bidirectional_text_encoder_saves_loads_and_skips_layers(tmp_path, word_path):
+    """`model.text_encoder.bidirectional` builds a BidirectionalCLIPTextModel (a CLIPTextModelWithWordEmbeddings
+    beside the word path), which the pipeline saves under its public name, reloads bidirectional and `clip_skip`s."""
+    from latentdiff import BidirectionalCLIPTextModel, CLIPTextModelWithWordEmbeddings
+    from latentdiff.testing import tiny_components
+
+    overrides = {"model.text_encoder.bidirectional": True, "model.text_encoder.word_embeddings_in_context": word_path}
+    components = tiny_components(seed=0, overrides=overrides)
+    cls = CLIPTextModelWithWordEmbeddings if word_path else BidirectionalCLIPTextModel
+    assert type(components["text_encoder"]) is cls and components["text_encoder"].bidirectional
+    pipe = make_pipe(components)
+    expected = run(pipe)
+    assert run(pipe, clip_skip=1).shape == expected.shape
+    pipe.save_pretrained(tmp_path, model_card=False)
+    assert json.loads((tmp_path / "model_index.json").read_text())["text_encoder"] == ["latentdiff", cls.__name__]
+    reloaded = LatentPipeline.from_pretrained(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded.text_encoder) is cls and reloaded.text_encoder.bidirectional
+    np.testing.assert_allclose(run(reloaded), expected, atol=1e-6)
+
+
 def test_word_embeddings_text_encoder_rejects_an_unknown_axis():
     from transformers import CLIPTextConfig
 

@@ -21,6 +21,7 @@ from ..config import ConfigError, ModelConfig, TextEncoderConfig
 from .presets import MODEL_PRESETS
 from .tokenizer import CONTEXT_LENGTH, clip_tokenizer
 from .unet import PositionalUNet2DConditionModel, saved_unet_class
+from .bidirectional import BidirectionalCLIPTextModel
 from .word_context import CLIPTextModelWithWordEmbeddings
 
 __all__ = [
@@ -153,7 +154,7 @@ def _text_hidden_size(text_encoder: TextEncoderConfig) -> int:
 
 def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
     """The text encoder of ``config``: ``CLIPTextModel`` (with the word embeddings in its conditioning if
-    ``word_embeddings_in_context``) or the OpenCLIP text tower."""
+    ``word_embeddings_in_context``, without the causal mask if ``bidirectional``) or the OpenCLIP text tower."""
     text = config.text_encoder
     if text.kind == "open_clip":
         from .text_encoders import OpenCLIPTextModel
@@ -170,11 +171,14 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
             context_length=text.max_position_embeddings,
             hidden_act=text.hidden_act,
         )
+    # The options below are CLIPTextConfig attributes, so that the saved folder reloads the same.
     model_class, word_path = CLIPTextModel, {}
-    if text.word_embeddings_in_context:  # a CLIPTextConfig attribute, so that the saved folder reloads the same
+    if text.bidirectional:
+        model_class, word_path = BidirectionalCLIPTextModel, {"bidirectional": True}
+    if text.word_embeddings_in_context:
         model_class = CLIPTextModelWithWordEmbeddings
-        word_path = {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout,
-                     "word_path_own_projection": text.word_path_own_projection}
+        word_path |= {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout,
+                      "word_path_own_projection": text.word_path_own_projection}
     if text.pretrained:
         return _from_pretrained(model_class, text.pretrained, text.subfolder, "model.text_encoder.pretrained", **word_path)
     tokenizer_vocab_size = 49408

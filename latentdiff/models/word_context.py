@@ -32,28 +32,31 @@ token is ``W_words @ word`` or ``W_states @ state``, two projections, and the cr
 (docs/conditioning.md, thirteenth round).
 
 It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
-same final layer norm as the last layer's state, so there is no new parameter): its folder is a CLIP
-text encoder folder, and a pipeline's ``model_index.json`` lists it as ``["latentdiff",
+same final layer norm as the last layer's state, so there is no new parameter), built on
+:class:`~latentdiff.models.bidirectional.BidirectionalCLIPTextModel` so that ``config.bidirectional`` runs its
+layers without the causal mask: its folder is a CLIP text encoder folder, and a pipeline's ``model_index.json`` lists it as ``["latentdiff",
 "CLIPTextModelWithWordEmbeddings"]``.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import CLIPTextModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .bidirectional import BidirectionalCLIPTextModel
 
 __all__ = ["CLIPTextModelWithWordEmbeddings"]
 
 
-class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
+class CLIPTextModelWithWordEmbeddings(BidirectionalCLIPTextModel):
     r"""``CLIPTextModel`` whose ``last_hidden_state`` joins ``LN(embeddings)`` and ``LN(last layer)``.
 
     ``LN`` is the model's final layer norm and ``embeddings`` the token + position embeddings. With
     ``config.word_embeddings_axis == "features"`` (the default, also for folders saved without it) the
     output has ``2 * hidden_size`` features per token; with ``"tokens"`` it has ``2 * tokens`` tokens of
     ``hidden_size`` features (``2 * hidden_size`` with ``config.word_path_own_projection``), the word
-    embeddings first. ``pooler_output`` and ``hidden_states`` are those of ``CLIPTextModel``;
+    embeddings first. ``pooler_output`` and ``hidden_states`` are those of ``CLIPTextModel`` (run without the
+    causal mask with ``config.bidirectional``);
     :meth:`conditioning` builds the same two-path context from any layer's state (a pipeline's ``clip_skip``).
 
     Example::
@@ -83,10 +86,6 @@ class CLIPTextModelWithWordEmbeddings(CLIPTextModel):
         self.word_embeddings_axis = axis
         self.word_path_dropout = dropout
         self.word_path_own_projection = own_projection
-
-    def _final_layer_norm(self) -> torch.nn.LayerNorm:
-        # transformers 5's CLIPTextModel is flat; transformers 4 keeps the modules under ``text_model``.
-        return getattr(self, "text_model", self).final_layer_norm
 
     def conditioning(self, hidden_states: tuple[torch.Tensor, ...], layer: int = -1) -> torch.Tensor:
         """The two-path context from ``hidden_states`` (``output_hidden_states=True``): the input embedding and the
