@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 
@@ -20,6 +21,7 @@ from latentdiff.data.shapes import (
     make_shapes_dataset,
     render_scene,
     save_as_imagefolder,
+    scene_captions,
 )
 
 
@@ -175,6 +177,8 @@ def test_full_captions_in_random_order_are_truthful_and_say_nothing_by_their_ord
     assert first_below["random", True] > 0.3 * (first_below["random", True] + first_below["random", False])
     with pytest.raises(ValueError, match="full_caption_order must be one of"):
         make_shapes_dataset(2, full_caption=True, full_caption_order="backwards")
+    with pytest.raises(ValueError, match="full_order must be one of \\['reading', 'random'\\], got 'backwards'"):
+        scene_captions(make_shapes_dataset(1)[0]["scene"], random.Random(0), full=True, full_order="backwards")
 
 
 def test_scene_structure(dataset_seed3):

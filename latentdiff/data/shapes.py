@@ -622,6 +622,8 @@ def scene_captions(
     """Up to ``k`` different captions of a scene, from ``k`` different template families chosen at random;
     with ``full``, the first is always :func:`full_caption`, naming the objects in reading order or, with
     ``full_order="random"``, in a random one."""
+    if full_order not in FULL_CAPTION_ORDERS:
+        raise ValueError(f"full_order must be one of {list(FULL_CAPTION_ORDERS)}, got {full_order!r}")
     families = caption_families(scene)
     rng.shuffle(families)
     captions: list[str] = [full_caption(scene, rng if full_order == "random" else None)] if full else []
