@@ -98,7 +98,7 @@ class BidirectionalCLIPTextModel(CLIPTextModel):
 
     def _end_of_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Each caption's first end-of-text position (its last token if it has none: a truncated caption)."""
-        if self.config.eos_token_id == 2:  # configs older than transformers PR #24773: the highest id, as CLIPTextModel reads it
+        if self.config.eos_token_id == 2:  # configs before transformers PR #24773: the highest id, as CLIPTextModel
             return input_ids.int().argmax(dim=1)
         is_end = input_ids == self.config.eos_token_id
         last = torch.full_like(input_ids[:, 0], input_ids.shape[1] - 1)

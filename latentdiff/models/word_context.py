@@ -34,8 +34,8 @@ token is ``W_words @ word`` or ``W_states @ state``, two projections, and the cr
 It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
 same final layer norm as the last layer's state, so there is no new parameter), built on
 :class:`~latentdiff.models.bidirectional.BidirectionalCLIPTextModel` so that ``config.bidirectional`` runs its
-layers without the causal mask: its folder is a CLIP text encoder folder, and a pipeline's ``model_index.json`` lists it as ``["latentdiff",
-"CLIPTextModelWithWordEmbeddings"]``.
+layers without the causal mask: its folder is a CLIP text encoder folder, and a pipeline's
+``model_index.json`` lists it as ``["latentdiff", "CLIPTextModelWithWordEmbeddings"]``.
 """
 
 from __future__ import annotations
