@@ -172,15 +172,15 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
             hidden_act=text.hidden_act,
         )
     # The options below are CLIPTextConfig attributes, so that the saved folder reloads the same.
-    model_class, word_path = CLIPTextModel, {}
+    model_class, options = CLIPTextModel, {}
     if text.bidirectional:
-        model_class, word_path = BidirectionalCLIPTextModel, {"bidirectional": True}
+        model_class, options = BidirectionalCLIPTextModel, {"bidirectional": True}
     if text.word_embeddings_in_context:
         model_class = CLIPTextModelWithWordEmbeddings
-        word_path |= {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout,
-                      "word_path_own_projection": text.word_path_own_projection}
+        options |= {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout,
+                    "word_path_own_projection": text.word_path_own_projection}
     if text.pretrained:
-        return _from_pretrained(model_class, text.pretrained, text.subfolder, "model.text_encoder.pretrained", **word_path)
+        return _from_pretrained(model_class, text.pretrained, text.subfolder, "model.text_encoder.pretrained", **options)
     tokenizer_vocab_size = 49408
     model = model_class(
         CLIPTextConfig(
@@ -195,7 +195,7 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=0,
-            **word_path,
+            **options,
         )
     )
     if text.zero_init_residual:
