@@ -32,6 +32,9 @@ PredictionType = Literal["epsilon", "v_prediction", "sample"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 SchedulerName = Literal["ddpm", "ddim", "dpm", "euler", "euler_a", "pndm"]
+FullCaptionOrder = Literal["reading", "random"]
+"""Orders in which the built-in data's whole description names a scene's objects
+(:func:`latentdiff.data.shapes.full_caption`); the data module reads its list from here."""
 # Names the libraries define, kept here so that this module imports neither Diffusers nor Accelerate;
 # tests/test_config.py checks each list against the library's own.
 LRSchedulerName = Literal[
@@ -186,9 +189,10 @@ class ModelConfig:
 
 @dataclass
 class SceneMixtureConfig:
-    """Relative weights of the built-in data's scene kinds (:data:`latentdiff.data.shapes.DEFAULT_MIXTURE`
-    by default); they need not sum to 1. The suite's single-object tasks learn from ``single``, its
-    counting task from ``count``, two objects, relations and color binding from ``relation``."""
+    """Relative weights of the built-in data's scene kinds; they need not sum to 1. These defaults are
+    also :data:`latentdiff.data.shapes.DEFAULT_MIXTURE`, the data module's own. The suite's single-object
+    tasks learn from ``single``, its counting task from ``count``, two objects, relations and color binding
+    from ``relation``."""
 
     single: float = 0.4
     """One object."""
@@ -215,7 +219,7 @@ class ShapesConfig:
     full_caption: bool = False
     """Make one of each image's captions its whole description (every object's size, color, shape and
     position, and the background): :func:`latentdiff.data.shapes.full_caption`."""
-    full_caption_order: Literal["reading", "random"] = "reading"
+    full_caption_order: FullCaptionOrder = "reading"
     """The order in which that description names the objects: top to bottom and left to right, or drawn
     at random per image. In reading order the first object named is never below the second, a cue to
     the layout that "A below B" contradicts; yet in random order the patient preset reversed its left / right

@@ -19,6 +19,7 @@ are written here; storage, decoding and image-folder export are the ``datasets``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -26,12 +27,15 @@ import json
 import os
 import random
 import re
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 from PIL import Image, ImageDraw
+
+from latentdiff.config import FullCaptionOrder, SceneMixtureConfig
 
 # --------------------------------------------------------------------------------------------
 # Vocabulary
@@ -88,11 +92,12 @@ RELATION_PHRASES: dict[str, str] = {
 
 #: Scene kinds and their default share of the data: single objects are what a small model
 #: learns first; counts, two-object relations and three-object scenes teach composition.
-SCENE_KINDS: tuple[str, ...] = ("single", "count", "relation", "multi")
-DEFAULT_MIXTURE: dict[str, float] = {"single": 0.4, "count": 0.2, "relation": 0.25, "multi": 0.15}
+#: The weights are the config's (one list for both, so that they cannot drift apart).
+DEFAULT_MIXTURE: dict[str, float] = dataclasses.asdict(SceneMixtureConfig())
+SCENE_KINDS: tuple[str, ...] = tuple(DEFAULT_MIXTURE)
 
 #: Orders in which a scene's whole description (:func:`full_caption`) can name its objects.
-FULL_CAPTION_ORDERS: tuple[str, ...] = ("reading", "random")
+FULL_CAPTION_ORDERS: tuple[str, ...] = typing.get_args(FullCaptionOrder)
 
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
 
