@@ -19,7 +19,6 @@ are written here; storage, decoding and image-folder export are the ``datasets``
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import itertools
@@ -27,10 +26,9 @@ import json
 import os
 import random
 import re
-import typing
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, get_args
 
 import datasets
 from PIL import Image, ImageDraw
@@ -93,11 +91,11 @@ RELATION_PHRASES: dict[str, str] = {
 #: Scene kinds and their default share of the data: single objects are what a small model
 #: learns first; counts, two-object relations and three-object scenes teach composition.
 #: The weights are the config's (one list for both, so that they cannot drift apart).
-DEFAULT_MIXTURE: dict[str, float] = dataclasses.asdict(SceneMixtureConfig())
+DEFAULT_MIXTURE: dict[str, float] = asdict(SceneMixtureConfig())
 SCENE_KINDS: tuple[str, ...] = tuple(DEFAULT_MIXTURE)
 
 #: Orders in which a scene's whole description (:func:`full_caption`) can name its objects.
-FULL_CAPTION_ORDERS: tuple[str, ...] = typing.get_args(FullCaptionOrder)
+FULL_CAPTION_ORDERS: tuple[str, ...] = get_args(FullCaptionOrder)
 
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three"}
 
