@@ -29,7 +29,6 @@ bf16 peak (n/a on CPU).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -285,12 +284,9 @@ def prepare(workdir: str, settings: TrainPreset, trainer_overrides: list[str], c
 
 def _load_trainer():
     """``training/train_ldm.py`` as a module (``training/`` is a folder of scripts, not a package)."""
-    path = os.path.join(REPO_ROOT, "training", "train_ldm.py")
-    spec = importlib.util.spec_from_file_location("train_ldm", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from latentdiff.testing import load_repository_script
+
+    return load_repository_script("training", "train_ldm")
 
 
 def ours_worker(spec: dict[str, Any]) -> dict[str, Any]:

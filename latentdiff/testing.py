@@ -72,15 +72,22 @@ def tensorboard_records(logdir: str | os.PathLike) -> tuple[dict, dict, dict]:
     return hyperparameters, images, scalars
 
 
-def load_bench_script(name: str):
-    """A script of the repository's bench/ folder as a module (bench/ is a folder of scripts, not a package)."""
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    sys.path.insert(0, bench)
+def load_repository_script(folder: str, name: str):
+    """A script of the repository's ``folder`` (``bench`` or ``training``: folders of scripts, not packages)
+    as a module, registered as ``{folder}_{name}``; the folder is on ``sys.path`` while it is imported, for
+    the scripts that import their neighbours (bench/common.py)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), folder)
+    sys.path.insert(0, path)
     try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(bench, f"{name}.py"))
+        spec = importlib.util.spec_from_file_location(f"{folder}_{name}", os.path.join(path, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
         return module
     finally:
-        sys.path.remove(bench)
+        sys.path.remove(path)
+
+
+def load_bench_script(name: str):
+    """A script of the repository's bench/ folder as a module (bench/ is a folder of scripts, not a package)."""
+    return load_repository_script("bench", name)

@@ -472,17 +472,17 @@ def test_word_embeddings_axis_needs_the_word_path_and_a_known_axis():
 @pytest.mark.slow
 def test_text_stage_feeds_stage_two(tmp_path):
     """train_text.py writes a text encoder that train_ldm.py loads, frozen and cached, with a 32-token context."""
-    from test_training import TRAIN_LDM, TRAIN_VAE, run_script
+    from test_training import TRAIN_LDM, TRAIN_VAE, run_script, run_script_here
     from transformers import CLIPTextModel, CLIPTokenizer
 
     train_text = str(Path(TRAIN_LDM).with_name("train_text.py"))
     common = [f"output_dir={tmp_path}", "model.text_encoder.contrastive_pretraining=true",
               "model.text_encoder.max_position_embeddings=32"]
-    skipped = run_script(train_text, f"output_dir={tmp_path}")
-    assert "nothing to do" in skipped.stdout and not (tmp_path / "text_encoder").exists()
+    status, stdout, _ = run_script_here(train_text, f"output_dir={tmp_path}")
+    assert status == 0 and "nothing to do" in stdout and not (tmp_path / "text_encoder").exists()
     run_script(TRAIN_VAE, *common)
-    missing = run_script(TRAIN_LDM, *common, check=False)
-    assert missing.returncode == 2 and "run training/train_text.py" in missing.stderr
+    status, _, stderr = run_script_here(TRAIN_LDM, *common)
+    assert status == 2 and "run training/train_text.py" in stderr
     run_script(train_text, *common, "text_train.max_steps=3", "text_train.batch_size=16", "text_train.checkpointing_steps=2",
                "text_train.hard_negatives=true")
     assert sorted(p.name for p in (tmp_path / "text_stage" / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]

