@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,10 @@ def run_script_here(script: str, *overrides: str) -> tuple[int, str, str]:
         status = exit_.code
     finally:
         os.chdir(cwd)
+        # Accelerate keeps its process state in class attributes; as its own test cases do on tear-down
+        # (accelerate.test_utils.AccelerateTestCase), forget it, so that no later test inherits this run's.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
         for handler in set(root_logger.handlers) - set(handlers):
             root_logger.removeHandler(handler)
         root_logger.setLevel(level)
