@@ -225,6 +225,10 @@ class ShapesConfig:
     the layout that "A below B" contradicts; yet in random order the patient preset reversed its left / right
     relations too (relation 0.53 -> 0.31 on seed 1; docs/conditioning.md, twenty-first round), so reading
     order stays the default."""
+    count_only_captions: bool = False
+    """Also caption scenes by their number of objects alone ("a shape", "two shapes", "three shapes"), one
+    template family among the others, so that ``sample.negative_prompt: a shape`` is a caption the model has
+    learned: one object of any color and shape (:func:`latentdiff.data.shapes.caption_families`)."""
     mixture: SceneMixtureConfig = field(default_factory=SceneMixtureConfig)
     """How often each kind of scene is drawn."""
 

@@ -1049,3 +1049,21 @@ def test_eval_breakdown_measures_the_text_encoder_on_one_word_caption_pairs(tmp_
                                                                  "other": ("a red circle", "three blue squares")})
     assert distances["same"] == 0.0
     assert distances["other"] > 0.0
+
+
+@pytest.mark.parametrize("count_only_captions", [False, True])
+def test_caption_gap_holds_each_shapes_scene_with_its_full_description(count_only_captions):
+    """The held batch's true caption is the scene's whole description, whatever other templates the run's
+    data writes (one caption per image: the description alone, not a random template)."""
+    from latentdiff.config import load_config
+    from latentdiff.data.shapes import full_caption, make_shapes_dataset
+    from latentdiff.trainer.probes import HELD_SCENES_SEED_OFFSET, held_examples
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "shapes.yaml",
+                         [f"data.shapes.count_only_captions={count_only_captions}"])
+    pixels, captions = held_examples(config.data, config.seed, num_images=8)
+    shapes = config.data.shapes
+    scenes = make_shapes_dataset(8, seed=shapes.seed + HELD_SCENES_SEED_OFFSET, holdout=shapes.holdout,
+                                 progress_bar=False)["scene"]
+    assert pixels.shape[0] == 8
+    assert captions == [full_caption(scene) for scene in scenes]

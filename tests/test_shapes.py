@@ -181,6 +181,35 @@ def test_full_captions_in_random_order_are_truthful_and_say_nothing_by_their_ord
         scene_captions(make_shapes_dataset(1)[0]["scene"], random.Random(0), full=True, full_order="backwards")
 
 
+def test_count_only_captions_name_the_number_of_objects_of_every_scene_kind():
+    """With the option, "a shape" / "two shapes" / "three shapes" are written for every kind of scene (and
+    stay truthful); without it, never. Loaded through the config, the option reaches the data."""
+    from latentdiff.config import load_config
+    from latentdiff.data.loading import load_image_text_dataset
+
+    count_only = {"a shape", "two shapes", "three shapes"}
+    data = make_shapes_dataset(400, seed=2, captions_per_image=4, full_caption=True, count_only_captions=True)
+    kinds_captioned = Counter()
+    for captions, scene in zip(data["captions"], data["scene"]):
+        for index, caption in enumerate(captions):
+            if index or scene["kind"] != "count":  # the reader splits at " and ", which joins a count's places
+                _check_caption(caption, scene)
+            if caption in count_only:
+                assert caption == ("a shape", "two shapes", "three shapes")[len(scene["objects"]) - 1]
+                kinds_captioned[scene["kind"]] += 1
+    assert set(kinds_captioned) == {"single", "count", "relation", "multi"}
+    for scene in data["scene"][:50]:
+        assert count_only & set(all_scene_captions(scene, count_only=True))
+        assert not count_only & set(all_scene_captions(scene))
+    plain = make_shapes_dataset(400, seed=2, captions_per_image=4, full_caption=True)
+    assert not count_only & {caption for captions in plain["captions"] for caption in captions}
+
+    config = load_config(overrides=["data.source=shapes", "data.shapes.num_samples=200",
+                                    "data.shapes.count_only_captions=true"])
+    loaded = load_image_text_dataset(config.data)
+    assert count_only & {caption for captions in loaded["captions"] for caption in captions}
+
+
 def test_scene_structure(dataset_seed3):
     for scene in dataset_seed3["scene"]:
         objects = scene["objects"]

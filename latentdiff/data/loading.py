@@ -123,6 +123,7 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
                 captions_per_image=data.shapes.captions_per_image,
                 full_caption=data.shapes.full_caption,
                 full_caption_order=data.shapes.full_caption_order,
+                count_only_captions=data.shapes.count_only_captions,
                 mixture=dataclasses.asdict(data.shapes.mixture),
             )
         except ValueError as error:  # an option of the built-in data, e.g. an unknown word in holdout

@@ -203,6 +203,7 @@ class ShapesOptions:
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     full_caption: bool = False
     full_caption_order: str = "reading"
+    count_only_captions: bool = False
 
     @functools.cached_property
     def allowed_objects(self) -> tuple[tuple[str, str, str], ...]:
@@ -226,6 +227,7 @@ class ShapesOptions:
         backgrounds: Sequence[str] | None = None,
         full_caption: bool = False,
         full_caption_order: str = "reading",
+        count_only_captions: bool = False,
     ) -> ShapesOptions:
         """Check every option and return them frozen; raises ``ValueError`` naming the bad one."""
         if not (isinstance(min_objects, int) and isinstance(max_objects, int) and 1 <= min_objects <= max_objects <= 3):
@@ -276,6 +278,7 @@ class ShapesOptions:
             backgrounds=backgrounds,
             full_caption=bool(full_caption),
             full_caption_order=full_caption_order,
+            count_only_captions=bool(count_only_captions),
         )
 
 
@@ -490,17 +493,22 @@ def _list_phrases(objects: Sequence[Mapping[str, Any]], attributes: tuple[str, .
     return [_join(order) for order in itertools.permutations(phrases)]
 
 
-def caption_families(scene: Mapping[str, Any]) -> list[list[str]]:
+def caption_families(scene: Mapping[str, Any], count_only: bool = False) -> list[list[str]]:
     """All truthful captions of a scene, by template family.
 
     Each inner list holds every rendering of one template (e.g. both orders of "A and B"). All of
     them describe the scene truthfully; a family may name only some attributes ("a circle",
     "a red shape", "a red circle and a blue square" without positions).
+
+    With ``count_only``, one more family names nothing but how many objects there are ("a shape", "two
+    shapes", "three shapes"), so that such a caption means something to the model trained on it: the
+    reference that guidance steers away from (``sample.negative_prompt: a shape``) is then a caption it
+    has learned, one object of any color and shape, rather than words it has only seen inside others.
     """
     objects = scene["objects"]
     background = scene["background"]
     on_background = f"on a {background} background"
-    families: list[list[str]] = []
+    families: list[list[str]] = [[noun_phrase(count=len(objects))]] if count_only else []
     if len(objects) == 1:
         (obj,) = objects
         cs = noun_phrase(obj["shape"], obj["color"])
@@ -614,28 +622,34 @@ def full_caption(scene: Mapping[str, Any], rng: random.Random | None = None) -> 
     return f"{_join(described)} {on_background}"
 
 
-def all_scene_captions(scene: Mapping[str, Any]) -> list[str]:
+def all_scene_captions(scene: Mapping[str, Any], count_only: bool = False) -> list[str]:
     """Every caption the templates can write for a scene (deduplicated, in template order)."""
-    return list(dict.fromkeys(caption for family in caption_families(scene) for caption in family))
+    return list(dict.fromkeys(caption for family in caption_families(scene, count_only) for caption in family))
 
 
 def scene_captions(
-    scene: Mapping[str, Any], rng: random.Random, k: int = 5, full: bool = False, full_order: str = "reading"
+    scene: Mapping[str, Any],
+    rng: random.Random,
+    k: int = 5,
+    full: bool = False,
+    full_order: str = "reading",
+    count_only: bool = False,
 ) -> list[str]:
     """Up to ``k`` different captions of a scene, from ``k`` different template families chosen at random;
     with ``full``, the first is always :func:`full_caption`, naming the objects in reading order or, with
-    ``full_order="random"``, in a random one."""
+    ``full_order="random"``, in a random one; ``count_only`` adds the family that names only the number of
+    objects (:func:`caption_families`)."""
     if full_order not in FULL_CAPTION_ORDERS:
         raise ValueError(f"full_order must be one of {list(FULL_CAPTION_ORDERS)}, got {full_order!r}")
-    families = caption_families(scene)
+    families = caption_families(scene, count_only)
     rng.shuffle(families)
     captions: list[str] = [full_caption(scene, rng if full_order == "random" else None)] if full else []
     for family in families:
+        if len(captions) >= k:  # checked before drawing: with k=1 and full, the description alone
+            break
         caption = rng.choice(family)
         if caption not in captions:
             captions.append(caption)
-        if len(captions) == k:
-            break
     return captions
 
 
@@ -709,7 +723,12 @@ def make_shapes_sample(index: int, seed: int, image_size: int, options: ShapesOp
     rng = sample_rng(seed, index)
     scene = sample_scene(rng, options)
     captions = scene_captions(
-        scene, rng, options.captions_per_image, full=options.full_caption, full_order=options.full_caption_order
+        scene,
+        rng,
+        options.captions_per_image,
+        full=options.full_caption,
+        full_order=options.full_caption_order,
+        count_only=options.count_only_captions,
     )
     return {"image": render_scene(scene, image_size), "text": captions[0], "captions": captions, "scene": scene}
 
@@ -734,6 +753,7 @@ def make_shapes_dataset(
     backgrounds: Sequence[str] | None = None,
     full_caption: bool = False,
     full_caption_order: str = "reading",
+    count_only_captions: bool = False,
     progress_bar: bool | None = None,
 ) -> datasets.Dataset:
     """The captioned shapes as a :class:`datasets.Dataset`.
@@ -761,6 +781,8 @@ def make_shapes_dataset(
         full_caption_order: the order in which that description names the objects: ``"reading"`` (top to
             bottom, left to right) or ``"random"`` (drawn per image, so that the order says nothing of the
             layout).
+        count_only_captions: also write captions that name only the number of objects ("a shape", "two
+            shapes"; :func:`caption_families`).
         progress_bar: show a progress bar (default: for 2,000 samples or more).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
@@ -779,6 +801,7 @@ def make_shapes_dataset(
         backgrounds=backgrounds,
         full_caption=full_caption,
         full_caption_order=full_caption_order,
+        count_only_captions=count_only_captions,
     )
     from tqdm.auto import tqdm
 
