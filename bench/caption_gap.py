@@ -29,7 +29,10 @@ def main() -> None:
     from latentdiff.trainer.encoding import tokenize
     from latentdiff.trainer.probes import CaptionGapProbe
 
-    with open(os.path.join(args.model, "model_index.json"), encoding="utf-8") as file:
+    model_index = os.path.join(args.model, "model_index.json")
+    if not os.path.isfile(model_index):
+        parser.error(f"{args.model!r} is not a pipeline folder (no model_index.json); expected e.g. runs/shapes/pipeline")
+    with open(model_index, encoding="utf-8") as file:
         if json.load(file).get("text_encoder", [None])[0] == "oracle_text_encoder":  # bench/ablation.py --oracle
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import oracle_text_encoder  # noqa: F401

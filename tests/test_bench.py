@@ -200,3 +200,12 @@ def test_small_preset_freezes_the_text_encoder_as_the_recipe_does_unless_overrid
     assert load_config(bench.config_files(settings)).model.text_encoder.train  # the shapes model trains it
     assert not text_encoder_trained()
     assert text_encoder_trained("model.text_encoder.train=true")
+
+
+def test_caption_gap_names_a_folder_that_is_not_a_pipeline(tmp_path, monkeypatch, capsys):
+    caption_gap = _load("caption_gap")
+    monkeypatch.syspath_prepend(BENCH)  # as when run as a script: bench/common.py beside it
+    monkeypatch.setattr(sys, "argv", ["caption_gap.py", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        caption_gap.main()
+    assert "is not a pipeline folder (no model_index.json)" in capsys.readouterr().err
