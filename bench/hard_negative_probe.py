@@ -92,6 +92,7 @@ def latest_checkpoint(output_dir: str) -> str:
 def probe(output_dir: str, samples: int, seed: int) -> dict[str, tuple[float, int]]:
     """``{kind: (share of negatives scored below the true caption, number of negatives)}``."""
     from latentdiff.config import load_config
+    from latentdiff.data.loading import shapes_scene_options
     from latentdiff.data.shapes import hard_negative_captions, make_shapes_dataset
     from latentdiff.data.transforms import ImageTransform
     from latentdiff.models import build_text_encoder, build_tokenizer
@@ -104,10 +105,8 @@ def probe(output_dir: str, samples: int, seed: int) -> dict[str, tuple[float, in
     model = build_contrastive_model(build_text_encoder(config.model), train, image_size).eval()
     model.load_state_dict(load_file(os.path.join(latest_checkpoint(output_dir), "model.safetensors")))
     tokenizer = build_tokenizer(config.model)
-    shapes = config.data.shapes
-    scenes = make_shapes_dataset(samples, seed=seed, image_size=config.data.resolution,
-                                 captions_per_image=shapes.captions_per_image, full_caption=shapes.full_caption,
-                                 progress_bar=False)
+    scenes = make_shapes_dataset(samples, seed=seed, image_size=config.data.resolution, progress_bar=False,
+                                 **shapes_scene_options(config.data.shapes))
     transform, rng = ImageTransform(config.data.resolution), random.Random(seed)
     told: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for row in scenes:

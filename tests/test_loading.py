@@ -29,6 +29,7 @@ from latentdiff.data.loading import (
     collate_image_text,
     load_image_text_dataset,
     make_training_dataset,
+    shapes_scene_options,
 )
 from latentdiff.data.transforms import ImageTransform
 
@@ -225,6 +226,27 @@ def test_the_scene_mixture_of_the_config_reaches_the_shapes_data():
     assert kinds == {"relation"}
     default = config(source="shapes", resolution=32, shapes=ShapesConfig(num_samples=40, seed=3))
     assert {row["scene"]["kind"] for row in load_image_text_dataset(default)} == {"single", "count", "relation", "multi"}
+
+
+def test_shapes_scene_options_carry_every_option_of_the_data_but_its_size_and_seed():
+    """Probes draw fresh scenes of a run's data with these; an option added to ``ShapesConfig`` but not
+    here would give them other scenes than the run trained on."""
+    import dataclasses
+    import inspect
+
+    from latentdiff.config import SceneMixtureConfig
+    from latentdiff.data.shapes import make_shapes_dataset
+
+    shapes = ShapesConfig(num_samples=6, seed=5, max_objects=2, holdout=["purple triangle"], captions_per_image=2,
+                          full_caption=True, count_only_captions=True,
+                          mixture=SceneMixtureConfig(single=0.0, count=0.0, relation=1.0, multi=0.0))
+    options = shapes_scene_options(shapes)
+    assert set(options) == {field.name for field in dataclasses.fields(ShapesConfig)} - {"num_samples", "seed"}
+    assert set(options) <= set(inspect.signature(make_shapes_dataset).parameters)
+    loaded = load_image_text_dataset(config(source="shapes", resolution=32, shapes=shapes))
+    drawn = make_shapes_dataset(6, seed=5, image_size=32, progress_bar=False, **options)
+    assert drawn["captions"] == loaded["captions"] and drawn["scene"] == loaded["scene"]
+    assert {row["kind"] for row in drawn["scene"]} == {"relation"}
 
 
 def test_max_samples_takes_the_first_examples(tmp_path):

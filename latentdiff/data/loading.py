@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, ShapesConfig
 from .transforms import ImageTransform
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "collate_image_text",
     "load_image_text_dataset",
     "make_training_dataset",
+    "shapes_scene_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,22 @@ class DatasetUnavailableError(ConnectionError):
 # --------------------------------------------------------------------------------------------
 # Opening a source
 # --------------------------------------------------------------------------------------------
+
+
+def shapes_scene_options(shapes: ShapesConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`~latentdiff.data.shapes.make_shapes_dataset` that ``data.shapes`` sets,
+    other than the number of images, the seed and the image size: what a scene and its captions are. Probes
+    that draw fresh scenes of a run's data (another seed) pass these, so they see the scenes it trained on."""
+    return {
+        "min_objects": shapes.min_objects,
+        "max_objects": shapes.max_objects,
+        "holdout": shapes.holdout,
+        "captions_per_image": shapes.captions_per_image,
+        "full_caption": shapes.full_caption,
+        "full_caption_order": shapes.full_caption_order,
+        "count_only_captions": shapes.count_only_captions,
+        "mixture": dataclasses.asdict(shapes.mixture),
+    }
 
 
 def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.IterableDataset:
@@ -114,17 +131,7 @@ def load_image_text_dataset(data: DataConfig) -> datasets.Dataset | datasets.Ite
         num_samples = min(data.shapes.num_samples, data.max_samples or data.shapes.num_samples)
         try:
             dataset = make_shapes_dataset(
-                num_samples,
-                seed=data.shapes.seed,
-                image_size=data.resolution,
-                min_objects=data.shapes.min_objects,
-                max_objects=data.shapes.max_objects,
-                holdout=data.shapes.holdout,
-                captions_per_image=data.shapes.captions_per_image,
-                full_caption=data.shapes.full_caption,
-                full_caption_order=data.shapes.full_caption_order,
-                count_only_captions=data.shapes.count_only_captions,
-                mixture=dataclasses.asdict(data.shapes.mixture),
+                num_samples, seed=data.shapes.seed, image_size=data.resolution, **shapes_scene_options(data.shapes)
             )
         except ValueError as error:  # an option of the built-in data, e.g. an unknown word in holdout
             raise ConfigError(f"data.shapes: {error}") from None
