@@ -1056,6 +1056,7 @@ def test_caption_gap_holds_each_shapes_scene_with_its_full_description(count_onl
     """The held batch's true caption is the scene's whole description, whatever other templates the run's
     data writes (one caption per image: the description alone, not a random template)."""
     from latentdiff.config import load_config
+    from latentdiff.data.loading import shapes_scene_options
     from latentdiff.data.shapes import full_caption, make_shapes_dataset
     from latentdiff.trainer.probes import HELD_SCENES_SEED_OFFSET, held_examples
 
@@ -1063,7 +1064,7 @@ def test_caption_gap_holds_each_shapes_scene_with_its_full_description(count_onl
                          [f"data.shapes.count_only_captions={count_only_captions}"])
     pixels, captions = held_examples(config.data, config.seed, num_images=8)
     shapes = config.data.shapes
-    scenes = make_shapes_dataset(8, seed=shapes.seed + HELD_SCENES_SEED_OFFSET, holdout=shapes.holdout,
-                                 progress_bar=False)["scene"]
+    scenes = make_shapes_dataset(8, seed=shapes.seed + HELD_SCENES_SEED_OFFSET, image_size=config.data.resolution,
+                                 progress_bar=False, **shapes_scene_options(shapes))["scene"]
     assert pixels.shape[0] == 8
     assert captions == [full_caption(scene) for scene in scenes]
