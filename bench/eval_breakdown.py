@@ -4,7 +4,9 @@
 
     python bench/eval_breakdown.py runs/shapes-patient/pipeline/eval/results.json [--text-distances]
 
-The suite scores each task as one figure. This splits two of them: relations by the relation word
+The suite scores each task as one figure. This splits three things: the prompts that name one object by
+what the judge saw (one small object, one large object, none, several), with how many of those images
+passed; relations by the relation word
 ("to the left of", "to the right of", "above", "below"), with what the judge saw where it was wrong (the two
 objects reversed, on one row or column, or one of them missing), and counting by the number named, with how
 many objects the judge saw where it was wrong (one too many, one too few...). With ``--text-distances`` it also
@@ -27,6 +29,8 @@ from latentdiff.data.shapes import RELATION_PHRASES
 
 RELATION_WORDS = tuple(RELATION_PHRASES.values())  # "to the left of", "to the right of", "above", "below"
 NUMBER_WORDS = {"two": 2, "three": 3}
+# The suite's tasks whose prompts name one object (the unseen task mixes in two-object prompts).
+ONE_OBJECT_TASKS = ("single_object", "color", "shape", "position")
 # Captions that differ in one word, by what the word names.
 WORD_PAIRS: dict[str, tuple[str, str]] = {
     "above / below": ("a red circle above a blue square", "a red circle below a blue square"),
@@ -88,24 +92,38 @@ def named_count(prompt: str) -> int:
     return NUMBER_WORDS[first]
 
 
-def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """``{"relation": {word: Counter(outcome)}, "counting": {named: Counter(outcome)}}`` for a results file's
-    images.
+def drawn_for_one_object(image: Mapping[str, Any]) -> str:
+    """What the judge saw for a prompt naming one object: ``"one small"``, ``"one large"``, ``"none"`` or
+    ``"several"``. Small objects are about 10 px, 2-3 latent pixels at 16x16 and one at 8x8, so a model that
+    renders shapes only at coarse latent levels draws them worst (docs/conditioning.md, twenty-seventh round)."""
+    objects = image["judged"]["objects"]
+    return "none" if not objects else "several" if len(objects) > 1 else f"one {objects[0]['size']}"
 
-    A relation outcome is one of :func:`relation_outcome`'s. A counting outcome is ``"right"`` for a passed image, else the judge's object count minus the named
+
+def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"one_object": {drawn: Counter(passed)}, "relation": {word: Counter(outcome)}, "counting": {named:
+    Counter(outcome)}}`` for a results file's images.
+
+    ``drawn`` is :func:`drawn_for_one_object`'s reading of an image of a one-object task
+    (:data:`ONE_OBJECT_TASKS`), counted by whether it passed (True / False). A relation outcome is one of
+    :func:`relation_outcome`'s. A counting outcome is ``"right"`` for a passed image, else the judge's object count minus the named
     number (``"+1"``, ``"-1"``), or ``"right number, wrong kind"``.
     """
     relation: dict[str, collections.Counter] = {word: collections.Counter() for word in RELATION_WORDS}
     counting: dict[int, collections.Counter] = {}
+    one_object: dict[str, collections.Counter] = {}
     for image in images:
-        if image["task"] == "relation":
+        if image["task"] in ONE_OBJECT_TASKS:
+            one_object.setdefault(drawn_for_one_object(image), collections.Counter())[image["passed"]] += 1
+        elif image["task"] == "relation":
             relation[relation_word(image["prompt"])][relation_outcome(image)] += 1
         elif image["task"] == "counting":
             named = named_count(image["prompt"])
             drawn = len(image["judged"]["objects"])
             outcome = "right" if image["passed"] else (f"{drawn - named:+d}" if drawn != named else "right number, wrong kind")
             counting.setdefault(named, collections.Counter())[outcome] += 1
-    return {"relation": {word: outcomes for word, outcomes in relation.items() if outcomes}, "counting": counting}
+    return {"one_object": one_object, "relation": {word: outcomes for word, outcomes in relation.items() if outcomes},
+            "counting": counting}
 
 
 def text_distances(model: str, pairs: Mapping[str, tuple[str, str]] = WORD_PAIRS) -> dict[str, float]:
@@ -134,6 +152,13 @@ def main() -> None:
     with open(args.results) as file:
         results = json.load(file)
     parts = breakdown(results["images"])
+    if parts["one_object"]:
+        print(f"| one object named ({', '.join(ONE_OBJECT_TASKS)}): the judge saw | images | passed |\n|---|---|---|")
+        for drawn in ("one small", "one large", "none", "several"):
+            if drawn in parts["one_object"]:
+                passed, n = parts["one_object"][drawn][True], sum(parts["one_object"][drawn].values())
+                print(f"| {drawn} | {n} | {passed} ({passed / n:.2f}) |")
+        print()
     if parts["relation"]:
         print("| relation | passed | where it failed |\n|---|---|---|")
         for word, outcomes in parts["relation"].items():

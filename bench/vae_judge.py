@@ -44,6 +44,10 @@ def main() -> None:
     z = torch.cat(latents)
     print(f"judge agreement on reconstructions: {report['agreement']:.3f} ({report['agreed']}/{args.n})")
     print("images with each kind of difference:", report["differences"])
+    for size, outcomes in report["shapes_by_size"].items():
+        total = sum(outcomes.values())
+        print(f"{size} objects: {outcomes.get('same shape', 0)}/{total} read with their shape, "
+              f"{outcomes.get('another shape', 0)} with another, {outcomes.get('missing', 0)} missing")
     print("scaled latents: mean", [round(v, 3) for v in z.mean(dim=(0, 2, 3)).tolist()], "std",
           [round(v, 3) for v in z.std(dim=(0, 2, 3)).tolist()], "overall mean", round(z.mean().item(), 3), "std", round(z.std().item(), 3))
     print(f"latent power above 0.25 cycles per latent pixel: {high_frequency_share(z):.3f}")

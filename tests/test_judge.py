@@ -13,13 +13,16 @@ from latentdiff.data.shapes import (
     COLORS,
     POSITIONS,
     SHAPES,
+    ShapesOptions,
     all_scene_captions,
     is_held_out,
     make_scene,
+    make_shapes_sample,
     parse_holdout,
     render_scene,
 )
 from latentdiff.eval.judge import (
+    RECONSTRUCTION_SEED,
     UNKNOWN,
     degrade,
     judge_agreement,
@@ -57,15 +60,36 @@ def test_judge_tolerates_blur_and_noise():
 
 
 def test_reconstruction_agreement_judges_what_the_reconstruction_shows():
+    options = ShapesOptions.create()
     for image_size in (32, 64):  # the tiny config's resolution and the presets'
-        assert reconstruction_agreement(lambda images: images, num_scenes=64, image_size=image_size) == {
-            "agreement": 1.0, "agreed": 64, "num_scenes": 64, "differences": {}}
+        report = reconstruction_agreement(lambda images: images, num_scenes=64, image_size=image_size)
+        objects = Counter(obj["size"] for i in range(64)
+                          for obj in make_shapes_sample(i, RECONSTRUCTION_SEED, image_size, options)["scene"]["objects"])
+        assert report == {"agreement": 1.0, "agreed": 64, "num_scenes": 64, "differences": {},
+                          "shapes_by_size": {"large": {"same shape": objects["large"]}, "small": {"same shape": objects["small"]}}}
+        assert min(objects.values()) > 20
 
     def blank(images):  # every pixel the color of the top-left corner (background): the objects are lost
         return np.broadcast_to(images[:, :1, :1], images.shape).copy()
 
-    assert reconstruction_agreement(blank, num_scenes=20, batch_size=8) == {
-        "agreement": 0.0, "agreed": 0, "num_scenes": 20, "differences": {"objects": 20}}
+    report = reconstruction_agreement(blank, num_scenes=20, batch_size=8)
+    assert {key: report[key] for key in ("agreement", "agreed", "differences")} == {"agreement": 0.0, "agreed": 0, "differences": {"objects": 20}}
+    assert all(set(outcomes) == {"missing"} for outcomes in report["shapes_by_size"].values())
+
+    scenes = [make_shapes_sample(i, RECONSTRUCTION_SEED, 64, options)["scene"] for i in range(64)]
+
+    def small_objects_as_squares(images):  # a decoder that renders every small object as a square
+        squared = [{**scene, "objects": [{**obj, "shape": "square"} if obj["size"] == "small" else obj for obj in scene["objects"]]}
+                   for scene in scenes]
+        return np.stack([np.asarray(render_scene(scene, 64)) for scene in squared])
+
+    small_shapes = Counter(obj["shape"] for scene in scenes for obj in scene["objects"] if obj["size"] == "small")
+    report = reconstruction_agreement(small_objects_as_squares, num_scenes=64)
+    assert report["shapes_by_size"] == {
+        "large": {"same shape": objects["large"]},
+        "small": {"same shape": small_shapes["square"], "another shape": small_shapes["circle"] + small_shapes["triangle"]}}
+    assert report["differences"] == {"objects": sum(any(obj["size"] == "small" and obj["shape"] != "square" for obj in scene["objects"])
+                                                    for scene in scenes)}
 
     def red_for_blue(images):  # a hue shift: the red and blue channels swapped
         return images[..., ::-1].copy()

@@ -427,14 +427,18 @@ def reconstruction_agreement(
     an autoencoder's encode and decode (:func:`latentdiff.trainer.autoencoder.vae_reconstructor`).
     Scenes are samples ``0 .. num_scenes - 1`` of the shapes data with ``seed`` and the default options
     (not a run's own ``data.shapes``: every autoencoder is read on the same scenes, held-out
-    combinations included). Returns ``{"agreement", "agreed", "num_scenes", "differences"}``, the last
-    counting the images with each kind of difference (``background``, ``objects``, ``relations``:
-    :func:`scene_differences`), most common first.
+    combinations included). Returns ``{"agreement", "agreed", "num_scenes", "differences",
+    "shapes_by_size"}``: ``differences`` counts the images with each kind of difference (``background``,
+    ``objects``, ``relations``: :func:`scene_differences`), most common first; ``shapes_by_size`` counts the
+    scenes' objects of each size (``"small"``, ``"large"``) read in their grid cell with the ``"same shape"``,
+    with ``"another shape"``, or ``"missing"`` (no object read in that cell), since a decoder that cannot
+    render a small triangle caps what any latent model trained on it can draw.
     """
     if num_scenes < 1 or batch_size < 1:
         raise ValueError(f"num_scenes and batch_size must be at least 1, got {num_scenes} and {batch_size}")
     options = ShapesOptions.create()
     agreed, kinds = 0, Counter()
+    shapes_by_size: dict[str, Counter] = {}
     for start in range(0, num_scenes, batch_size):
         samples = [make_shapes_sample(i, seed, image_size, options) for i in range(start, min(start + batch_size, num_scenes))]
         renders = np.stack([np.asarray(sample["image"], dtype=np.uint8) for sample in samples])
@@ -445,11 +449,18 @@ def reconstruction_agreement(
                 f"got {reconstructions.dtype} {reconstructions.shape}"
             )
         for reconstruction, sample in zip(reconstructions, samples):
-            differences = scene_differences(judge_image(reconstruction), sample["scene"])
+            judged = judge_image(reconstruction)
+            differences = scene_differences(judged, sample["scene"])
             agreed += not differences
             kinds.update(difference.split(" ")[0] for difference in differences)
+            shape_in_cell = {(obj.row, obj.col): obj.shape for obj in judged.objects}
+            for obj in sample["scene"]["objects"]:
+                read = shape_in_cell.get((obj["row"], obj["col"]))
+                outcome = "missing" if read is None else "same shape" if read == obj["shape"] else "another shape"
+                shapes_by_size.setdefault(obj["size"], Counter())[outcome] += 1
     return {"agreement": agreed / num_scenes, "agreed": agreed, "num_scenes": num_scenes,
-            "differences": dict(kinds.most_common())}
+            "differences": dict(kinds.most_common()),
+            "shapes_by_size": {size: dict(outcomes) for size, outcomes in sorted(shapes_by_size.items())}}
 
 
 def judge_render(scene: Mapping[str, Any], image_size: int = 64) -> JudgedImage:
