@@ -94,8 +94,9 @@ def named_count(prompt: str) -> int:
 
 def drawn_for_one_object(image: Mapping[str, Any]) -> str:
     """What the judge saw for a prompt naming one object: ``"one small"``, ``"one large"``, ``"none"`` or
-    ``"several"``. Small objects are about 10 px, 2-3 latent pixels at 16x16 and one at 8x8, so a model that
-    renders shapes only at coarse latent levels draws them worst (docs/conditioning.md, twenty-seventh round)."""
+    ``"several"``. Small objects are about 10 px, 2-3 latent pixels at 16x16 and one at 8x8; the default
+    model draws one right about half the time, a large one nine times in ten (docs/conditioning.md,
+    twenty-seventh round)."""
     objects = image["judged"]["objects"]
     return "none" if not objects else "several" if len(objects) > 1 else f"one {objects[0]['size']}"
 
