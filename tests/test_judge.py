@@ -84,9 +84,10 @@ def test_reconstruction_agreement_judges_what_the_reconstruction_shows():
         return np.stack([np.asarray(render_scene(scene, 64)) for scene in squared])
 
     small_shapes = Counter(obj["shape"] for scene in scenes for obj in scene["objects"] if obj["size"] == "small")
+    large_objects = sum(obj["size"] == "large" for scene in scenes for obj in scene["objects"])
     report = reconstruction_agreement(small_objects_as_squares, num_scenes=64)
     assert report["shapes_by_size"] == {
-        "large": {"same shape": objects["large"]},
+        "large": {"same shape": large_objects},
         "small": {"same shape": small_shapes["square"], "another shape": small_shapes["circle"] + small_shapes["triangle"]}}
     assert report["differences"] == {"objects": sum(any(obj["size"] == "small" and obj["shape"] != "square" for obj in scene["objects"])
                                                     for scene in scenes)}
