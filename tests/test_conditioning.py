@@ -1074,3 +1074,29 @@ def test_caption_gap_holds_each_shapes_scene_with_its_full_description(count_onl
                                  progress_bar=False, **shapes_scene_options(shapes))["scene"]
     assert pixels.shape[0] == 8
     assert captions == [full_caption(scene) for scene in scenes]
+
+
+def test_shapes_by_noise_level_judges_every_object_of_every_scene_at_every_strength():
+    from collections import Counter
+
+    from latentdiff.data.shapes import ShapesOptions, make_shapes_sample
+    from latentdiff.eval.judge import RECONSTRUCTION_SEED
+    from latentdiff.pipelines import LatentImg2ImgPipeline
+    from latentdiff.testing import load_bench_script, tiny_components
+
+    script = load_bench_script("shapes_by_noise_level")
+    pipe = LatentImg2ImgPipeline(**tiny_components())
+    pipe.set_progress_bar_config(disable=True)
+    report = script.shapes_by_noise_level(pipe, [0.0, 0.5], num_scenes=6, batch_size=4, guidance_scale=1.0)
+    one_step = script.shapes_by_noise_level(pipe, [0.3], num_scenes=6, batch_size=4, one_step=True)
+    objects = Counter(obj["size"] for i in range(6) for obj in make_shapes_sample(i, RECONSTRUCTION_SEED, 64, ShapesOptions.create())["scene"]["objects"])
+    assert list(report) == [0.0, 0.5] and list(one_step) == [0.3]
+    for counts in [*report.values(), *one_step.values()]:
+        assert {size: sum(outcomes.values()) for size, outcomes in counts.items()} == dict(objects)
+        assert all(set(outcomes) <= {"same shape", "another shape", "missing"} for outcomes in counts.values())
+    table = script.markdown_table({0.1: {"small": {"same shape": 3, "another shape": 1}}})
+    assert table.splitlines()[-1] == "| 0.1 | 3/4 (0.75) / 1 / 0 |"
+    with pytest.raises(ValueError, match=r"strengths must be one or more numbers in \[0, 1\], got \[1.5\]"):
+        script.shapes_by_noise_level(pipe, [1.5], num_scenes=2)
+    with pytest.raises(ValueError, match="caption must be 'full' or 'empty', got 'none'"):
+        script.shapes_by_noise_level(pipe, [0.1], num_scenes=2, caption="none")

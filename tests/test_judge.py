@@ -30,6 +30,7 @@ from latentdiff.eval.judge import (
     judge_render,
     reconstruction_agreement,
     scene_differences,
+    shape_outcomes,
 )
 from latentdiff.eval.suite import (
     DEFAULT_HOLDOUT,
@@ -99,6 +100,18 @@ def test_reconstruction_agreement_judges_what_the_reconstruction_shows():
     assert report["agreement"] < 0.5 and report["differences"]["objects"] > 32
     with pytest.raises(ValueError, match=r"uint8 images shaped like its input \(4, 64, 64, 3\), got float32"):
         reconstruction_agreement(lambda images: images.astype(np.float32), num_scenes=4)
+
+
+def test_shape_outcomes_compare_each_object_with_its_grid_cell():
+    scene = make_scene([{"shape": "triangle", "color": "red", "size": "small", "position": "at the top left"},
+                        {"shape": "square", "color": "blue", "size": "large", "position": "at the bottom right"}])
+    assert shape_outcomes(judge_render(scene), scene) == [("small", "same shape"), ("large", "same shape")]
+    circles = make_scene([{**obj, "shape": "circle"} for obj in scene["objects"]])
+    assert shape_outcomes(judge_render(circles), scene) == [("small", "another shape"), ("large", "another shape")]
+    only_the_square = make_scene([scene["objects"][1]])
+    assert shape_outcomes(judge_render(only_the_square), scene) == [("small", "missing"), ("large", "same shape")]
+    moved = make_scene([{**scene["objects"][0], "position": "at the bottom left"}, scene["objects"][1]])
+    assert shape_outcomes(judge_render(moved), scene)[0] == ("small", "missing")  # read in another cell: not this object
 
 
 def test_judge_reads_every_color_and_shape_in_every_size():

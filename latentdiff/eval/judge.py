@@ -408,6 +408,18 @@ def judge_agreement(
 RECONSTRUCTION_SEED = 424242
 
 
+def shape_outcomes(judged: JudgedImage, scene: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """For each object of ``scene``, its size and what the judge read in its grid cell: ``"same shape"``,
+    ``"another shape"`` or ``"missing"`` (no object read in that cell). Compares an image with the scene it
+    was made from (a reconstruction, or an image denoised from the scene's noised latents), object by object."""
+    shape_in_cell = {(obj.row, obj.col): obj.shape for obj in judged.objects}
+    outcomes = []
+    for obj in scene["objects"]:
+        read = shape_in_cell.get((obj["row"], obj["col"]))
+        outcomes.append((obj["size"], "missing" if read is None else "same shape" if read == obj["shape"] else "another shape"))
+    return outcomes
+
+
 def reconstruction_agreement(
     reconstruct: Callable[[np.ndarray], np.ndarray],
     num_scenes: int = 256,
@@ -453,11 +465,8 @@ def reconstruction_agreement(
             differences = scene_differences(judged, sample["scene"])
             agreed += not differences
             kinds.update(difference.split(" ")[0] for difference in differences)
-            shape_in_cell = {(obj.row, obj.col): obj.shape for obj in judged.objects}
-            for obj in sample["scene"]["objects"]:
-                read = shape_in_cell.get((obj["row"], obj["col"]))
-                outcome = "missing" if read is None else "same shape" if read == obj["shape"] else "another shape"
-                shapes_by_size.setdefault(obj["size"], Counter())[outcome] += 1
+            for size, outcome in shape_outcomes(judged, sample["scene"]):
+                shapes_by_size.setdefault(size, Counter())[outcome] += 1
     return {"agreement": agreed / num_scenes, "agreed": agreed, "num_scenes": num_scenes,
             "differences": dict(kinds.most_common()),
             "shapes_by_size": {size: dict(outcomes) for size, outcomes in sorted(shapes_by_size.items())}}
@@ -477,5 +486,6 @@ __all__: Sequence[str] = (
     "scene_differences",
     "judge_agreement",
     "reconstruction_agreement",
+    "shape_outcomes",
     "degrade",
 )
