@@ -130,6 +130,20 @@ def test_high_frequency_share_of_noise_and_of_smooth_latents():
     assert share(smooth + 0.5 * torch.cos(torch.pi * y).expand(2, 4, 16, 16)) > 0.1  # the finest stripes
 
 
+def test_latent_blur_keeps_flat_latents_and_damps_the_finest_stripes():
+    import torch
+
+    blur = _load("vae_judge").gaussian_blur
+    flat = torch.full((2, 4, 8, 8), 3.0)
+    torch.testing.assert_close(blur(flat, 0.7), flat)
+    stripes = torch.cos(torch.pi * torch.arange(8.0)).view(1, 1, 8, 1).expand(1, 4, 8, 8)  # +1, -1, +1, ...
+    taps = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / (2 * 0.5**2))
+    damping = (taps[1] - 2 * taps[0]) / taps.sum()  # the centre row against its two neighbours of the other sign
+    torch.testing.assert_close(blur(stripes, 0.5)[:, :, 1:-1], damping * stripes[:, :, 1:-1])
+    with pytest.raises(ValueError, match="the blur's sigma must be positive, got 0"):
+        blur(flat, 0)
+
+
 def test_gpu_peak_is_known_for_h100_and_h200_only_by_name():
     common = _load("common")
     assert common.bf16_peak_flops("cpu") is None

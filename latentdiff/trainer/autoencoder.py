@@ -223,11 +223,13 @@ def normalize_latents(vae, batches, generator: torch.Generator | None = None) ->
     return mu.tolist(), sigma.tolist()
 
 
-def vae_reconstructor(vae, batch_size: int = 64, on_latents=None):
+def vae_reconstructor(vae, batch_size: int = 64, on_latents=None, transform_latents=None):
     """A function from uint8 images ``(N, H, W, 3)`` to their reconstructions through ``vae`` (encode to
     the posterior mean, decode), as :func:`latentdiff.eval.judge.reconstruction_agreement` takes it.
     Pixels are converted with Diffusers' ``VaeImageProcessor`` as the pipelines convert them.
-    ``on_latents``, if given, is called with each chunk's latents (unscaled posterior means)."""
+    ``on_latents``, if given, is called with each chunk's latents (unscaled posterior means);
+    ``transform_latents``, if given, maps them to what is decoded (e.g. a blur, to see which of the
+    latents' detail the decoder needs)."""
     from diffusers.image_processor import VaeImageProcessor
 
     @torch.no_grad()
@@ -238,6 +240,8 @@ def vae_reconstructor(vae, batch_size: int = 64, on_latents=None):
             latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mode()
             if on_latents is not None:
                 on_latents(latents)
+            if transform_latents is not None:
+                latents = transform_latents(latents)
             outputs.append(vae.decode(latents).sample.float().cpu())
         decoded = VaeImageProcessor.pt_to_numpy(VaeImageProcessor.denormalize(torch.cat(outputs)))
         return (decoded * 255).round().astype("uint8")
