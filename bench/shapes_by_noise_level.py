@@ -70,21 +70,24 @@ def shapes_by_noise_level(
     """For each strength, the scenes' objects per size: ``{"same shape": n, "another shape": n, "missing": n}``."""
     check_arguments(strengths, num_scenes, batch_size, caption)
     samples = [make_shapes_sample(i, RECONSTRUCTION_SEED, image_size, ShapesOptions.create()) for i in range(num_scenes)]
+    batches = []  # (scenes, prompts, images) of each batch, the same at every strength
+    for start in range(0, num_scenes, batch_size):
+        batch = samples[start : start + batch_size]
+        batches.append(([sample["scene"] for sample in batch],
+                        [full_caption(sample["scene"]) if caption == "full" else "" for sample in batch],
+                        np.stack([np.asarray(sample["image"], dtype=np.float32) / 255 for sample in batch])))
     extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     report = {}
     for strength in tqdm(strengths, desc="strengths"):
         by_size: dict[str, Counter] = {}
         generator = torch.Generator().manual_seed(seed)
-        for start in range(0, num_scenes, batch_size):
-            batch = samples[start : start + batch_size]
-            prompts = [full_caption(sample["scene"]) if caption == "full" else "" for sample in batch]
-            images = np.stack([np.asarray(sample["image"], dtype=np.float32) / 255 for sample in batch])
+        for scenes, prompts, images in batches:
             if one_step:
                 output = one_step_images(pipe, images, prompts, strength, generator)
             else:
                 output = pipe(prompts, image=images, strength=strength, generator=generator, output_type="np", **extra).images
-            for image, sample in zip(output, batch):
-                for size, outcome in shape_outcomes(judge_image(image), sample["scene"]):
+            for image, scene in zip(output, scenes):
+                for size, outcome in shape_outcomes(judge_image(image), scene):
                     by_size.setdefault(size, Counter())[outcome] += 1
         report[strength] = {size: dict(outcomes) for size, outcomes in sorted(by_size.items())}
     return report
