@@ -223,3 +223,49 @@ def test_caption_gap_names_a_folder_that_is_not_a_pipeline(tmp_path, monkeypatch
     with pytest.raises(SystemExit):
         caption_gap.main()
     assert "is not a pipeline folder (no model_index.json)" in capsys.readouterr().err
+
+
+def test_fit_decoder_trains_only_the_decoder_and_writes_a_pipeline_diffusers_loads(tmp_path, monkeypatch):
+    import torch
+
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import tiny_components
+
+    script = _load("fit_decoder")
+    source, out = tmp_path / "pipeline", tmp_path / "fitted"
+    LatentPipeline(**tiny_components()).save_pretrained(source)
+    before = LatentPipeline.from_pretrained(source)
+    arguments = [str(source), "--config", os.path.join(REPO_ROOT, "configs", "tiny.yaml"), "--out", str(out),
+                 "--pairs", "16", "--steps", "60", "--batch-size", "8", "--learning-rate", "1e-3"]
+    monkeypatch.setattr(sys, "argv", ["fit_decoder.py", *arguments])
+    script.main()
+    after = LatentPipeline.from_pretrained(out)
+
+    def changed(module_before, module_after):
+        return any(not torch.equal(a, b) for a, b in zip(module_before.state_dict().values(), module_after.state_dict().values()))
+
+    assert changed(before.vae.decoder, after.vae.decoder) and changed(before.vae.post_quant_conv, after.vae.post_quant_conv)
+    assert not changed(before.vae.encoder, after.vae.encoder) and not changed(before.vae.quant_conv, after.vae.quant_conv)
+    assert not changed(before.unet, after.unet) and not changed(before.text_encoder, after.text_encoder)
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+
+    # The fit lowers the decoder's loss on what it was fitted to: the encoder's latents of the training images.
+    images, _ = script.training_images(os.path.join(REPO_ROOT, "configs", "tiny.yaml"), [], 16, seed=0)
+    targets = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        clean = script.encoder_latents(before, images, 16)
+        losses = [torch.nn.functional.mse_loss(pipe.decode_latents_to_image(clean), targets).item() for pipe in (before, after)]
+    assert losses[1] < 0.9 * losses[0]
+
+    monkeypatch.setattr(sys, "argv", ["fit_decoder.py", *arguments])  # the same --out again: not overwritten
+    with pytest.raises(SystemExit):
+        script.main()
+    for bad, message in ((["--min-strength", "0.5", "--max-strength", "0.2"], "need 0 < --min-strength <= --max-strength <= 1"),
+                         (["--steps", "0"], "--steps must be at least 1"),
+                         (["--sampled-share", "1.5"], r"--sampled-share must be in \[0, 1\], got 1.5")):
+        args = script.argparse.Namespace(pairs=4, steps=1, batch_size=2, min_strength=0.1, max_strength=0.2, sampled_share=0.5,
+                                         out=str(tmp_path / "new"))
+        for flag, value in zip(bad[::2], bad[1::2]):
+            setattr(args, flag[2:].replace("-", "_"), type(getattr(args, flag[2:].replace("-", "_")))(value))
+        with pytest.raises(ValueError, match=message):
+            script.check_arguments(args)
