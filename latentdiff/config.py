@@ -385,7 +385,9 @@ class VAETrainConfig:
     downsampled by ``scale_equivariance_factor``, must render the image downsampled by it. They find it
     removes high-frequency power from the latents, which slows a diffusion model's training. On the main
     job's stage 1, weight 0.25 halves the share of the latents' power above 0.25 cycles per pixel (0.237 ->
-    0.116) with the judge's reading unchanged (docs/conditioning.md, twenty-eighth round). 0: off."""
+    0.116) with the judge's reading unchanged (docs/conditioning.md, twenty-eighth round), but the U-Net trained
+    on those latents loses small shapes sooner at low noise and scores 0.487 against 0.501 (twenty-ninth round).
+    0: off."""
     scale_equivariance_factor: int = 2
     scaling_samples: int = 1024
     """Images encoded to measure the latent scaling factor (1 / std of the latents)."""
