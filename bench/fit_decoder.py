@@ -10,8 +10,11 @@ keeps the encoder and the U-Net fixed and trains the decoder (with ``post_quant_
 makes of training images at low noise: each image is encoded, noised to a strength drawn uniformly from
 ``[--min-strength, --max-strength]`` and denoised under one of its captions with the pipeline's own sampling
 defaults (SDEdit, Meng et al. 2022, as the probe does), and the decoder learns to map the resulting latents back
-to the image (pixel MSE, the default stage 1's loss). Half of each batch is the encoder's own posterior mean, so
-that the decoder keeps reading clean latents. The encoder is unchanged, so stage 2's latents stay valid, and the
+to the image (pixel MSE, the default stage 1's loss). The rest of each batch (half by default: ``--sampled-share``
+0.5 comes from the sampler) is the encoder's own posterior mean, so that the decoder keeps reading clean latents;
+``--sampled-share 0`` is the control, a plain decoder fine-tune on the encoder's latents. Measured on one model
+(docs/conditioning.md, twenty-ninth round), the control does most of what the fit does: stage 1's decoder is
+short of whole-image training, and the fit to the sampler adds little beyond it. The encoder is unchanged, so stage 2's latents stay valid, and the
 result is an ``AutoencoderKL`` in the same folder layout: a stock Diffusers pipeline loads it.
 
 The output folder is a copy of the pipeline with only ``vae/`` replaced. Measure it with ``bench/vae_judge.py
@@ -134,7 +137,7 @@ def main() -> None:
     parser.add_argument("pipeline")
     parser.add_argument("--config", required=True, help="the training config (its data section gives the images)")
     parser.add_argument("--out", required=True, help="a new folder: the pipeline with the fitted decoder")
-    parser.add_argument("--pairs", type=int, default=4096, help="training images denoised by the sampler")
+    parser.add_argument("--pairs", type=int, default=4096, help="training images to fit on (each also denoised by the sampler unless --sampled-share is 0)")
     parser.add_argument("--min-strength", type=float, default=0.05)
     parser.add_argument("--max-strength", type=float, default=0.4)
     parser.add_argument("--steps", type=int, default=800)
