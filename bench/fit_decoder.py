@@ -14,8 +14,9 @@ to the image (pixel MSE, the default stage 1's loss). The rest of each batch (ha
 0.5 comes from the sampler) is the encoder's own posterior mean, so that the decoder keeps reading clean latents;
 ``--sampled-share 0`` is the control, a plain decoder fine-tune on the encoder's latents. Measured on one model
 (docs/conditioning.md, twenty-ninth round), the control does most of what the fit does: stage 1's decoder is
-short of whole-image training, and the fit to the sampler adds little beyond it. The encoder is unchanged, so stage 2's latents stay valid, and the
-result is an ``AutoencoderKL`` in the same folder layout: a stock Diffusers pipeline loads it.
+short of whole-image training, and the fit to the sampler adds little beyond it. The encoder is unchanged, so
+stage 2's latents stay valid, and the result is an ``AutoencoderKL`` in the same folder layout: a stock Diffusers
+pipeline loads it.
 
 The output folder is a copy of the pipeline with only ``vae/`` replaced. Measure it with ``bench/vae_judge.py
 OUT/vae``, ``bench/shapes_by_noise_level.py OUT`` and ``latentdiff eval OUT --suite shapes``.
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from latentdiff.config import load_config
 from latentdiff.data.loading import load_image_text_dataset
 from latentdiff.pipelines import LatentImg2ImgPipeline
+from latentdiff.trainer.encoding import encode_images
 
 
 def check_arguments(args: argparse.Namespace) -> None:
@@ -85,16 +87,10 @@ def sampler_latents(pipe: LatentImg2ImgPipeline, images: np.ndarray, captions: l
     return torch.cat(out)
 
 
-@torch.no_grad()
 def encoder_latents(pipe: LatentImg2ImgPipeline, images: np.ndarray, batch_size: int) -> torch.Tensor:
-    """The encoder's scaled posterior means."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        pixels = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
-        mean = pipe.vae.encode(pixels).latent_dist.mean
-        shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-        out.append((mean - shift) * pipe.vae.config.scaling_factor)
-    return torch.cat(out)
+    """The encoder's scaled posterior means (:func:`latentdiff.trainer.encoding.encode_images`), in batches."""
+    return torch.cat([encode_images(pipe.vae, torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2), None, mean=True)
+                      for start in range(0, len(images), batch_size)])
 
 
 def fit_decoder(pipe: LatentImg2ImgPipeline, targets: torch.Tensor, sampled: torch.Tensor | None, clean: torch.Tensor,
@@ -115,7 +111,7 @@ def fit_decoder(pipe: LatentImg2ImgPipeline, targets: torch.Tensor, sampled: tor
     for step in (bar := tqdm(range(steps), desc="fit decoder")):
         pick_sampled = torch.randint(len(targets), (from_sampler,), generator=generator)
         pick_clean = torch.randint(len(targets), (batch_size - from_sampler,), generator=generator)
-        latents = torch.cat([sampled[pick_sampled] if from_sampler else clean[:0], clean[pick_clean]])
+        latents = torch.cat([(clean if sampled is None else sampled)[pick_sampled], clean[pick_clean]])
         images = torch.cat([targets[pick_sampled], targets[pick_clean]])
         loss = F.mse_loss(pipe.decode_latents_to_image(latents), images)
         optimizer.zero_grad(set_to_none=True)

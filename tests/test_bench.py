@@ -257,15 +257,18 @@ def test_fit_decoder_trains_only_the_decoder_and_writes_a_pipeline_diffusers_loa
         losses = [torch.nn.functional.mse_loss(pipe.decode_latents_to_image(clean), targets).item() for pipe in (before, after)]
     assert losses[1] < 0.9 * losses[0]
 
+    # The control (--sampled-share 0) fits the decoder on the encoder's latents alone.
+    control = tmp_path / "control"
+    monkeypatch.setattr(sys, "argv", ["fit_decoder.py", *arguments[:4], str(control), *arguments[5:], "--sampled-share", "0"])
+    script.main()
+    assert changed(before.vae.decoder, LatentPipeline.from_pretrained(control).vae.decoder)
+
     monkeypatch.setattr(sys, "argv", ["fit_decoder.py", *arguments])  # the same --out again: not overwritten
     with pytest.raises(SystemExit):
         script.main()
-    for bad, message in ((["--min-strength", "0.5", "--max-strength", "0.2"], "need 0 < --min-strength <= --max-strength <= 1"),
-                         (["--steps", "0"], "--steps must be at least 1"),
-                         (["--sampled-share", "1.5"], r"--sampled-share must be in \[0, 1\], got 1.5")):
-        args = script.argparse.Namespace(pairs=4, steps=1, batch_size=2, min_strength=0.1, max_strength=0.2, sampled_share=0.5,
-                                         out=str(tmp_path / "new"))
-        for flag, value in zip(bad[::2], bad[1::2]):
-            setattr(args, flag[2:].replace("-", "_"), type(getattr(args, flag[2:].replace("-", "_")))(value))
+    valid = dict(pairs=4, steps=1, batch_size=2, min_strength=0.1, max_strength=0.2, sampled_share=0.5, out=str(tmp_path / "new"))
+    for bad, message in (({"min_strength": 0.5, "max_strength": 0.2}, "need 0 < --min-strength <= --max-strength <= 1"),
+                         ({"steps": 0}, "--steps must be at least 1"),
+                         ({"sampled_share": 1.5}, r"--sampled-share must be in \[0, 1\], got 1.5")):
         with pytest.raises(ValueError, match=message):
-            script.check_arguments(args)
+            script.check_arguments(script.argparse.Namespace(**{**valid, **bad}))
