@@ -389,6 +389,15 @@ class VAETrainConfig:
     on those latents loses small shapes sooner at low noise and scores 0.487 against 0.501 (twenty-ninth round).
     0: off."""
     scale_equivariance_factor: int = 2
+    decoder_finetune_steps: int = 0
+    """Steps after ``max_steps`` that train the decoder (with ``post_quant_conv``) alone, on whole images, with
+    the encoder frozen: a fresh AdamW (no weight decay) at ``decoder_finetune_learning_rate`` after a short
+    warmup, as Stability's sd-vae-ft-mse fine-tuned only the decoder so that latents already in use keep
+    their meaning. With crops and a cosine schedule the decoder gets few whole-image updates; 800 such steps
+    after the main job's stage 1 raised the judge's reading of its reconstructions from 0.934 to 0.984, and 400
+    at twice the learning rate as much (docs/conditioning.md, thirtieth round). 0: off."""
+    decoder_finetune_learning_rate: float = 2e-4
+    decoder_finetune_warmup_steps: int = 50
     scaling_samples: int = 1024
     """Images encoded to measure the latent scaling factor (1 / std of the latents)."""
     normalize_latents: bool = False
@@ -655,6 +664,8 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "scaling_samples": AT_LEAST_1, "checkpointing_steps": NON_NEGATIVE, "checkpoints_total_limit": AT_LEAST_1,
         "log_every": AT_LEAST_1, "judge_scenes": NON_NEGATIVE, "min_judge_agreement": Range(0, 1),
         "scale_equivariance_weight": NON_NEGATIVE, "scale_equivariance_factor": Range(2),
+        "decoder_finetune_steps": NON_NEGATIVE, "decoder_finetune_learning_rate": POSITIVE,
+        "decoder_finetune_warmup_steps": NON_NEGATIVE,
     },
     TrainConfig: {
         "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1,

@@ -148,6 +148,34 @@ def test_stage1_outputs(stage1):
     assert "vae_train.max_steps=16" in log
 
 
+def test_stage1_decoder_finetune_trains_the_decoder_alone_and_resumes_exactly(tmp_path):
+    """vae_train.decoder_finetune_steps: after max_steps only the decoder side trains, so the encoder (and with
+    it the latents stage 2 learns) stays as the joint steps left it; a run resumed inside that phase, which
+    restores the fine-tune's own optimizer and schedule, ends with the same autoencoder as an uninterrupted one."""
+    import shutil
+
+    common = ["vae_train.max_steps=4", "vae_train.decoder_finetune_steps=4", "vae_train.decoder_finetune_warmup_steps=1",
+              "vae_train.checkpointing_steps=2", "vae_train.checkpoints_total_limit=4", "vae_train.judge_scenes=0"]
+    straight = tmp_path / "straight"
+    result = run_script(TRAIN_VAE, f"output_dir={straight}", *common)
+    assert "joint training done at step 4; the decoder alone trains on whole images for 4 more" in result.stderr
+    checkpoints = straight / "vae_stage" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"checkpoint-{step}" for step in (2, 4, 6, 8)]
+    joint, finetuned = (load_file(checkpoints / f"checkpoint-{step}" / "model.safetensors") for step in (4, 8))
+    encoder_side = [name for name in joint if name.startswith(("vae.encoder.", "vae.quant_conv."))]
+    decoder_side = [name for name in joint if name.startswith(("vae.decoder.", "vae.post_quant_conv."))]
+    assert encoder_side and decoder_side and len(encoder_side) + len(decoder_side) == len(joint)
+    assert all(torch.equal(joint[name], finetuned[name]) for name in encoder_side)
+    assert all(not torch.equal(joint[name], finetuned[name]) for name in decoder_side)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(checkpoints / "checkpoint-6", resumed / "vae_stage" / "checkpoints" / "checkpoint-6")
+    run_script(TRAIN_VAE, f"output_dir={resumed}", *common, "resume=latest")
+    final = [load_file(folder / "vae" / "diffusion_pytorch_model.safetensors") for folder in (straight, resumed)]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0]), "the resumed run ended elsewhere"
+
+
 def test_stage2_exports_a_pipeline_that_stock_diffusers_loads(stage1, tmp_path):
     from diffusers import StableDiffusionPipeline
 

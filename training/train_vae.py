@@ -9,7 +9,8 @@ Rombach et al. 2022, App. G) is measured on the data and stored in the VAE's con
 every pipeline scale latents the same way. On the built-in shapes data the script ends by checking the
 autoencoder with the prompt-adherence judge (:func:`check_reconstructions`, ``vae_train.judge_scenes``):
 a latent model draws no better than its decoder renders, so it warns when the judge reads few
-reconstructions right.
+reconstructions right. With ``vae_train.decoder_finetune_steps``, the decoder alone (encoder frozen) trains on
+whole images for that many steps after ``max_steps``, before the scale is measured.
 
 Outputs under ``output_dir``: ``vae/`` (Diffusers format, safetensors), ``vae_reconstructions.png``
 (originals above their reconstructions), ``vae_checkpoints/checkpoint-<step>`` and ``config.yaml``.
@@ -79,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     train = config.vae_train
     stage_dir = os.path.join(config.output_dir, STAGE_DIR)
     report_to = train.report_to if train.report_to is not None else config.train.report_to
-    accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, report_to, "vae")
+    total_steps = train.max_steps + train.decoder_finetune_steps
+    # The decoder fine-tune leaves the encoder without gradient: DistributedDataParallel must expect that.
+    accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, report_to, "vae",
+                                   find_unused_parameters=train.decoder_finetune_steps > 0)
     setup_logging(accelerator)
 
     # 1. Check the configuration before any heavy work.
@@ -121,15 +125,28 @@ def main(argv: list[str] | None = None) -> None:
         optimizer_config.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=optimizer_config.lr_warmup_steps, num_training_steps=train.max_steps,
     )
+    # The decoder fine-tune after max_steps: its own AdamW over the decoder side only (fresh moments, no weight
+    # decay, constant rate after warmup), so the encoder, and with it the latents stage 2 learns, stays as the
+    # joint training left it.
+    decoder_finetune = []
+    if train.decoder_finetune_steps:
+        decoder_optimizer = torch.optim.AdamW(
+            [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()],
+            **{**adam, "lr": train.decoder_finetune_learning_rate, "weight_decay": 0.0},
+        )
+        decoder_finetune = [decoder_optimizer, get_scheduler(
+            "constant_with_warmup", optimizer=decoder_optimizer, num_warmup_steps=train.decoder_finetune_warmup_steps)]
     if perceptual is not None:
         perceptual.to(accelerator.device)
+    # (the decoder fine-tune's optimizer and schedule go last, so that checkpoints without them still load)
     if discriminator is not None:
         discriminator_optimizer = torch.optim.AdamW(discriminator.parameters(), **adam)
-        autoencoder, discriminator, optimizer, discriminator_optimizer, lr_scheduler = accelerator.prepare(
-            autoencoder, discriminator, optimizer, discriminator_optimizer, lr_scheduler
+        autoencoder, discriminator, optimizer, discriminator_optimizer, lr_scheduler, *decoder_finetune = accelerator.prepare(
+            autoencoder, discriminator, optimizer, discriminator_optimizer, lr_scheduler, *decoder_finetune
         )
     else:
-        autoencoder, optimizer, lr_scheduler = accelerator.prepare(autoencoder, optimizer, lr_scheduler)
+        autoencoder, optimizer, lr_scheduler, *decoder_finetune = accelerator.prepare(
+            autoencoder, optimizer, lr_scheduler, *decoder_finetune)
 
     # 3. Resume from the newest intact checkpoint.
     state = TrainingState()
@@ -142,12 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     saved_modules = [autoencoder] + ([discriminator] if discriminator is not None else [])
 
     # 4. The training loop.
-    progress = tqdm(total=train.max_steps, initial=state.global_step, desc="train vae",
+    progress = tqdm(total=total_steps, initial=state.global_step, desc="train vae",
                     disable=not accelerator.is_local_main_process)
     log_sums: dict[str, torch.Tensor] = {}
     log_count, last_batch = 0, None
     interval_start, interval_images = time.perf_counter(), 0
-    while state.global_step < train.max_steps:
+    while state.global_step < total_steps:
         for batch in epoch_batches(accelerator, dataloader, dataset, state.epoch, state.epoch_batches):
             state.epoch_batches += 1
             state.skipped_images += int(batch["num_skipped"])
@@ -158,12 +175,16 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             last_batch = batch
             images = batch["pixel_values"]
-            cropping = train.crop_size is not None and (train.crop_steps is None or state.global_step < train.crop_steps)
+            decoder_phase = state.global_step >= train.max_steps  # the decoder fine-tune: whole images, encoder frozen
+            step_optimizer, step_schedule = decoder_finetune if decoder_phase else (optimizer, lr_scheduler)
+            cropping = not decoder_phase and train.crop_size is not None and (
+                train.crop_steps is None or state.global_step < train.crop_steps)
             if cropping and train.crop_size < images.shape[-1]:
                 images = random_crop(images, train.crop_size, rng.generator)
             use_adversarial = discriminator is not None and state.global_step >= train.adversarial_start_step
             with accelerator.accumulate(autoencoder):
-                reconstructions, posterior_mean, posterior_logvar, downscaled = autoencoder(images, rng.generator)
+                reconstructions, posterior_mean, posterior_logvar, downscaled = autoencoder(
+                    images, rng.generator, decoder_only=decoder_phase)
                 terms = {
                     "reconstruction": reconstruction_loss(images, reconstructions, train.reconstruction_loss),
                     "kl": kl_loss(posterior_mean, posterior_logvar),
@@ -183,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
                 accelerator.backward(loss * loss_weight)
                 if accelerator.sync_gradients and optimizer_config.max_grad_norm:
                     accelerator.clip_grad_norm_(autoencoder.parameters(), optimizer_config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                step_optimizer.step()
+                step_optimizer.zero_grad(set_to_none=True)
             if use_adversarial:
                 with accelerator.accumulate(discriminator):
                     # The generator's backward also left gradients on the discriminator: drop them.
@@ -203,11 +224,11 @@ def main(argv: list[str] | None = None) -> None:
             if not accelerator.sync_gradients:
                 continue
 
-            lr_scheduler.step()
+            step_schedule.step()
             state.global_step += 1
             state.images_seen += train.batch_size
             progress.update(1)
-            if state.global_step % train.log_every == 0 or state.global_step == train.max_steps:
+            if state.global_step % train.log_every == 0 or state.global_step == total_steps:
                 guard.check(accelerator, state.global_step)  # syncs
                 logs = {name: accelerator.reduce(total / log_count, reduction="mean").item() for name, total in log_sums.items()}
                 logs["images_per_s"] = interval_images / (time.perf_counter() - interval_start)
@@ -217,13 +238,16 @@ def main(argv: list[str] | None = None) -> None:
                 log_count = 0
                 interval_start, interval_images = time.perf_counter(), 0
             if train.checkpointing_steps and (
-                state.global_step % train.checkpointing_steps == 0 or state.global_step == train.max_steps
+                state.global_step % train.checkpointing_steps == 0 or state.global_step == total_steps
             ):
                 guard.check(accelerator, state.global_step, [p for m in saved_modules for p in m.parameters()])
                 save_checkpoint(accelerator, stage_dir, state, train.checkpoints_total_limit, rng)
-            if state.global_step >= train.max_steps:
+            if state.global_step == train.max_steps and train.decoder_finetune_steps:
+                logger.info("joint training done at step %d; the decoder alone trains on whole images for %d more "
+                            "(vae_train.decoder_finetune_steps)", state.global_step, train.decoder_finetune_steps)
+            if state.global_step >= total_steps:
                 break
-        else:  # the epoch ran out before max_steps
+        else:  # the epoch ran out before the last step
             if state.epoch_batches == 0:
                 raise ConfigError(
                     f"the dataset yields no batch of {batch_per_process} images per process; "

@@ -60,6 +60,11 @@ class AutoencoderForTraining(nn.Module):
 
     With ``scale_equivariance_factor``, the forward also decodes the latent downsampled by that factor,
     for the scale-equivariance term (:func:`scale_equivariance_loss`); otherwise that output is ``None``.
+    With ``decoder_only`` (the decoder fine-tune at the end of stage 1, ``vae_train.decoder_finetune_steps``),
+    the encoder runs without gradient and the decoder reads the posterior mean: what a sampler ends on is a
+    denoised estimate, not a draw, and no random numbers are taken, so stage 2 gets the same latent scale
+    and draws as without the fine-tune. The posterior is returned detached: its KL term is logged but trains
+    nothing.
     """
 
     def __init__(self, vae, scale_equivariance_factor: int | None = None):
@@ -67,9 +72,10 @@ class AutoencoderForTraining(nn.Module):
         self.vae = vae
         self.scale_equivariance_factor = scale_equivariance_factor
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None):
-        posterior = self.vae.encode(images).latent_dist
-        latents = posterior.sample(generator=generator)
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None, decoder_only: bool = False):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not decoder_only):
+            posterior = self.vae.encode(images).latent_dist
+        latents = posterior.mean if decoder_only else posterior.sample(generator=generator)
         reconstructions = self.vae.decode(latents).sample
         downscaled = None
         if self.scale_equivariance_factor:

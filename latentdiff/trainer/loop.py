@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from PIL import Image
 
 from ..config import Config, ConfigError, MixedPrecision
@@ -30,9 +30,11 @@ def make_accelerator(
     gradient_accumulation_steps: int,
     report_to: str | None,
     logging_subdir: str,
+    find_unused_parameters: bool = False,
 ) -> Accelerator:
     """An ``Accelerator`` with a seedable data order (the same shuffle on resume) and the trackers of
-    ``report_to`` (see :func:`check_report_to`).
+    ``report_to`` (see :func:`check_report_to`). ``find_unused_parameters``: some steps leave part of the
+    model without gradient (DistributedDataParallel otherwise stops at the next step).
 
     Raises:
         ConfigError: ``report_to`` names a tracker whose package is not installed (Accelerate would
@@ -55,6 +57,7 @@ def make_accelerator(
         # Shuffle with seed + epoch, so the order of an epoch does not depend on when the run started.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else None,
     )
     if cpu_processes and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _use_fsdp_on_cpu(accelerator)
