@@ -201,12 +201,14 @@ def test_stage_2_is_sized_to_the_time_left_at_a_low_speed(gpu):
 
 
 def test_a_shortened_run_keeps_the_recipes_schedule_in_proportion(gpu):
-    config = {"vae_train": {"max_steps": 8000, "crop_steps": 6000, "optimizer": {"lr_warmup_steps": 200}},
+    config = {"vae_train": {"max_steps": 8000, "crop_steps": 6000, "decoder_finetune_steps": 2000,
+                            "optimizer": {"lr_warmup_steps": 200}},
               "train": {"max_steps": 30000, "optimizer": {"lr_warmup_steps": 500}}}
     assert gpu.scaled_schedule_overrides(config, "vae_train", 2000) == [
-        "vae_train.max_steps=2000", "vae_train.crop_steps=1500", "vae_train.optimizer.lr_warmup_steps=50",
-        "vae_train.checkpointing_steps=0",
+        "vae_train.max_steps=2000", "vae_train.crop_steps=1500", "vae_train.decoder_finetune_steps=500",
+        "vae_train.optimizer.lr_warmup_steps=50", "vae_train.checkpointing_steps=0",
     ]
+    assert "vae_train.decoder_finetune_steps=1" in gpu.scaled_schedule_overrides(config, "vae_train", 2)
     assert gpu.scaled_schedule_overrides(config, "train", 600) == [
         "train.max_steps=600", "train.optimizer.lr_warmup_steps=10", "train.checkpointing_steps=0",
         "train.validation_steps=0",
@@ -224,6 +226,7 @@ def test_a_shortened_run_keeps_the_recipes_schedule_in_proportion(gpu):
         yaml_config, "train", 900)
     config = load_config([path], overrides)
     assert (config.vae_train.max_steps, config.train.max_steps) == (2000, 900)
+    assert config.vae_train.decoder_finetune_steps == 500
 
 
 def test_the_carried_wheels_must_cover_every_requirement_the_machine_lacks(gpu):
