@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from latentdiff.config import load_config
 from latentdiff.data.loading import load_image_text_dataset
 from latentdiff.pipelines import LatentImg2ImgPipeline
+from latentdiff.trainer.autoencoder import decoder_parameters
 from latentdiff.trainer.encoding import encode_images
 
 
@@ -99,7 +100,7 @@ def fit_decoder(pipe: LatentImg2ImgPipeline, targets: torch.Tensor, sampled: tor
     rest from the encoder's, each to its image by pixel MSE. Returns the loss every 50 steps."""
     vae = pipe.vae
     vae.requires_grad_(False)
-    parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    parameters = decoder_parameters(vae)
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)

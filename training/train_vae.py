@@ -35,6 +35,7 @@ from latentdiff.trainer.autoencoder import (
     AutoencoderForTraining,
     PatchDiscriminator,
     VGGPerceptualLoss,
+    decoder_parameters,
     generator_adversarial_loss,
     hinge_discriminator_loss,
     kl_loss,
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     decoder_finetune = []
     if train.decoder_finetune_steps:
         decoder_optimizer = torch.optim.AdamW(
-            [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()],
+            decoder_parameters(vae),
             **{**adam, "lr": train.decoder_finetune_learning_rate, "weight_decay": 0.0},
         )
         decoder_finetune = [decoder_optimizer, get_scheduler(

@@ -51,6 +51,12 @@ def downsample(tensor: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(tensor, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
 
 
+def decoder_parameters(vae) -> list[nn.Parameter]:
+    """The decoder side of an ``AutoencoderKL``: the decoder and ``post_quant_conv``, what a decoder-only fine-tune
+    trains (the encoder, and with it the latents already in use, left as they are)."""
+    return [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+
+
 class AutoencoderForTraining(nn.Module):
     """Encode, sample ``z ~ q(z|x)`` and decode in one ``forward``, returning what the losses need.
 
