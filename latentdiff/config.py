@@ -336,6 +336,13 @@ class DiffusionConfig:
     shapes 0.77 -> 0.88 and 0.67 -> 0.88 for two seeds (docs/conditioning.md, eighth round). None: plain uniform."""
     timestep_high_band_share: float = 0.5
     """With ``timestep_high_band_start``: the probability of drawing ``t`` in the high band, in (0, 1)."""
+    timestep_low_band_end: int | None = None
+    """With uniform sampling: draw ``t <`` this timestep with probability ``timestep_low_band_share`` instead of
+    its uniform share, with the same correction of each sample's weight (the band between it and
+    ``timestep_high_band_start``, if that is set, takes the rest; :func:`latentdiff.diffusion.banded_timesteps`).
+    None: no low band."""
+    timestep_low_band_share: float = 0.2
+    """With ``timestep_low_band_end``: the probability of drawing ``t`` in the low band, in (0, 1)."""
 
 
 @dataclass
@@ -651,7 +658,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "snr_clamp_end_step": POSITIVE, "snr_clamp_from_timestep": NON_NEGATIVE, "snr_clamp_pool": AT_LEAST_1,
         "timestep_mean": Range(),
         "timestep_std": POSITIVE, "timestep_range": NON_NEGATIVE, "timestep_high_band_start": POSITIVE,
-        "timestep_high_band_share": DECAY,
+        "timestep_high_band_share": DECAY, "timestep_low_band_end": POSITIVE, "timestep_low_band_share": DECAY,
     },
     ModelConfig: {"high_noise_boundary": POSITIVE},
     OptimizerConfig: {
@@ -821,13 +828,29 @@ def check_values(config: Config) -> None:
         if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None:
             fail("diffusion.timestep_high_band_start", high_band_start, "null with diffusion.timestep_range or a "
                  "timestep_sampling other than uniform (it reshapes uniform sampling)")
+    low_band_end = diffusion.timestep_low_band_end
+    if low_band_end is not None:
+        upper = diffusion.num_train_timesteps if high_band_start is None else high_band_start
+        if low_band_end >= upper:
+            fail("diffusion.timestep_low_band_end", low_band_end, f"null or a timestep between 0 and {upper} (exclusive"
+                 f"{'' if high_band_start is None else ': below diffusion.timestep_high_band_start'})")
+        if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None:
+            fail("diffusion.timestep_low_band_end", low_band_end, "null with diffusion.timestep_range or a "
+                 "timestep_sampling other than uniform (it reshapes uniform sampling)")
+        if high_band_start is not None and diffusion.timestep_low_band_share + diffusion.timestep_high_band_share >= 1:
+            fail("diffusion.timestep_low_band_share", diffusion.timestep_low_band_share,
+                 f"a share that leaves some probability to the band between the low and high bands (below "
+                 f"{1 - diffusion.timestep_high_band_share:g} with diffusion.timestep_high_band_share "
+                 f"{diffusion.timestep_high_band_share:g})")
     band_boundary = config.train.band_boundary
     if band_boundary is not None:
         if not 0 < band_boundary < diffusion.num_train_timesteps:
             fail("train.band_boundary", band_boundary,
                  f"null or a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
-        if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None or high_band_start is not None:
-            fail("train.band_boundary", band_boundary, "null with diffusion.timestep_range, diffusion.timestep_high_band_start "
+        if (diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None or high_band_start is not None
+                or low_band_end is not None):
+            fail("train.band_boundary", band_boundary, "null with diffusion.timestep_range, diffusion.timestep_high_band_start, "
+                 "diffusion.timestep_low_band_end "
                  "or a timestep_sampling other than uniform (each band draws its timesteps uniformly)")
         if config.train.high_band_parameters is not None:
             try:

@@ -26,6 +26,7 @@ saves in each checkpoint, so a resumed run draws the same noise as an uninterrup
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
 
@@ -180,8 +181,28 @@ class TimestepSampling:
     high: int | None = None
     high_band_start: int | None = None
     """With ``uniform``: draw ``t >= high_band_start`` with probability ``high_band_share`` instead of its
-    uniform share (:func:`high_band_timesteps`). None: plain uniform."""
+    uniform share (:func:`banded_timesteps`). None: no high band."""
     high_band_share: float = 0.5
+    low_band_end: int | None = None
+    """With ``uniform``: draw ``t < low_band_end`` with probability ``low_band_share`` instead of its uniform
+    share (:func:`banded_timesteps`). None: no low band."""
+    low_band_share: float = 0.2
+
+    @property
+    def bands(self) -> tuple[list[int], list[float]] | None:
+        """The ``(starts, shares)`` of :func:`banded_timesteps` for the high and low bands set here (the band
+        between them takes the rest of the probability); None when neither is set."""
+        if self.high_band_start is None and self.low_band_end is None:
+            return None
+        starts, shares = [0], []
+        if self.low_band_end is not None:
+            starts.append(self.low_band_end)
+            shares.append(self.low_band_share)
+        if self.high_band_start is not None:
+            starts.append(self.high_band_start)
+            shares.append(self.high_band_share)
+        shares.insert(1 if self.low_band_end is not None else 0, 1.0 - sum(shares))
+        return starts, shares
 
 
 def sample_timesteps(
@@ -211,6 +232,54 @@ def sample_timesteps(
     raise ValueError(f"unknown timestep sampling {sampling.kind!r}; expected uniform, logit_normal or importance")
 
 
+def banded_timesteps(
+    num_train_timesteps: int,
+    batch_size: int,
+    starts: Sequence[int],
+    shares: Sequence[float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps drawn band by band, and each sample's density correction.
+
+    The bands are ``[starts[k], starts[k + 1])`` (the last ends at ``num_train_timesteps``; ``starts[0]`` is
+    0); band ``k`` is drawn with probability ``shares[k]`` and ``t`` is uniform within it. The correction of a
+    sample is its band's uniform share over the share it was drawn with, so the corrected loss has the
+    expectation of uniform ``t`` (importance sampling, as in :func:`importance_sampled_timesteps`) while a band
+    drawn more often has its part of the loss averaged over more samples, each with a smaller weight: the same
+    mean gradient with less variance there. On the shapes default the high band's gradient is about half noise,
+    large enough to share Adam's step size with every band under the SNR clamp (docs/conditioning.md, seventh and
+    eighth rounds); a larger share of the batch quiets it. Kingma & Gao 2023, "Understanding Diffusion Objectives
+    as the ELBO with Simple Data Augmentation": the timestep density is an importance-sampling distribution that
+    leaves the weighted loss unchanged and sets the variance of its estimate. Written here because Diffusers'
+    training scripts draw uniform ``t`` only.
+
+    The random numbers are taken in one order (one uniform number per sample for its band, then one timestep per
+    sample in each band, lowest band first), and the bands are matched to the uniform number from the highest
+    down, so that two bands draw what :func:`high_band_timesteps` always drew.
+    """
+    starts, shares = list(starts), list(shares)
+    if len(starts) != len(shares) or len(starts) < 2:
+        raise ValueError(f"give one share per band and at least two bands, got starts {starts} and shares {shares}")
+    if starts[0] != 0 or any(not a < b for a, b in zip(starts, [*starts[1:], num_train_timesteps])):
+        raise ValueError(f"band starts must rise from 0 and stay below {num_train_timesteps}, got {starts}")
+    if any(not 0 < share < 1 for share in shares) or abs(sum(shares) - 1) > 1e-6:
+        raise ValueError(f"each band's share must lie in (0, 1) and the shares must sum to 1, got {shares}")
+    where = None if generator is None else generator.device
+    draw = torch.rand((batch_size,), generator=generator, device=where)
+    ends = [*starts[1:], num_train_timesteps]
+    in_band = [torch.randint(start, end, (batch_size,), generator=generator, device=where) for start, end in zip(starts, ends)]
+    timesteps = torch.empty_like(in_band[0])
+    correction = torch.empty((batch_size,), device=where)
+    below = 0.0
+    for k in reversed(range(len(starts))):
+        mine = (draw >= below) & (draw < below + shares[k]) if k else draw >= below
+        timesteps[mine] = in_band[k][mine]
+        correction[mine] = (ends[k] - starts[k]) / num_train_timesteps / shares[k]
+        below += shares[k]
+    return timesteps.to(device), correction.to(device)
+
+
 def high_band_timesteps(
     num_train_timesteps: int,
     batch_size: int,
@@ -219,28 +288,12 @@ def high_band_timesteps(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps with the band ``t >= start`` drawn with probability ``share`` (uniform within each band), and
-    each sample's density correction: its band's uniform share over the share it was drawn with.
-
-    The corrected loss has the expectation of uniform ``t`` (importance sampling, as in
-    :func:`importance_sampled_timesteps`), but the high band's part of it is averaged over more samples, each
-    with a smaller weight: the same mean gradient with less variance there. On the shapes default the high
-    band's gradient is about half noise, large enough to share Adam's step size with every band under the SNR clamp
-    (docs/conditioning.md, seventh and eighth rounds); this spends more of the batch on it to quiet it. Kingma &
-    Gao 2023, "Understanding Diffusion Objectives as the ELBO with Simple Data Augmentation": the timestep
-    density is an importance-sampling distribution that leaves the weighted loss unchanged and sets the variance
-    of its estimate. Written here because Diffusers' training scripts draw uniform ``t`` only.
-    """
+    """:func:`banded_timesteps` with two bands: ``t >= start`` drawn with probability ``share``."""
     if not 0 < start < num_train_timesteps:
         raise ValueError(f"the high band's start must lie in (0, {num_train_timesteps}), got {start}")
     if not 0 < share < 1:
         raise ValueError(f"the high band's share must lie in (0, 1), got {share}")
-    in_high = torch.rand((batch_size,), generator=generator, device=None if generator is None else generator.device) < share
-    low = torch.randint(0, start, (batch_size,), generator=generator, device=in_high.device)
-    high = torch.randint(start, num_train_timesteps, (batch_size,), generator=generator, device=in_high.device)
-    uniform_share = (num_train_timesteps - start) / num_train_timesteps
-    correction = torch.where(in_high, uniform_share / share, (1 - uniform_share) / (1 - share))
-    return torch.where(in_high, high, low).to(device), correction.to(device)
+    return banded_timesteps(num_train_timesteps, batch_size, [0, start], [1 - share, share], generator, device)
 
 
 def importance_sampled_timesteps(
@@ -359,10 +412,9 @@ def diffusion_loss(
         timesteps, weights = importance_sampled_timesteps(
             scheduler, batch_size, snr_gamma, snr_weight_floor, snr_clamp_low, generator, latents.device
         )
-    elif timestep_sampling is not None and timestep_sampling.high_band_start is not None:
-        timesteps, density_correction = high_band_timesteps(
-            scheduler.config.num_train_timesteps, batch_size, timestep_sampling.high_band_start,
-            timestep_sampling.high_band_share, generator, latents.device,
+    elif timestep_sampling is not None and timestep_sampling.bands is not None:
+        timesteps, density_correction = banded_timesteps(
+            scheduler.config.num_train_timesteps, batch_size, *timestep_sampling.bands, generator, latents.device
         )
     else:
         timesteps = sample_timesteps(

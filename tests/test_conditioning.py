@@ -170,6 +170,42 @@ def test_a_high_band_share_draws_that_band_more_and_keeps_the_expected_loss():
         high_band_timesteps(1000, 8, start=700, share=1.0)
 
 
+def test_a_low_band_beside_the_high_band_draws_three_bands_and_keeps_the_expected_loss():
+    from latentdiff.diffusion import banded_timesteps
+
+    sampling = TimestepSampling("uniform", high_band_start=700, high_band_share=0.5, low_band_end=250, low_band_share=0.3)
+    starts, shares = sampling.bands
+    assert starts == [0, 250, 700] and shares == pytest.approx([0.3, 0.2, 0.5])
+    timesteps, correction = banded_timesteps(1000, 100_000, starts, shares, torch.Generator().manual_seed(0))
+    bands = [timesteps < 250, (timesteps >= 250) & (timesteps < 700), timesteps >= 700]
+    for band, share, uniform_share in zip(bands, shares, (0.25, 0.45, 0.3)):
+        assert band.float().mean().item() == pytest.approx(share, abs=0.01)
+        torch.testing.assert_close(correction[band], torch.full_like(correction[band], uniform_share / share))
+    loss_of_t = torch.linspace(2.0, 0.1, 1000) ** 2
+    assert (correction * loss_of_t[timesteps]).mean().item() == pytest.approx(loss_of_t.mean().item(), rel=0.02)
+    # a low band alone: two bands, the rest of the probability above it
+    assert TimestepSampling("uniform", low_band_end=250, low_band_share=0.4).bands == ([0, 250], [0.4, 0.6])
+    assert TimestepSampling("uniform").bands is None
+    with pytest.raises(ValueError, match="shares must sum to 1"):
+        banded_timesteps(1000, 8, [0, 250, 700], [0.3, 0.3, 0.3])
+    with pytest.raises(ValueError, match="band starts must rise from 0"):
+        banded_timesteps(1000, 8, [0, 700, 250], [0.3, 0.2, 0.5])
+
+
+def test_two_bands_draw_exactly_what_the_high_band_share_always_drew():
+    """The high band alone keeps its draws, so that runs of the default are repeatable across versions."""
+    from latentdiff.diffusion import banded_timesteps
+
+    generator = torch.Generator().manual_seed(3)
+    timesteps, correction = banded_timesteps(1000, 512, [0, 700], [0.5, 0.5], generator)
+    generator = torch.Generator().manual_seed(3)
+    in_high = torch.rand((512,), generator=generator) < 0.5
+    low = torch.randint(0, 700, (512,), generator=generator)
+    high = torch.randint(700, 1000, (512,), generator=generator)
+    assert torch.equal(timesteps, torch.where(in_high, high, low))
+    torch.testing.assert_close(correction, torch.where(in_high, 0.3 / 0.5, 0.7 / 0.5))
+
+
 def test_diffusion_loss_with_a_high_band_share_corrects_each_samples_weight():
     from latentdiff.diffusion import diffusion_loss, high_band_timesteps, min_snr_weights, sample_noise
 
@@ -203,6 +239,17 @@ def test_a_high_band_share_is_refused_where_it_cannot_apply():
         load_config(overrides=["diffusion.timestep_high_band_start=700", "train.band_boundary=700"])
     config = load_config(overrides=["diffusion.timestep_high_band_start=700", "diffusion.timestep_high_band_share=0.6"])
     assert (config.diffusion.timestep_high_band_start, config.diffusion.timestep_high_band_share) == (700, 0.6)
+    high = ["diffusion.timestep_high_band_start=700", "diffusion.timestep_high_band_share=0.5"]
+    with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_end'.*between 0 and 700.*high_band_start"):
+        load_config(overrides=[*high, "diffusion.timestep_low_band_end=700"])
+    with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_share'.*below 0.5"):
+        load_config(overrides=[*high, "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_share=0.5"])
+    with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_end'.*timestep_sampling other than uniform"):
+        load_config(overrides=["diffusion.timestep_low_band_end=250", "diffusion.timestep_sampling=logit_normal"])
+    with pytest.raises(ConfigError, match="'train.band_boundary'"):
+        load_config(overrides=["diffusion.timestep_low_band_end=250", "train.band_boundary=700"])
+    config = load_config(overrides=[*high, "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_share=0.3"])
+    assert (config.diffusion.timestep_low_band_end, config.diffusion.timestep_low_band_share) == (250, 0.3)
 
 
 def test_normalized_latents_are_standard_and_decode_as_before():

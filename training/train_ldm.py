@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         config.diffusion.timestep_sampling, config.diffusion.timestep_mean, config.diffusion.timestep_std,
         low=timestep_range[0], high=timestep_range[1],
         high_band_start=config.diffusion.timestep_high_band_start, high_band_share=config.diffusion.timestep_high_band_share,
+        low_band_end=config.diffusion.timestep_low_band_end, low_band_share=config.diffusion.timestep_low_band_share,
     )
     if train.band_boundary:  # [low band, high band]: each step draws from one, steps with its optimizer
         band_samplings = [TimestepSampling("uniform", high=train.band_boundary),
