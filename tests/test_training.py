@@ -573,6 +573,23 @@ def test_fsdp_on_two_cpu_processes_exports_the_ema_of_the_sharded_weights(stage1
     assert (tmp_path / "validation" / "step-000001.png").is_file()
 
 
+def test_stage_1_under_an_fsdp_launch_replicates_the_autoencoder(tmp_path):
+    """The FSDP launch config names the U-Net's blocks to wrap, which the autoencoder does not have, and FSDP 2
+    prepares one model where stage 1 may have two (the discriminator): stage 1 trains data-parallel instead."""
+    from diffusers import AutoencoderKL
+
+    result = run_script(
+        TRAIN_VAE, f"output_dir={tmp_path}", "vae_train.max_steps=2", "vae_train.checkpointing_steps=2",
+        "vae_train.decoder_finetune_steps=2", "vae_train.adversarial_weight=0.1",
+        launcher=accelerate_launch(FSDP_CPU_2PROC), timeout=600,
+    )
+    assert "an FSDP launch: the autoencoder is replicated on every process (data-parallel)" in result.stderr
+    checkpoint = tmp_path / "vae_stage" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "random_states_1.pkl").is_file()  # two processes really ran
+    assert not any(path.name.startswith("pytorch_model_fsdp") for path in checkpoint.iterdir())
+    AutoencoderKL.from_pretrained(tmp_path / "vae")
+
+
 @fsdp_on_cpu
 def test_fsdp_with_a_trained_text_encoder_is_a_clear_error(stage1, tmp_path):
     result = run_script(

@@ -53,6 +53,7 @@ from latentdiff.trainer.loop import (
     make_accelerator,
     make_train_dataloader,
     per_process_batch_size,
+    replicate_under_fsdp_launch,
     setup_logging,
 )
 from latentdiff.trainer.rng import TrainingRNG
@@ -72,8 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     train = config.text_train
     stage_dir = os.path.join(config.output_dir, STAGE_DIR)
+    fsdp_launch = replicate_under_fsdp_launch()  # a small model: replicated, not sharded (see its docstring)
     accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, "tensorboard", "text")
     setup_logging(accelerator)
+    if fsdp_launch:
+        logger.info("an FSDP launch: the text encoder is replicated on every process (data-parallel), not sharded")
 
     # 1. Check the configuration before any heavy work.
     if text.kind != "clip" or text.pretrained:

@@ -63,6 +63,7 @@ from latentdiff.trainer.loop import (
     make_accelerator,
     make_train_dataloader,
     per_process_batch_size,
+    replicate_under_fsdp_launch,
     run_training_script,
     setup_logging,
     tensor_to_pil,
@@ -82,10 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     stage_dir = os.path.join(config.output_dir, STAGE_DIR)
     report_to = train.report_to if train.report_to is not None else config.train.report_to
     total_steps = train.max_steps + train.decoder_finetune_steps
+    fsdp_launch = replicate_under_fsdp_launch()  # a small model: replicated, not sharded (see its docstring)
     # The decoder fine-tune leaves the encoder without gradient: DistributedDataParallel must expect that.
     accelerator = make_accelerator(config, train.mixed_precision, train.gradient_accumulation_steps, report_to, "vae",
                                    find_unused_parameters=train.decoder_finetune_steps > 0)
     setup_logging(accelerator)
+    if fsdp_launch:
+        logger.info("an FSDP launch: the autoencoder is replicated on every process (data-parallel), not sharded")
 
     # 1. Check the configuration before any heavy work.
     if config.model.pixel_space:

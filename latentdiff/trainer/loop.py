@@ -64,6 +64,23 @@ def make_accelerator(
     return accelerator
 
 
+def replicate_under_fsdp_launch() -> bool:
+    """Make the ``Accelerator`` created next replicate its model on every process (DDP) even under an FSDP
+    launch, and say whether the launch asked for FSDP.
+
+    For stage 1 and the text stage: their models are small enough to replicate, and Accelerate's FSDP 2
+    could not shard them anyway. It prepares one model per ``prepare`` call (stage 1 may add a
+    discriminator), and the launch's wrap policy names the U-Net's blocks (``BasicTransformerBlock``), which
+    the autoencoder does not have ("Could not find the transformer layer class"). So a user whose
+    Accelerate config uses FSDP can still run every stage with one launch command. Accelerate reads the
+    launch's choice from ``ACCELERATE_USE_FSDP`` when the ``Accelerator`` is built, so this must run first.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    return True
+
+
 def _use_fsdp_on_cpu(accelerator: Accelerator) -> None:
     """Turn an FSDP launch on CPU processes (gloo) into FSDP, as on GPUs.
 
