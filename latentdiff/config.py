@@ -343,6 +343,13 @@ class DiffusionConfig:
     None: no low band."""
     timestep_low_band_share: float = 0.2
     """With ``timestep_low_band_end``: the probability of drawing ``t`` in the low band, in (0, 1)."""
+    foreground_loss_weight: float = 0.0
+    """Weight the denoising error of the latents that differ from the image's background up to ``1 +`` this
+    many times, in the samples with ``t < foreground_loss_until``: small objects' outlines, decided at low
+    noise, count for more than their share of the latents (:func:`latentdiff.diffusion.foreground_weights`;
+    for data with plain backgrounds). 0: off."""
+    foreground_loss_until: int = 250
+    """With ``foreground_loss_weight``: the samples with ``t <`` this timestep are weighted."""
 
 
 @dataclass
@@ -659,6 +666,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "timestep_mean": Range(),
         "timestep_std": POSITIVE, "timestep_range": NON_NEGATIVE, "timestep_high_band_start": POSITIVE,
         "timestep_high_band_share": DECAY, "timestep_low_band_end": POSITIVE, "timestep_low_band_share": DECAY,
+        "foreground_loss_weight": NON_NEGATIVE, "foreground_loss_until": POSITIVE,
     },
     ModelConfig: {"high_noise_boundary": POSITIVE},
     OptimizerConfig: {
@@ -842,6 +850,13 @@ def check_values(config: Config) -> None:
                  f"a share that leaves some probability to the band between the low and high bands (below "
                  f"{1 - diffusion.timestep_high_band_share:g} with diffusion.timestep_high_band_share "
                  f"{diffusion.timestep_high_band_share:g})")
+    if diffusion.foreground_loss_weight:
+        if diffusion.foreground_loss_until > diffusion.num_train_timesteps:
+            fail("diffusion.foreground_loss_until", diffusion.foreground_loss_until,
+                 f"a timestep between 1 and {diffusion.num_train_timesteps}")
+        if diffusion.snr_clamp_pool > 1:
+            fail("diffusion.foreground_loss_weight", diffusion.foreground_loss_weight,
+                 "0 with diffusion.snr_clamp_pool > 1 (the pooled error of the clamp is not weighted by the foreground)")
     band_boundary = config.train.band_boundary
     if band_boundary is not None:
         if not 0 < band_boundary < diffusion.num_train_timesteps:

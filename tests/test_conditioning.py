@@ -1147,3 +1147,45 @@ def test_shapes_by_noise_level_judges_every_object_of_every_scene_at_every_stren
         script.shapes_by_noise_level(pipe, [1.5], num_scenes=2)
     with pytest.raises(ValueError, match="caption must be 'full' or 'empty', got 'none'"):
         script.shapes_by_noise_level(pipe, [0.1], num_scenes=2, caption="none")
+
+
+def test_foreground_weights_mark_what_differs_from_the_background_in_the_low_band_only():
+    from latentdiff.diffusion import foreground_weights
+
+    latents = torch.full((2, 4, 8, 8), -0.5)  # a plain background
+    latents[:, :, 2:4, 2:4] = 2.5  # an object: 6 standard deviations from the background over the 4 channels
+    latents[:, 0, 6, 6] = 1.0  # a faint latent: 1.5 from the background, half marked
+    weights = foreground_weights(latents, torch.tensor([100, 600]), weight=4.0, until=250)
+    assert weights.shape == (2, 1, 8, 8)
+    assert weights[0, 0, 2:4, 2:4].eq(5.0).all() and weights[0, 0, 6, 6] == 3.0
+    assert weights[0].sum() == 64 + 4 * 4 + 2  # the background keeps weight 1
+    assert weights[1].eq(1.0).all()  # t = 600 is past `until`
+
+
+def test_diffusion_loss_weights_the_foreground_error_of_low_noise_samples():
+    from latentdiff.config import ConfigError, load_config
+    from latentdiff.diffusion import diffusion_loss, foreground_weights
+
+    scheduler = _scheduler("sample")
+    latents = torch.randn(32, 4, 8, 8)
+    zeros = lambda noisy, t, c: torch.zeros_like(noisy)  # noqa: E731 (the error is the clean latent itself)
+    plain = diffusion_loss(zeros, scheduler, latents, None, generator=torch.Generator().manual_seed(0))
+    weighted = diffusion_loss(zeros, scheduler, latents, None, generator=torch.Generator().manual_seed(0),
+                              foreground_weight=4.0, foreground_until=500)
+    assert torch.equal(plain.timesteps, weighted.timesteps)
+    low = plain.timesteps < 500
+    assert 0 < low.sum() < 32
+    torch.testing.assert_close(weighted.per_sample[~low], plain.per_sample[~low])  # high noise: unchanged
+    expected = (latents.square() * foreground_weights(latents, plain.timesteps, 4.0, 500)).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(weighted.per_sample, expected)
+    assert (weighted.per_sample[low] > plain.per_sample[low]).all()
+
+    assert load_config(overrides=["diffusion.foreground_loss_weight=2"]).diffusion.foreground_loss_until == 250
+    with pytest.raises(ConfigError, match="'diffusion.foreground_loss_until'.*timestep between 1 and 1000"):
+        load_config(overrides=["diffusion.foreground_loss_weight=2", "diffusion.foreground_loss_until=1001"])
+    with pytest.raises(ConfigError, match="'diffusion.foreground_loss_weight'"):
+        load_config(overrides=["diffusion.foreground_loss_weight=-1"])
+    with pytest.raises(ConfigError, match="'diffusion.foreground_loss_weight'.*snr_clamp_pool"):
+        shapes = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # min-SNR with its clamp
+        load_config(shapes, ["diffusion.foreground_loss_weight=2", "diffusion.snr_clamp_pool=2"])
+    load_config(overrides=["diffusion.num_train_timesteps=100"])  # the unused `until` of 250 is no error

@@ -364,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
                     snr_clamp_from_timestep=config.diffusion.snr_clamp_from_timestep,
                     snr_clamp_pool=config.diffusion.snr_clamp_pool,
                     adaptive_weighting=loss_weighting,
+                    foreground_weight=config.diffusion.foreground_loss_weight,
+                    foreground_until=config.diffusion.foreground_loss_until,
                 )
                 guard.observe(output.loss, state.global_step + 1)
                 accelerator.backward(output.loss * loss_weight)
