@@ -347,8 +347,8 @@ class DiffusionConfig:
     """Weight the denoising error of the latents that differ from the image's background up to ``1 +`` this
     many times, in the samples with ``t < foreground_loss_until``: small objects' outlines, decided at low
     noise, count for more than their share of the latents (:func:`latentdiff.diffusion.foreground_weights`;
-    for data with plain backgrounds). At 4 on the shapes default (seed 1) it cost places (position 0.90 -> 0.40) and
-    did not raise shapes (docs/conditioning.md, thirty-second round). 0: off."""
+    for data with plain backgrounds). At 4 on the shapes default (seed 1) it cost places (position 0.90 ->
+    0.40) and did not raise shapes (docs/conditioning.md, thirty-second round). 0: off."""
     foreground_loss_until: int = 250
     """With ``foreground_loss_weight``: the samples with ``t <`` this timestep are weighted."""
 

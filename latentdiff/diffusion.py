@@ -379,8 +379,8 @@ def foreground_weights(
     data with plain backgrounds, such as the shapes data, the median is the background's latent, so ``m``
     marks the objects (on the shapes default about 13% of the latents, 0.09 on average). At low noise the
     layout is fixed and what is left to learn is each object's outline; a small object covers a few of an
-    image's latents (256 on the shapes default), so its error is a small part of the plain mean. This weights it up. (No library weights the
-    denoising loss by content; written here for that.)
+    image's latents (256 on the shapes default), so its error is a small part of the plain mean. This
+    weights it up. (No library weights the denoising loss by content; written here for that.)
     """
     with torch.no_grad():
         latents = latents.float()

@@ -72,9 +72,9 @@ def replicate_under_fsdp_launch() -> bool:
     could not shard them anyway. It prepares one model per ``prepare`` call (stage 1 may add a
     discriminator), and the launch's wrap policy names the U-Net's blocks (``BasicTransformerBlock``), which
     neither the autoencoder nor the text stage's ``CLIPModel`` has ("Could not find the transformer layer
-    class"). So a user whose
-    Accelerate config uses FSDP can still run every stage with one launch command. Accelerate reads the
-    launch's choice from ``ACCELERATE_USE_FSDP`` when the ``Accelerator`` is built, so this must run first.
+    class"). So a user whose Accelerate config uses FSDP can still run every stage with one launch command.
+    Accelerate reads the launch's choice from ``ACCELERATE_USE_FSDP`` when the ``Accelerator`` is built, so
+    this must run first.
     """
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return False
