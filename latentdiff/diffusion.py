@@ -205,6 +205,19 @@ class TimestepSampling:
         return starts, shares
 
 
+def timestep_sampling_for(config: DiffusionConfig, step: int) -> TimestepSampling:
+    """How optimizer step ``step`` draws its timesteps under ``config``: the bands of ``timestep_high_band_*`` and,
+    from ``timestep_low_band_start_step`` on, ``timestep_low_band_*``, or the ``timestep_sampling`` distribution
+    within ``timestep_range``."""
+    low, high = config.timestep_range or (0, None)
+    low_band_on = config.timestep_low_band_end is not None and step >= config.timestep_low_band_start_step
+    return TimestepSampling(
+        config.timestep_sampling, config.timestep_mean, config.timestep_std, low=low, high=high,
+        high_band_start=config.timestep_high_band_start, high_band_share=config.timestep_high_band_share,
+        low_band_end=config.timestep_low_band_end if low_band_on else None, low_band_share=config.timestep_low_band_share,
+    )
+
+
 def sample_timesteps(
     num_train_timesteps: int,
     batch_size: int,

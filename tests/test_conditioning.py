@@ -250,6 +250,29 @@ def test_a_high_band_share_is_refused_where_it_cannot_apply():
         load_config(overrides=["diffusion.timestep_low_band_end=250", "train.band_boundary=700"])
     config = load_config(overrides=[*high, "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_share=0.3"])
     assert (config.diffusion.timestep_low_band_end, config.diffusion.timestep_low_band_share) == (250, 0.3)
+    with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_start_step': expected 0 without diffusion.timestep_low_band_end"):
+        load_config(overrides=[*high, "diffusion.timestep_low_band_start_step=100"])
+    with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_start_step'"):
+        load_config(overrides=[*high, "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_start_step=-1"])
+
+
+def test_the_low_band_joins_the_draws_at_its_start_step():
+    from latentdiff.config import load_config
+    from latentdiff.diffusion import timestep_sampling_for
+
+    config = load_config(overrides=[
+        "diffusion.timestep_high_band_start=700", "diffusion.timestep_high_band_share=0.5",
+        "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_share=0.3",
+        "diffusion.timestep_low_band_start_step=1700",
+    ]).diffusion
+    assert timestep_sampling_for(config, 0).bands == ([0, 700], [0.5, 0.5])
+    assert timestep_sampling_for(config, 1699).bands == ([0, 700], [0.5, 0.5])
+    starts, shares = timestep_sampling_for(config, 1700).bands
+    assert starts == [0, 250, 700] and shares == pytest.approx([0.3, 0.2, 0.5])
+    # from the start by default; and the rest of the sampling (range, distribution) carried over
+    config = load_config(overrides=["diffusion.timestep_range=[700,1000]"]).diffusion
+    sampling = timestep_sampling_for(config, 0)
+    assert (sampling.kind, sampling.low, sampling.high, sampling.bands) == ("uniform", 700, 1000, None)
 
 
 def test_normalized_latents_are_standard_and_decode_as_before():

@@ -49,6 +49,7 @@ from latentdiff.diffusion import (
     diffusion_loss,
     make_noise_scheduler,
     snr_clamp_for,
+    timestep_sampling_for,
 )
 from latentdiff.trainer.latent_cache import (
     CachedLatentDataset,
@@ -302,13 +303,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # 6. The training loop.
     adherence_history: list[dict] = []
-    timestep_range = config.diffusion.timestep_range or (0, None)
-    timestep_sampling = TimestepSampling(
-        config.diffusion.timestep_sampling, config.diffusion.timestep_mean, config.diffusion.timestep_std,
-        low=timestep_range[0], high=timestep_range[1],
-        high_band_start=config.diffusion.timestep_high_band_start, high_band_share=config.diffusion.timestep_high_band_share,
-        low_band_end=config.diffusion.timestep_low_band_end, low_band_share=config.diffusion.timestep_low_band_share,
-    )
     if train.band_boundary:  # [low band, high band]: each step draws from one, steps with its optimizer
         band_samplings = [TimestepSampling("uniform", high=train.band_boundary),
                           TimestepSampling("uniform", low=train.band_boundary)]
@@ -337,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
             optimizer = optimizers[band]
             if train.band_boundary:
                 timestep_sampling = band_samplings[band]
+            else:
+                timestep_sampling = timestep_sampling_for(config.diffusion, state.global_step)
             with accelerator.accumulate(*trained_modules):
                 if "latent_mean" in batch:  # cached posterior: z = mean + std * eps
                     noise = torch.randn(batch["latent_mean"].shape, generator=rng.generator, device=rng.generator.device)
