@@ -346,8 +346,10 @@ class DiffusionConfig:
     timestep_low_band_start_step: int = 0
     """With ``timestep_low_band_end``: draw without the low band before this optimizer step, with it from this
     step on. The expected loss is the same either way (each sample's weight is corrected for its band's share),
-    so this moves only where the steps go, not what is learned: the middle band's full share while a model
-    learns where objects go, the low band's extra draws once it refines their outlines. 0: from the start."""
+    so this moves only where the steps go, not what is learned. 0: from the start."""
+    timestep_low_band_end_step: int | None = None
+    """With ``timestep_low_band_end``: draw without the low band again from this optimizer step on. None: until
+    the end."""
     foreground_loss_weight: float = 0.0
     """Weight the denoising error of the latents that differ from the image's background up to ``1 +`` this
     many times, in the samples with ``t < foreground_loss_until``: small objects' outlines, decided at low
@@ -672,7 +674,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "timestep_mean": Range(),
         "timestep_std": POSITIVE, "timestep_range": NON_NEGATIVE, "timestep_high_band_start": POSITIVE,
         "timestep_high_band_share": DECAY, "timestep_low_band_end": POSITIVE, "timestep_low_band_share": DECAY,
-        "timestep_low_band_start_step": NON_NEGATIVE, "foreground_loss_weight": NON_NEGATIVE, "foreground_loss_until": POSITIVE,
+        "timestep_low_band_start_step": NON_NEGATIVE, "timestep_low_band_end_step": POSITIVE, "foreground_loss_weight": NON_NEGATIVE, "foreground_loss_until": POSITIVE,
     },
     ModelConfig: {"high_noise_boundary": POSITIVE},
     OptimizerConfig: {
@@ -856,9 +858,17 @@ def check_values(config: Config) -> None:
                  f"a share that leaves some probability to the band between the low and high bands (below "
                  f"{1 - diffusion.timestep_high_band_share:g} with diffusion.timestep_high_band_share "
                  f"{diffusion.timestep_high_band_share:g})")
-    elif diffusion.timestep_low_band_start_step:
-        fail("diffusion.timestep_low_band_start_step", diffusion.timestep_low_band_start_step,
-             "0 without diffusion.timestep_low_band_end")
+        end_step = diffusion.timestep_low_band_end_step
+        if end_step is not None and end_step <= diffusion.timestep_low_band_start_step:
+            fail("diffusion.timestep_low_band_end_step", end_step,
+                 f"null or more than diffusion.timestep_low_band_start_step={diffusion.timestep_low_band_start_step}")
+    else:
+        if diffusion.timestep_low_band_start_step:
+            fail("diffusion.timestep_low_band_start_step", diffusion.timestep_low_band_start_step,
+                 "0 without diffusion.timestep_low_band_end")
+        if diffusion.timestep_low_band_end_step is not None:
+            fail("diffusion.timestep_low_band_end_step", diffusion.timestep_low_band_end_step,
+                 "null without diffusion.timestep_low_band_end")
     if diffusion.foreground_loss_weight:
         if diffusion.foreground_loss_until > diffusion.num_train_timesteps:
             fail("diffusion.foreground_loss_until", diffusion.foreground_loss_until,

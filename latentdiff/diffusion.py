@@ -207,10 +207,12 @@ class TimestepSampling:
 
 def timestep_sampling_for(config: DiffusionConfig, step: int) -> TimestepSampling:
     """How optimizer step ``step`` draws its timesteps under ``config``: the bands of ``timestep_high_band_*`` and,
-    from ``timestep_low_band_start_step`` on, ``timestep_low_band_*``, or the ``timestep_sampling`` distribution
-    within ``timestep_range``."""
+    from ``timestep_low_band_start_step`` until ``timestep_low_band_end_step``, ``timestep_low_band_*``; or the
+    ``timestep_sampling`` distribution within ``timestep_range``."""
     low, high = config.timestep_range or (0, None)
-    low_band_on = config.timestep_low_band_end is not None and step >= config.timestep_low_band_start_step
+    end_step = config.timestep_low_band_end_step
+    low_band_on = (config.timestep_low_band_end is not None and step >= config.timestep_low_band_start_step
+                   and (end_step is None or step < end_step))
     return TimestepSampling(
         config.timestep_sampling, config.timestep_mean, config.timestep_std, low=low, high=high,
         high_band_start=config.timestep_high_band_start, high_band_share=config.timestep_high_band_share,

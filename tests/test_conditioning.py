@@ -254,21 +254,30 @@ def test_a_high_band_share_is_refused_where_it_cannot_apply():
         load_config(overrides=[*high, "diffusion.timestep_low_band_start_step=100"])
     with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_start_step'"):
         load_config(overrides=[*high, "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_start_step=-1"])
+    with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_end_step': expected null without diffusion.timestep_low_band_end"):
+        load_config(overrides=[*high, "diffusion.timestep_low_band_end_step=100"])
+    with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_end_step': expected null or more than "
+                                          "diffusion.timestep_low_band_start_step=100"):
+        load_config(overrides=[*high, "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_start_step=100",
+                               "diffusion.timestep_low_band_end_step=100"])
 
 
-def test_the_low_band_joins_the_draws_at_its_start_step():
+def test_the_low_band_is_drawn_between_its_start_and_end_steps():
     from latentdiff.config import load_config
     from latentdiff.diffusion import timestep_sampling_for
 
     config = load_config(overrides=[
         "diffusion.timestep_high_band_start=700", "diffusion.timestep_high_band_share=0.5",
         "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_share=0.3",
-        "diffusion.timestep_low_band_start_step=1700",
+        "diffusion.timestep_low_band_start_step=1000", "diffusion.timestep_low_band_end_step=1700",
     ]).diffusion
-    assert timestep_sampling_for(config, 0).bands == ([0, 700], [0.5, 0.5])
-    assert timestep_sampling_for(config, 1699).bands == ([0, 700], [0.5, 0.5])
-    starts, shares = timestep_sampling_for(config, 1700).bands
-    assert starts == [0, 250, 700] and shares == pytest.approx([0.3, 0.2, 0.5])
+    without_low_band = ([0, 700], [0.5, 0.5])
+    assert timestep_sampling_for(config, 0).bands == without_low_band
+    assert timestep_sampling_for(config, 999).bands == without_low_band
+    for step in (1000, 1699):
+        starts, shares = timestep_sampling_for(config, step).bands
+        assert starts == [0, 250, 700] and shares == pytest.approx([0.3, 0.2, 0.5])
+    assert timestep_sampling_for(config, 1700).bands == without_low_band
     # from the start by default; and the rest of the sampling (range, distribution) carried over
     config = load_config(overrides=["diffusion.timestep_range=[700,1000]"]).diffusion
     sampling = timestep_sampling_for(config, 0)
