@@ -346,7 +346,9 @@ class DiffusionConfig:
     timestep_low_band_start_step: int = 0
     """With ``timestep_low_band_end``: draw without the low band before this optimizer step, with it from this
     step on. The expected loss is the same either way (each sample's weight is corrected for its band's share),
-    so this moves only where the steps go, not what is learned. 0: from the start."""
+    so this moves only where the steps go, not what is learned. On the shapes recipe (three seeds), the low band
+    from the middle of stage 2 on kept places and drew shapes no better than no low band; until the middle only,
+    it cost seed 2 its places (docs/conditioning.md, thirty-third round). 0: from the start."""
     timestep_low_band_end_step: int | None = None
     """With ``timestep_low_band_end``: draw without the low band again from this optimizer step on. None: until
     the end."""
@@ -674,7 +676,8 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "timestep_mean": Range(),
         "timestep_std": POSITIVE, "timestep_range": NON_NEGATIVE, "timestep_high_band_start": POSITIVE,
         "timestep_high_band_share": DECAY, "timestep_low_band_end": POSITIVE, "timestep_low_band_share": DECAY,
-        "timestep_low_band_start_step": NON_NEGATIVE, "timestep_low_band_end_step": POSITIVE, "foreground_loss_weight": NON_NEGATIVE, "foreground_loss_until": POSITIVE,
+        "timestep_low_band_start_step": NON_NEGATIVE, "timestep_low_band_end_step": POSITIVE,
+        "foreground_loss_weight": NON_NEGATIVE, "foreground_loss_until": POSITIVE,
     },
     ModelConfig: {"high_noise_boundary": POSITIVE},
     OptimizerConfig: {
