@@ -278,7 +278,7 @@ def test_the_low_band_is_drawn_between_its_start_and_end_steps():
         starts, shares = timestep_sampling_for(config, step).bands
         assert starts == [0, 250, 700] and shares == pytest.approx([0.3, 0.2, 0.5])
     assert timestep_sampling_for(config, 1700).bands == without_low_band
-    # from the start by default; and the rest of the sampling (range, distribution) carried over
+    # without a low band: the rest of the sampling (range, distribution) carried over
     config = load_config(overrides=["diffusion.timestep_range=[700,1000]"]).diffusion
     sampling = timestep_sampling_for(config, 0)
     assert (sampling.kind, sampling.low, sampling.high, sampling.bands) == ("uniform", 700, 1000, None)
