@@ -182,6 +182,13 @@ class ModelConfig:
     where the layout of the image is set) and ``unet`` the rest; both are trained together, on one text
     encoder, each on its own samples of every batch (Balaji et al. 2022, eDiff-I; :mod:`latentdiff.models.experts`).
     Saved as the pipeline's ``unet_high_noise`` with ``boundary_ratio``. None: one U-Net for every timestep."""
+    high_noise_pretrained: str | None = None
+    """With ``high_noise_boundary``: the high-noise expert is this trained U-Net (a U-Net folder, or a pipeline
+    folder with ``high_noise_subfolder``), frozen; only ``unet`` is trained, on the timesteps below the boundary
+    (``diffusion.timestep_range``), and the pipeline is exported with both. The low-noise expert stage
+    (``training/train_low_noise_expert.py``, section ``low_noise_expert``) sets it."""
+    high_noise_subfolder: str | None = None
+    """Subfolder of ``high_noise_pretrained`` holding the U-Net, e.g. ``unet`` for a pipeline folder."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,6 +558,22 @@ class TrainConfig:
     gradient_checkpointing: bool = False
 
 
+@dataclass
+class LowNoiseExpertConfig:
+    """The low-noise expert stage (``training/train_low_noise_expert.py``), after stage 2: a copy of stage 2's
+    U-Net fine-tuned on the timesteps below ``boundary`` only, with stage 2's text encoder and autoencoder frozen;
+    the pipeline then denoises ``t < boundary`` with it and the rest with stage 2's U-Net, unchanged (saved as
+    ``unet`` and ``unet_high_noise``; Balaji et al. 2022, eDiff-I). Below the boundary the caption no longer
+    decides the image, and a shared U-Net rounds small shapes off there; the expert's steps take no gradient
+    from the bands where places and colors are learned. Optimizer, batch, EMA and caching are ``train``'s;
+    the run's files go to ``output_dir/low_noise_expert`` and its pipeline replaces ``output_dir/pipeline``."""
+
+    max_steps: int = 0
+    """Optimizer steps of the expert; 0: no expert stage."""
+    boundary: int = 250
+    """The first timestep of stage 2's U-Net; the expert denoises the timesteps below it."""
+
+
 DEFAULT_GUIDANCE_SCALE = 4.0
 """The project's one default classifier-free guidance scale: what a trained model records as its own
 (``latentdiff.json``); a folder without one samples with Diffusers' default."""
@@ -599,6 +622,7 @@ class Config:
     vae_train: VAETrainConfig = field(default_factory=VAETrainConfig)
     text_train: TextTrainConfig = field(default_factory=TextTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    low_noise_expert: LowNoiseExpertConfig = field(default_factory=LowNoiseExpertConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
@@ -680,6 +704,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "foreground_loss_weight": NON_NEGATIVE, "foreground_loss_until": POSITIVE,
     },
     ModelConfig: {"high_noise_boundary": POSITIVE},
+    LowNoiseExpertConfig: {"max_steps": NON_NEGATIVE, "boundary": POSITIVE},
     OptimizerConfig: {
         "learning_rate": POSITIVE, "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY,
         "adam_weight_decay": NON_NEGATIVE, "adam_epsilon": POSITIVE, "max_grad_norm": POSITIVE,
@@ -832,6 +857,23 @@ def check_values(config: Config) -> None:
     boundary = config.model.high_noise_boundary
     if boundary is not None and not 0 < boundary < diffusion.num_train_timesteps:
         fail("model.high_noise_boundary", boundary, f"null or a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
+    if config.model.high_noise_pretrained is not None:
+        upper = None if diffusion.timestep_range is None else list(diffusion.timestep_range)[-1]
+        if boundary is None:
+            fail("model.high_noise_pretrained", config.model.high_noise_pretrained,
+                 "null without model.high_noise_boundary (the frozen expert denoises t >= the boundary)")
+        elif upper is None or upper > boundary:
+            fail("diffusion.timestep_range", None if upper is None else list(diffusion.timestep_range),
+                 f"[low, high] with high <= model.high_noise_boundary={boundary} (with a frozen high-noise expert, the "
+                 "trained U-Net denoises only the timesteps below the boundary)")
+    expert = config.low_noise_expert
+    if expert.max_steps:
+        if not 0 < expert.boundary < diffusion.num_train_timesteps:
+            fail("low_noise_expert.boundary", expert.boundary,
+                 f"a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
+        if boundary is not None:
+            fail("low_noise_expert.max_steps", expert.max_steps, "0 with model.high_noise_boundary (stage 2 then "
+                 "trains noise-level experts of its own)")
     if diffusion.timestep_range is not None:
         steps = diffusion.num_train_timesteps
         low_high = list(diffusion.timestep_range)

@@ -163,6 +163,7 @@ def test_the_gpu_preset_trains_with_the_default_objective():
     configs = Path(__file__).resolve().parents[1] / "configs"
     default, long = load_config(configs / "shapes.yaml"), load_config(configs / "shapes-long.yaml")
     assert long.diffusion == default.diffusion
+    assert long.low_noise_expert.boundary == default.low_noise_expert.boundary and long.low_noise_expert.max_steps > 0
     # the same conditioning routes: the caption by cross-attention only, AdaGN for the timestep
     for key in ("addition_embed_type", "resnet_time_scale_shift"):
         assert getattr(long.model.unet, key) == getattr(default.model.unet, key)

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TRAIN_VAE = str(ROOT / "training" / "train_vae.py")
 TRAIN_LDM = str(ROOT / "training" / "train_ldm.py")
+TRAIN_EXPERT = str(ROOT / "training" / "train_low_noise_expert.py")
 CPU_2PROC = str(ROOT / "configs" / "accelerate" / "cpu-2proc.yaml")
 FSDP_CPU_2PROC = str(ROOT / "configs" / "accelerate" / "fsdp-cpu-2proc.yaml")
 INJECT_FAULT = str(ROOT / "tests" / "inject_fault.py")
@@ -354,6 +355,44 @@ def test_stage2_with_a_high_noise_expert_exports_both_unets_and_samples_with_eac
     # the switch is undone after the call: the U-Net alone runs every timestep again
     assert "forward" not in vars(pipe.unet)
     assert "unet_high_noise" in (pipeline_dir / "README.md").read_text()
+
+
+def test_the_low_noise_expert_stage_fine_tunes_a_copy_below_the_boundary_and_keeps_stage_2s_unet(stage1, tmp_path):
+    import yaml
+
+    from latentdiff import LatentPipeline
+
+    def weights(part: str, file: str = "diffusion_pytorch_model.safetensors") -> dict[str, torch.Tensor]:
+        return load_file(tmp_path / "pipeline" / part / file)
+
+    common = [f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}"]
+    expert = ["low_noise_expert.max_steps=3", "low_noise_expert.boundary=300"]
+    # before stage 2 there is nothing to start from
+    result = run_script(TRAIN_EXPERT, *common, *expert, check=False)
+    assert result.returncode == 2 and "run training/train_ldm.py with the same config first" in result.stderr
+    run_script(TRAIN_LDM, *common)
+    stage2_unet, stage2_text = weights("unet"), weights("text_encoder", "model.safetensors")
+    result = run_script(TRAIN_EXPERT, *common, check=False)  # the tiny config has no expert steps
+    assert result.returncode == 2 and "low_noise_expert.max_steps is 0" in result.stderr
+
+    run_script(TRAIN_EXPERT, *common, *expert)
+    pipe = LatentPipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.config.boundary_ratio == 0.3
+    high, low = weights("unet_high_noise"), weights("unet")
+    assert high.keys() == stage2_unet.keys() and all(torch.equal(high[k], stage2_unet[k]) for k in high)  # unchanged
+    assert not torch.equal(low["conv_in.weight"], stage2_unet["conv_in.weight"])  # the expert: trained from it
+    text = weights("text_encoder", "model.safetensors")
+    assert all(torch.equal(text[k], stage2_text[k]) for k in text)  # frozen: the one encoder both U-Nets read
+    run = yaml.safe_load((tmp_path / "low_noise_expert" / "config.yaml").read_text())
+    assert run["diffusion"]["timestep_range"] == [0, 300] and run["model"]["text_encoder"]["train"] is False
+    assert run["train"]["max_steps"] == 3 and (tmp_path / "pipeline" / "samples.png").is_file()
+
+    # run again, the stage starts from stage 2's U-Net (now `unet_high_noise`), not from the expert it made
+    run_script(TRAIN_EXPERT, *common, *expert, "low_noise_expert.max_steps=2")
+    again = weights("unet_high_noise")
+    assert all(torch.equal(again[k], stage2_unet[k]) for k in again)
+    run = yaml.safe_load((tmp_path / "low_noise_expert" / "config.yaml").read_text())
+    assert run["model"]["unet"]["subfolder"] == "unet_high_noise"
 
 
 def test_two_processes_on_cpu(stage1, tmp_path):

@@ -9,7 +9,9 @@ text encoder embeds the captions (trained from scratch with the U-Net, or pretra
 the U-Net learns to denoise the latents conditioned on the text through cross-attention. With
 ``model.pixel_space=true`` there is no autoencoder and the U-Net works on pixels, as in DDPM. With
 ``model.high_noise_boundary`` a second U-Net, a high-noise expert, is trained beside it on the samples of
-the timesteps at and above the boundary (:mod:`latentdiff.models.experts`).
+the timesteps at and above the boundary (:mod:`latentdiff.models.experts`); with ``model.high_noise_pretrained``
+too, that expert is a trained U-Net kept frozen, and only the U-Net below the boundary trains (the low-noise
+expert stage, ``training/train_low_noise_expert.py``).
 
 Outputs under ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoints/checkpoint-<step>``
 (``resume=latest`` continues the newest), ``validation/step-<step>.png``, ``logs/`` (tensorboard) and
@@ -138,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     if not train_text_encoder:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     unets = [unet] + ([components["unet_high_noise"]] if "unet_high_noise" in components else [])
+    frozen_high_noise = None
+    if config.model.high_noise_pretrained:  # the low-noise expert stage: the U-Net above the boundary stays as it is
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ConfigError("model.high_noise_pretrained: a frozen high-noise expert is not supported under FSDP; use DDP")
+        # Kept in float32, so that the export saves it as loaded; under mixed precision autocast runs it in half.
+        frozen_high_noise = unets.pop().requires_grad_(False).eval().to(accelerator.device)
     for module in unets:
         module.train()
         if train.gradient_checkpointing:
@@ -261,11 +269,18 @@ def main(argv: list[str] | None = None) -> None:
 
     init_trackers(accelerator, "latentdiff-ldm", config)
 
+    def with_frozen_expert(trained_unet: torch.nn.Module) -> torch.nn.Module:
+        """The denoiser that sampling and the probes see: with a frozen high-noise expert, the two together."""
+        if frozen_high_noise is None:
+            return trained_unet
+        return NoiseLevelExperts(trained_unet, frozen_high_noise, config.model.high_noise_boundary)
+
     def measure_caption_gap(step: int) -> None:
         """The caption gap of the weights being trained, on the held batch; logged per band."""
         unet.eval()
         text_encoder.eval()
-        gap = caption_gap_probe.measure(lambda x, t, c: unet(x, t, c).sample, noise_scheduler, step)
+        denoiser = with_frozen_expert(unet)
+        gap = caption_gap_probe.measure(lambda x, t, c: denoiser(x, t, c).sample, noise_scheduler, step)
         accelerator.log(gap.logs(), step=step)
         unet.train()
         text_encoder.train(train_text_encoder)
@@ -280,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder.eval()
         sampled_unet, sampled_text_encoder = full_model(accelerator, unet), full_model(accelerator, text_encoder)
         if accelerator.is_main_process:
-            pipeline = make_pipeline(vae, sampled_text_encoder, tokenizer, sampled_unet, noise_scheduler)
+            pipeline = make_pipeline(vae, sampled_text_encoder, tokenizer, with_frozen_expert(sampled_unet), noise_scheduler)
             with accelerator.autocast():
                 grid = sample_grid(pipeline, config.sample, device=accelerator.device)
             os.makedirs(os.path.join(config.output_dir, "validation"), exist_ok=True)
@@ -446,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
             if not train_text_encoder:
                 exported_text_encoder = build_text_encoder(config.model)
         if accelerator.is_main_process:
-            pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, exported_unet, noise_scheduler)
+            pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, with_frozen_expert(exported_unet), noise_scheduler)
             folder = export_pipeline(pipeline, config, state, device=accelerator.device)
             with Image.open(os.path.join(folder, SAMPLES_FILE)) as samples:
                 log_images(accelerator, "samples", samples, state.global_step)

@@ -237,7 +237,7 @@ def _pretrained_text_config(text: TextEncoderConfig):
 
 def build_components(config: ModelConfig, resolution: int) -> dict[str, object]:
     """Every component for images of ``resolution`` pixels: vae, unet, text_encoder, tokenizer, and
-    unet_high_noise with ``config.high_noise_boundary``.
+    unet_high_noise with ``config.high_noise_boundary`` (loaded from ``config.high_noise_pretrained`` when set).
 
     Raises:
         ValueError: ``resolution`` is not a multiple of the autoencoder's downsampling factor.
@@ -260,6 +260,11 @@ def build_components(config: ModelConfig, resolution: int) -> dict[str, object]:
         "text_encoder": build_text_encoder(config),
         "tokenizer": build_tokenizer(config),
     }
-    if config.high_noise_boundary is not None:  # a high-noise expert of the same architecture
+    if config.high_noise_pretrained:  # a trained high-noise expert (the low-noise expert stage keeps it frozen)
+        expert_class = saved_unet_class(config.high_noise_pretrained, config.high_noise_subfolder)
+        components["unet_high_noise"] = _from_pretrained(
+            expert_class, config.high_noise_pretrained, config.high_noise_subfolder, "model.high_noise_pretrained"
+        )
+    elif config.high_noise_boundary is not None:  # a high-noise expert of the same architecture
         components["unet_high_noise"] = build_unet(config, sample_size=resolution // factor)
     return components
