@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
             "diffusion.adaptive_loss_weighting=true under FSDP: Accelerate's FSDP 2 prepares a single model, the "
             "U-Net; set diffusion.adaptive_loss_weighting=false, or launch without FSDP"
         )
+    if accelerator.distributed_type == DistributedType.FSDP and config.model.high_noise_boundary is not None:
+        raise ConfigError("model.high_noise_boundary: noise-level experts (trained or frozen) are not supported under "
+                          "FSDP; use DDP")
     if not config.model.pixel_space and not config.model.vae.pretrained:
         stage1_vae = os.path.join(config.output_dir, "vae")
         if not os.path.isfile(os.path.join(stage1_vae, "config.json")):
@@ -142,8 +145,6 @@ def main(argv: list[str] | None = None) -> None:
     unets = [unet] + ([components["unet_high_noise"]] if "unet_high_noise" in components else [])
     frozen_high_noise = None
     if config.model.high_noise_pretrained:  # the low-noise expert stage: the U-Net above the boundary stays as it is
-        if accelerator.distributed_type == DistributedType.FSDP:
-            raise ConfigError("model.high_noise_pretrained: a frozen high-noise expert is not supported under FSDP; use DDP")
         # Kept in float32, so that the export saves it as loaded; under mixed precision autocast runs it in half.
         frozen_high_noise = unets.pop().requires_grad_(False).eval().to(accelerator.device)
     for module in unets:
@@ -153,8 +154,6 @@ def main(argv: list[str] | None = None) -> None:
         if train.channels_last:
             module.to(memory_format=torch.channels_last)
     if len(unets) == 2:  # noise-level experts: each sample of a batch goes to the U-Net of its timestep
-        if accelerator.distributed_type == DistributedType.FSDP:
-            raise ConfigError("model.high_noise_boundary: noise-level experts are not supported under FSDP; use DDP")
         unet = NoiseLevelExperts(unet, unets[1], config.model.high_noise_boundary)
     if train.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
