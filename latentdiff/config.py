@@ -530,6 +530,9 @@ class TrainConfig:
     cache: bool = False
     """Encode every image with the frozen VAE once, before training (and the captions, when the
     text encoder is frozen). Random crops and flips are then fixed per image."""
+    cache_dir: str | None = None
+    """Where the latent cache is kept; None: ``output_dir/cache``. Runs on the same data and autoencoder can share
+    one folder (the low-noise expert stage reads stage 2's): a cache file is named by a hash of both."""
     checkpointing_steps: int = 500
     """Save a resumable checkpoint every N steps and at the end; 0: never."""
     checkpoints_total_limit: int | None = 2

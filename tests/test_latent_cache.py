@@ -13,7 +13,13 @@ from PIL import Image
 
 from latentdiff.config import DataConfig
 from latentdiff.data.loading import make_training_dataset
-from latentdiff.trainer.latent_cache import CachedLatentDataset, TextEmbeddingCache, collate_latents, encode_posteriors
+from latentdiff.trainer.latent_cache import (
+    CachedLatentDataset,
+    TextEmbeddingCache,
+    cache_key,
+    collate_latents,
+    encode_posteriors,
+)
 from latentdiff.trainer.encoding import tokenize
 
 CAPTIONS = ["a red circle", "a blue square", "two green triangles", "a red circle above a blue square", ""]
@@ -75,6 +81,26 @@ def test_cached_latents_keep_their_own_captions(tmp_path, monkeypatch):
             color = caption.split()[1] if caption.startswith("a ") else caption.split()[0]
             expected = 2.0 * (torch.tensor(SOLID_COLORS[color], dtype=torch.float32) / 127.5 - 1)
             assert torch.allclose(latent.mean(dim=(1, 2)), expected, atol=0.05), (caption, latent.mean(dim=(1, 2)))
+
+
+def test_the_cache_key_is_the_autoencoder_not_the_folder_it_was_read_from(tmp_path):
+    """The low-noise expert stage reads the autoencoder from stage 2's pipeline folder and must find the cache
+    that stage 2 built from stage 1's folder; other weights or other data must not."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=2, sample_size=8)
+    vae.save_pretrained(tmp_path / "vae")
+    vae.save_pretrained(tmp_path / "pipeline" / "vae")
+    data = DataConfig(source="shapes", resolution=8)
+    from_stage1 = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    from_pipeline = AutoencoderKL.from_pretrained(tmp_path / "pipeline", subfolder="vae")
+    assert from_stage1.config._name_or_path != from_pipeline.config._name_or_path
+    assert cache_key(data, from_stage1) == cache_key(data, from_pipeline)
+    with torch.no_grad():
+        from_pipeline.decoder.conv_out.bias.add_(1.0)  # a decoder change leaves the latents alone, but is another model
+    assert cache_key(data, from_stage1) != cache_key(data, from_pipeline)
+    assert cache_key(data, from_stage1) != cache_key(DataConfig(source="shapes", resolution=16), from_stage1)
 
 
 def direct(components, captions):

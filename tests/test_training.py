@@ -365,7 +365,7 @@ def test_the_low_noise_expert_stage_fine_tunes_a_copy_below_the_boundary_and_kee
     def weights(part: str, file: str = "diffusion_pytorch_model.safetensors") -> dict[str, torch.Tensor]:
         return load_file(tmp_path / "pipeline" / part / file)
 
-    common = [f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}"]
+    common = [f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "train.cache=true"]
     expert = ["low_noise_expert.max_steps=3", "low_noise_expert.boundary=300"]
     # before stage 2 there is nothing to start from
     result = run_script(TRAIN_EXPERT, *common, *expert, check=False)
@@ -386,6 +386,9 @@ def test_the_low_noise_expert_stage_fine_tunes_a_copy_below_the_boundary_and_kee
     run = yaml.safe_load((tmp_path / "low_noise_expert" / "config.yaml").read_text())
     assert run["diffusion"]["timestep_range"] == [0, 300] and run["model"]["text_encoder"]["train"] is False
     assert run["train"]["max_steps"] == 3 and (tmp_path / "pipeline" / "samples.png").is_file()
+    # the expert read stage 2's latent cache (its autoencoder, read from the pipeline folder, is stage 1's)
+    assert len(list((tmp_path / "cache").glob("latents-*.safetensors"))) == 1
+    assert not (tmp_path / "low_noise_expert" / "cache").exists()
 
     # run again, the stage starts from stage 2's U-Net (now `unet_high_noise`), not from the expert it made
     run_script(TRAIN_EXPERT, *common, *expert, "low_noise_expert.max_steps=2")

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                 ["", *dataset.distinct_captions()], batch_per_process, show_progress=accelerator.is_local_main_process
             )
     if train.cache and vae is not None:
-        cache = load_or_build_latent_cache(dataset, vae, accelerator, config.data, config.output_dir, batch_per_process)
+        cache_dir = train.cache_dir or os.path.join(config.output_dir, "cache")
+        cache = load_or_build_latent_cache(dataset, vae, accelerator, config.data, cache_dir, batch_per_process)
         dataset, collate_fn = CachedLatentDataset(cache, dataset), collate_latents
     dataloader = make_train_dataloader(dataset, batch_per_process, collate_fn, config.data.num_workers, accelerator)
 

@@ -13,7 +13,7 @@ there, and every way of giving those levels more of stage 2's steps cost the ste
 Reads ``output_dir/pipeline`` (stage 2's; after this stage has run once, its ``unet_high_noise``), trains in
 ``output_dir/low_noise_expert`` (``training/train_ldm.py`` with stage 2's U-Net, text encoder and autoencoder
 loaded, only the U-Net trained, ``train``'s optimizer, batch and EMA, ``low_noise_expert.max_steps`` steps drawn
-from ``[0, boundary)``), and replaces ``output_dir/pipeline`` with a pipeline of both U-Nets: ``unet`` (the
+from ``[0, boundary)``, stage 2's latent cache read rather than built again), and replaces ``output_dir/pipeline`` with a pipeline of both U-Nets: ``unet`` (the
 expert, ``t < boundary``) and ``unet_high_noise`` (stage 2's, unchanged) with ``boundary_ratio``. A stock
 Stable Diffusion pipeline loads ``unet`` alone.
 
@@ -63,6 +63,8 @@ def expert_overrides(config: Config) -> list[str]:
         "diffusion.timestep_high_band_start=null", "diffusion.timestep_low_band_end=null",
         "diffusion.timestep_low_band_start_step=0", "diffusion.timestep_low_band_end_step=null",
         "low_noise_expert.max_steps=0",
+        # stage 2's latent cache: the same data and autoencoder (read from the pipeline folder), so the same file
+        f"train.cache_dir={config.train.cache_dir or os.path.join(config.output_dir, 'cache')}",
     ]
     if not config.model.pixel_space:
         overrides += [f"model.vae.pretrained={pipeline}", "model.vae.subfolder=vae"]

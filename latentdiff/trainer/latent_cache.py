@@ -4,9 +4,10 @@ With a frozen autoencoder, encoding the same image again every epoch is wasted w
 stores each image's posterior ``q(z|x) = N(mean, std^2)`` once and the training step samples
 ``z = mean + std * eps`` from it, so the autoencoder's sampling noise is kept and only the encoder
 pass is saved. The images' random crops and flips are those of epoch 0; captions are still drawn
-per (seed, epoch, index). The cache is a safetensors file under ``<output_dir>/cache/``, named by a
-hash of what determines its content (the data config and the VAE's config and weights), written by
-the main process and read by the others; a resumed or repeated run reuses it.
+per (seed, epoch, index). The cache is a safetensors file in ``train.cache_dir`` (by default
+``<output_dir>/cache/``), named by a hash of what determines its content (the data config and the
+VAE's config and weights), written by the main process and read by the others; a resumed or
+repeated run, or another run given the same folder, reuses it.
 
 With a frozen text encoder, :class:`TextEmbeddingCache` keeps the embedding of every distinct
 caption: the trainer encodes all captions of a map-style dataset before the first step, so that no
@@ -33,9 +34,11 @@ logger = logging.getLogger(__name__)
 
 
 def cache_key(data: DataConfig, vae) -> str:
-    """A short hash of the data config and the autoencoder (config and weights)."""
+    """A short hash of the data config and the autoencoder (config and weights), not of the folder it was read
+    from: the same autoencoder saved in a pipeline folder finds the cache that its own folder built."""
     digest = hashlib.sha256(json.dumps(config_to_dict(data), sort_keys=True).encode())
-    digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    vae_config = {key: value for key, value in vae.config.items() if key != "_name_or_path"}
+    digest.update(json.dumps(vae_config, sort_keys=True, default=str).encode())
     for name, tensor in vae.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
@@ -86,21 +89,22 @@ def encode_posteriors(dataset: ImageTextDataset, vae, batch_size: int, device, n
 
 
 def load_or_build_latent_cache(
-    dataset: ImageTextDataset, vae, accelerator, data: DataConfig, output_dir: str, batch_size: int
+    dataset: ImageTextDataset, vae, accelerator, data: DataConfig, cache_dir: str, batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """The latent cache for this data and autoencoder: read from ``output_dir/cache``, or built there."""
+    """The latent cache for this data and autoencoder: read from ``cache_dir``, or built there."""
     if not isinstance(dataset, ImageTextDataset):
         raise ValueError(
             "train.cache=true needs a map-style dataset (a streamed source cannot be cached); "
             "set data.streaming=false or train.cache=false"
         )
-    path = os.path.join(output_dir, "cache", f"latents-{cache_key(data, vae)}.safetensors")
+    path = os.path.join(cache_dir, f"latents-{cache_key(data, vae)}.safetensors")
     with accelerator.main_process_first():
         if accelerator.is_main_process and not os.path.isfile(path):
             tensors = encode_posteriors(dataset, vae, batch_size, accelerator.device)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            save_file(tensors, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            os.makedirs(cache_dir, exist_ok=True)
+            partial = f"{path}.{os.getpid()}.tmp"  # per process: runs sharing a cache folder may build it at once
+            save_file(tensors, partial)
+            os.replace(partial, path)
         return load_file(path)
 
 
