@@ -272,3 +272,49 @@ def test_fit_decoder_trains_only_the_decoder_and_writes_a_pipeline_diffusers_loa
                          ({"sampled_share": 1.5}, r"--sampled-share must be in \[0, 1\], got 1.5")):
         with pytest.raises(ValueError, match=message):
             script.check_arguments(script.argparse.Namespace(**{**valid, **bad}))
+
+
+def test_objects_along_sampling_draws_the_evals_images_and_judges_every_step(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from latentdiff.eval.adherence import _sampler, generate_images, image_seed
+    from latentdiff.pipelines import LatentPipeline
+    from latentdiff.testing import tiny_components
+
+    script = _load("objects_along_sampling")
+    folder, out = tmp_path / "pipeline", tmp_path / "out"
+    LatentPipeline(**tiny_components()).save_pretrained(folder)
+    monkeypatch.setattr(sys, "argv", ["objects_along_sampling.py", str(folder), "--prompt", "a red circle",
+                                      "--images-per-prompt", "2", "--steps", "4", "--out", str(out)])
+    script.main()
+    record = json.loads((out / "along_sampling.json").read_text())
+    assert [image["image_index"] for image in record["images"]] == [0, 1]
+    for image in record["images"]:
+        timesteps = image["timesteps"]
+        assert len(timesteps) == 4 and timesteps == sorted(timesteps, reverse=True)
+        assert len(image["objects_seen"]) == 4
+        settled = image["shapes_settled_from"]
+        assert settled is None or settled in timesteps
+    assert "of 2 final images hold no object" in capsys.readouterr().out
+    # a row per image: the estimates of every other step, then the final image
+    assert Image.open(out / "along_sampling.png").size == (3 * script.TILE, 2 * script.TILE)
+
+    # the final image is the eval's image of the same prompt and index
+    pipe = LatentPipeline.from_pretrained(folder)
+    eval_images = generate_images(pipe, ["a red circle", "a red circle"], steps=4, progress=False)
+    with _sampler(pipe, "dpm"):
+        _, estimates, final = script.estimates_along_sampling(pipe, "a red circle", image_seed(0, "a red circle", 1), 4)
+    assert np.array_equal(final, np.asarray(eval_images[1]))
+    assert len(estimates) == 4 and estimates[0].shape == final.shape
+
+
+def test_shapes_settle_where_every_later_estimate_holds_the_final_shapes():
+    settled_from = _load("objects_along_sampling").shapes_settled_from
+    timesteps = [900, 600, 300, 100]
+    final = ["red square"]
+    assert settled_from(timesteps, [[], ["blue square"], ["red circle"], ["red square"]], final) == 100
+    assert settled_from(timesteps, [["red circle"], ["blue square"], ["red square"], ["red square"]], final) == 600
+    assert settled_from(timesteps, [["red square"]] * 4, final) == 900
+    assert settled_from(timesteps, [["red square"]] * 3 + [[]], final) is None
+    assert settled_from(timesteps, [["red square"], [], [], []], []) == 600  # empty from 600 on
