@@ -13,9 +13,9 @@ there, and every way of giving those levels more of stage 2's steps cost the ste
 Reads ``output_dir/pipeline`` (stage 2's; after this stage has run once, its ``unet_high_noise``), trains in
 ``output_dir/low_noise_expert`` (``training/train_ldm.py`` with stage 2's U-Net, text encoder and autoencoder
 loaded, only the U-Net trained, ``train``'s optimizer, batch and EMA, ``low_noise_expert.max_steps`` steps drawn
-from ``[0, boundary)``, stage 2's latent cache read rather than built again), and replaces ``output_dir/pipeline`` with a pipeline of both U-Nets: ``unet`` (the
-expert, ``t < boundary``) and ``unet_high_noise`` (stage 2's, unchanged) with ``boundary_ratio``. A stock
-Stable Diffusion pipeline loads ``unet`` alone.
+from ``[0, boundary)``, stage 2's latent cache read rather than built again), and replaces ``output_dir/pipeline``
+with a pipeline of both U-Nets: ``unet`` (the expert, ``t < boundary``) and ``unet_high_noise`` (stage 2's,
+unchanged) with ``boundary_ratio``. A stock Stable Diffusion pipeline loads ``unet`` alone.
 
 Written here because Diffusers' training examples train one U-Net for every noise level.
 """
