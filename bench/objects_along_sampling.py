@@ -34,6 +34,7 @@ from PIL import Image
 from latentdiff.eval.adherence import _call_settings, _model_guidance, _sampler, image_seed
 from latentdiff.eval.judge import judge_image
 from latentdiff.pipelines import LatentPipeline
+from latentdiff.sampling import generate
 
 TILE = 64
 
@@ -48,15 +49,13 @@ def estimates_along_sampling(pipe, prompt: str, seed: int, steps: int) -> tuple[
         timesteps.append(int(timestep))
         return callback_kwargs
 
-    # the eval's settings (latentdiff.sampling.generate): the model's own guidance, negative prompt and interval
-    settings = {key: value for key, value in _call_settings(steps, _model_guidance(pipe, None), None).items()
-                if value is not None}
-    generator = torch.Generator("cpu").manual_seed(seed)
-    final = pipe(prompt, generator=[generator], output_type="np", callback_on_step_end=keep_estimate, **settings).images[0]
+    # drawn by the eval's own path: its generator per image, the model's guidance, negative prompt and interval
+    settings = _call_settings(steps, _model_guidance(pipe, None), None)
+    ((_, (final,)),) = generate(pipe, [(prompt, seed)], batch_size=1, callback_on_step_end=keep_estimate, **settings)
     with torch.no_grad():
         decoded = pipe.decode_latents_to_image(torch.cat(estimates))
     pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return timesteps, list(pixels), (final * 255).round().astype(np.uint8)
+    return timesteps, list(pixels), np.asarray(final)
 
 
 def describe(judged) -> list[str]:

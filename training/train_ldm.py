@@ -57,6 +57,7 @@ from latentdiff.trainer.latent_cache import (
     CachedLatentDataset,
     TextEmbeddingCache,
     collate_latents,
+    latent_cache_dir,
     load_or_build_latent_cache,
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
@@ -180,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
                 ["", *dataset.distinct_captions()], batch_per_process, show_progress=accelerator.is_local_main_process
             )
     if train.cache and vae is not None:
-        cache_dir = train.cache_dir or os.path.join(config.output_dir, "cache")
-        cache = load_or_build_latent_cache(dataset, vae, accelerator, config.data, cache_dir, batch_per_process)
+        cache = load_or_build_latent_cache(
+            dataset, vae, accelerator, config.data, latent_cache_dir(config), batch_per_process
+        )
         dataset, collate_fn = CachedLatentDataset(cache, dataset), collate_latents
     dataloader = make_train_dataloader(dataset, batch_per_process, collate_fn, config.data.num_workers, accelerator)
 

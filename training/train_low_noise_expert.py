@@ -31,6 +31,7 @@ from accelerate import PartialState
 
 from latentdiff.config import Config, ConfigError, parse_args
 from latentdiff.sampling import PIPELINE_DIR
+from latentdiff.trainer.latent_cache import latent_cache_dir
 from latentdiff.trainer.loop import run_training_script
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,7 @@ def expert_overrides(config: Config) -> list[str]:
         "diffusion.timestep_low_band_start_step=0", "diffusion.timestep_low_band_end_step=null",
         "low_noise_expert.max_steps=0",
         # stage 2's latent cache: the same data and autoencoder (read from the pipeline folder), so the same file
-        f"train.cache_dir={config.train.cache_dir or os.path.join(config.output_dir, 'cache')}",
+        f"train.cache_dir={latent_cache_dir(config)}",
     ]
     if not config.model.pixel_space:
         overrides += [f"model.vae.pretrained={pipeline}", "model.vae.subfolder=vae"]

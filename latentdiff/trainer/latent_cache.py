@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..config import DataConfig, config_to_dict
+from ..config import Config, DataConfig, config_to_dict
 from ..data.loading import ImageTextDataset
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,11 @@ def encode_posteriors(dataset: ImageTextDataset, vae, batch_size: int, device, n
         raise ValueError("no image of the dataset could be decoded: nothing to cache")
     # contiguous: the VAE may return channels-last tensors, which safetensors cannot save
     return {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous(), "index": torch.cat(indices)}
+
+
+def latent_cache_dir(config: Config) -> str:
+    """Where a run's latent cache is kept: ``train.cache_dir``, else ``<output_dir>/cache``."""
+    return config.train.cache_dir or os.path.join(config.output_dir, "cache")
 
 
 def load_or_build_latent_cache(
