@@ -332,9 +332,11 @@ class DiffusionConfig:
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
     timestep_range: tuple[int, int] | None = None
-    """``[low, high)``: train only on these timesteps (uniform sampling), for a denoiser that is an expert of
-    one band of noise levels, such as a high-noise expert (``[700, 1000]``) that lays out what a caption names
-    (Balaji et al. 2022, eDiff-I; :mod:`latentdiff.models.experts`). None: every timestep."""
+    """``[low, high)``: train only on these timesteps (uniform sampling, or the bands of ``timestep_high_band_*``
+    and ``timestep_low_band_*`` within it), for a denoiser that is an expert of one band of noise levels, such as
+    a high-noise expert (``[700, 1000]``) that lays out what a caption names (Balaji et al. 2022, eDiff-I;
+    :mod:`latentdiff.models.experts`), or stage 2's U-Net above a low-noise expert's boundary
+    (``[low_noise_expert.boundary, 1000]``). None: every timestep."""
     timestep_high_band_start: int | None = None
     """With uniform sampling: draw ``t >=`` this timestep with probability ``timestep_high_band_share``
     instead of its uniform share, and correct each sample's weight by the ratio of the two, so that the loss's
@@ -877,6 +879,10 @@ def check_values(config: Config) -> None:
         if boundary is not None:
             fail("low_noise_expert.max_steps", expert.max_steps, "0 with model.high_noise_boundary (stage 2 then "
                  "trains noise-level experts of its own)")
+        if diffusion.timestep_range is not None and list(diffusion.timestep_range)[:1] > [expert.boundary]:
+            fail("diffusion.timestep_range", list(diffusion.timestep_range),
+                 f"null or a range starting at or below low_noise_expert.boundary={expert.boundary} (the timesteps "
+                 "between them would be trained by neither stage 2 nor the expert)")
     if diffusion.timestep_range is not None:
         steps = diffusion.num_train_timesteps
         low_high = list(diffusion.timestep_range)
@@ -889,18 +895,23 @@ def check_values(config: Config) -> None:
         if high_band_start >= diffusion.num_train_timesteps:
             fail("diffusion.timestep_high_band_start", high_band_start,
                  f"null or a timestep between 0 and {diffusion.num_train_timesteps} (exclusive)")
-        if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None:
-            fail("diffusion.timestep_high_band_start", high_band_start, "null with diffusion.timestep_range or a "
-                 "timestep_sampling other than uniform (it reshapes uniform sampling)")
+        if diffusion.timestep_sampling != "uniform":
+            fail("diffusion.timestep_high_band_start", high_band_start, "null with a timestep_sampling other than "
+                 "uniform (it reshapes uniform sampling)")
+        low, high = diffusion.timestep_range or (0, diffusion.num_train_timesteps)
+        if not low < high_band_start < high:
+            fail("diffusion.timestep_high_band_start", high_band_start,
+                 f"null or a timestep inside diffusion.timestep_range=[{low}, {high}] (exclusive)")
     low_band_end = diffusion.timestep_low_band_end
     if low_band_end is not None:
-        upper = diffusion.num_train_timesteps if high_band_start is None else high_band_start
-        if low_band_end >= upper:
-            fail("diffusion.timestep_low_band_end", low_band_end, f"null or a timestep between 0 and {upper} (exclusive"
-                 f"{'' if high_band_start is None else ': below diffusion.timestep_high_band_start'})")
-        if diffusion.timestep_sampling != "uniform" or diffusion.timestep_range is not None:
-            fail("diffusion.timestep_low_band_end", low_band_end, "null with diffusion.timestep_range or a "
-                 "timestep_sampling other than uniform (it reshapes uniform sampling)")
+        lower, upper = diffusion.timestep_range or (0, diffusion.num_train_timesteps)
+        upper = upper if high_band_start is None else high_band_start
+        if not lower < low_band_end < upper:
+            fail("diffusion.timestep_low_band_end", low_band_end, f"null or a timestep between {lower} and {upper} "
+                 f"(exclusive{'' if high_band_start is None else ': below diffusion.timestep_high_band_start'})")
+        if diffusion.timestep_sampling != "uniform":
+            fail("diffusion.timestep_low_band_end", low_band_end, "null with a timestep_sampling other than uniform "
+                 "(it reshapes uniform sampling)")
         if high_band_start is not None and diffusion.timestep_low_band_share + diffusion.timestep_high_band_share >= 1:
             fail("diffusion.timestep_low_band_share", diffusion.timestep_low_band_share,
                  f"a share that leaves some probability to the band between the low and high bands (below "

@@ -171,8 +171,8 @@ def snr_clamp_for(config: DiffusionConfig, captions: list[str], step: int, devic
 class TimestepSampling:
     """How training draws ``t``: ``uniform``, ``logit_normal`` with ``mean`` and ``std`` of the logit, or
     ``importance``: in proportion to min-SNR's weight (:func:`importance_sampled_timesteps`). ``low`` and
-    ``high`` bound uniform ``t`` to ``[low, high)`` (``high`` None: the schedule's end), for a denoiser that
-    is an expert of one band of noise levels (Balaji et al. 2022, eDiff-I)."""
+    ``high`` bound uniform ``t``, and the bands within it, to ``[low, high)`` (``high`` None: the schedule's end),
+    for a denoiser that is an expert of one band of noise levels (Balaji et al. 2022, eDiff-I)."""
 
     kind: str = "uniform"
     mean: float = 0.0
@@ -191,10 +191,11 @@ class TimestepSampling:
     @property
     def bands(self) -> tuple[list[int], list[float]] | None:
         """The ``(starts, shares)`` of :func:`banded_timesteps` for the high and low bands set here (the band
-        between them takes the rest of the probability); None when neither is set."""
+        between them takes the rest of the probability), the first band starting at ``low`` and the last ending at
+        ``high``; None when neither is set."""
         if self.high_band_start is None and self.low_band_end is None:
             return None
-        starts, shares = [0], []
+        starts, shares = [self.low], []
         if self.low_band_end is not None:
             starts.append(self.low_band_end)
             shares.append(self.low_band_share)
@@ -254,13 +255,16 @@ def banded_timesteps(
     shares: Sequence[float],
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    *,
+    end: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Timesteps drawn band by band, and each sample's density correction.
 
-    The bands are ``[starts[k], starts[k + 1])`` (the last ends at ``num_train_timesteps``; ``starts[0]`` is
-    0); band ``k`` is drawn with probability ``shares[k]`` and ``t`` is uniform within it. The correction of a
-    sample is its band's uniform share over the share it was drawn with, so the corrected loss has the
-    expectation of uniform ``t`` (importance sampling, as in :func:`importance_sampled_timesteps`) while a band
+    The bands are ``[starts[k], starts[k + 1])``; the last ends at ``end`` (None: ``num_train_timesteps``), and
+    together they cover ``[starts[0], end)``, the timesteps the denoiser is trained on (all of them when
+    ``starts[0]`` is 0). Band ``k`` is drawn with probability ``shares[k]`` and ``t`` is uniform within it. The
+    correction of a sample is its band's uniform share of the covered range over the share it was drawn with, so
+    the corrected loss has the expectation of uniform ``t`` on that range (importance sampling, as in :func:`importance_sampled_timesteps`) while a band
     drawn more often has its part of the loss averaged over more samples, each with a smaller weight: the same
     mean gradient with less variance there. On the shapes default the high band's gradient is about half noise,
     large enough to share Adam's step size with every band under the SNR clamp (docs/conditioning.md, seventh and
@@ -276,13 +280,17 @@ def banded_timesteps(
     starts, shares = list(starts), list(shares)
     if len(starts) != len(shares) or len(starts) < 2:
         raise ValueError(f"give one share per band and at least two bands, got starts {starts} and shares {shares}")
-    if starts[0] != 0 or any(not a < b for a, b in zip(starts, [*starts[1:], num_train_timesteps])):
-        raise ValueError(f"band starts must rise from 0 and stay below {num_train_timesteps}, got {starts}")
+    end = num_train_timesteps if end is None else end
+    if not 0 < end <= num_train_timesteps:
+        raise ValueError(f"the last band's end must lie in (0, {num_train_timesteps}], got {end}")
+    if starts[0] < 0 or any(not a < b for a, b in zip(starts, [*starts[1:], end])):
+        raise ValueError(f"band starts must rise from 0 or more and stay below {end}, got {starts}")
     if any(not 0 < share < 1 for share in shares) or abs(sum(shares) - 1) > 1e-6:
         raise ValueError(f"each band's share must lie in (0, 1) and the shares must sum to 1, got {shares}")
     where = None if generator is None else generator.device
     draw = torch.rand((batch_size,), generator=generator, device=where)
-    ends = [*starts[1:], num_train_timesteps]
+    ends = [*starts[1:], end]
+    covered = end - starts[0]
     in_band = [torch.randint(start, end, (batch_size,), generator=generator, device=where) for start, end in zip(starts, ends)]
     timesteps = torch.empty_like(in_band[0])
     correction = torch.empty((batch_size,), device=where)
@@ -290,7 +298,7 @@ def banded_timesteps(
     for k in reversed(range(len(starts))):
         mine = (draw >= below) & (draw < below + shares[k]) if k else draw >= below
         timesteps[mine] = in_band[k][mine]
-        correction[mine] = (ends[k] - starts[k]) / num_train_timesteps / shares[k]
+        correction[mine] = (ends[k] - starts[k]) / covered / shares[k]
         below += shares[k]
     return timesteps.to(device), correction.to(device)
 
@@ -457,7 +465,8 @@ def diffusion_loss(
         )
     elif timestep_sampling is not None and timestep_sampling.bands is not None:
         timesteps, density_correction = banded_timesteps(
-            scheduler.config.num_train_timesteps, batch_size, *timestep_sampling.bands, generator, latents.device
+            scheduler.config.num_train_timesteps, batch_size, *timestep_sampling.bands, generator, latents.device,
+            end=timestep_sampling.high,
         )
     else:
         timesteps = sample_timesteps(

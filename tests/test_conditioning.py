@@ -188,8 +188,42 @@ def test_a_low_band_beside_the_high_band_draws_three_bands_and_keeps_the_expecte
     assert TimestepSampling("uniform").bands is None
     with pytest.raises(ValueError, match="shares must sum to 1"):
         banded_timesteps(1000, 8, [0, 250, 700], [0.3, 0.3, 0.3])
-    with pytest.raises(ValueError, match="band starts must rise from 0"):
+    with pytest.raises(ValueError, match="band starts must rise from 0 or more"):
         banded_timesteps(1000, 8, [0, 700, 250], [0.3, 0.2, 0.5])
+
+
+def test_bands_inside_a_timestep_range_cover_only_the_range_and_keep_its_expected_loss():
+    """Stage 2 above a low-noise expert's boundary: t < 250 is never drawn, the high band keeps its share, and
+    the corrected loss has the expectation of uniform t on [250, 1000)."""
+    from latentdiff.config import load_config
+    from latentdiff.diffusion import banded_timesteps, diffusion_loss, timestep_sampling_for
+
+    config = load_config(overrides=["diffusion.timestep_range=[250,1000]", "diffusion.timestep_high_band_start=700",
+                                    "diffusion.timestep_high_band_share=0.5"])
+    sampling = timestep_sampling_for(config.diffusion, step=0)
+    starts, shares = sampling.bands
+    assert starts == [250, 700] and shares == pytest.approx([0.5, 0.5])
+    timesteps, correction = banded_timesteps(1000, 100_000, starts, shares, torch.Generator().manual_seed(0),
+                                             end=sampling.high)
+    assert timesteps.min().item() == 250 and timesteps.max().item() == 999
+    high = timesteps >= 700
+    assert high.float().mean().item() == pytest.approx(0.5, abs=0.01)
+    torch.testing.assert_close(correction[high], torch.full_like(correction[high], (300 / 750) / 0.5))
+    torch.testing.assert_close(correction[~high], torch.full_like(correction[~high], (450 / 750) / 0.5))
+    loss_of_t = torch.linspace(2.0, 0.1, 1000) ** 2
+    assert (correction * loss_of_t[timesteps]).mean().item() == pytest.approx(loss_of_t[250:].mean().item(), rel=0.02)
+    # the loss draws through the same sampling: no sample below the range
+    output = diffusion_loss(lambda x, t, c: torch.zeros_like(x), _scheduler("v_prediction", zero_snr=True),
+                            torch.randn(256, 4, 8, 8), None, generator=torch.Generator().manual_seed(2),
+                            timestep_sampling=sampling)
+    assert output.timesteps.min().item() >= 250
+    # a range that ends below the schedule's end: the last band ends there
+    timesteps, _ = banded_timesteps(1000, 4096, [0, 100], [0.5, 0.5], torch.Generator().manual_seed(1), end=500)
+    assert timesteps.max().item() < 500 and (timesteps >= 100).float().mean().item() == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ValueError, match=r"the last band's end must lie in \(0, 1000\], got 1200"):
+        banded_timesteps(1000, 8, [0, 700], [0.5, 0.5], end=1200)
+    with pytest.raises(ValueError, match="band starts must rise from 0 or more and stay below 600, got \\[0, 700\\]"):
+        banded_timesteps(1000, 8, [0, 700], [0.5, 0.5], end=600)
 
 
 def test_two_bands_draw_exactly_what_the_high_band_share_always_drew():
@@ -250,6 +284,20 @@ def test_a_high_band_share_is_refused_where_it_cannot_apply():
         load_config(overrides=["diffusion.timestep_low_band_end=250", "train.band_boundary=700"])
     config = load_config(overrides=[*high, "diffusion.timestep_low_band_end=250", "diffusion.timestep_low_band_share=0.3"])
     assert (config.diffusion.timestep_low_band_end, config.diffusion.timestep_low_band_share) == (250, 0.3)
+    # with a timestep range, the bands must lie inside it
+    in_range = ["diffusion.timestep_range=[250,1000]"]
+    with pytest.raises(ConfigError, match=r"'diffusion.timestep_high_band_start'.*inside diffusion.timestep_range=\[250, 1000\]"):
+        load_config(overrides=[*in_range, "diffusion.timestep_high_band_start=200"])
+    with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_end'.*between 250 and 700"):
+        load_config(overrides=[*in_range, *high, "diffusion.timestep_low_band_end=200"])
+    config = load_config(overrides=[*in_range, *high, "diffusion.timestep_low_band_end=400"])
+    assert (config.diffusion.timestep_range, config.diffusion.timestep_low_band_end) == ((250, 1000), 400)
+    # stage 2 above a low-noise expert: no gap between its range and the expert's boundary
+    with pytest.raises(ConfigError, match=r"'diffusion.timestep_range'.*at or below low_noise_expert.boundary=250"):
+        load_config(overrides=["diffusion.timestep_range=[300,1000]", "low_noise_expert.max_steps=10",
+                               "low_noise_expert.boundary=250"])
+    load_config(overrides=["diffusion.timestep_range=[250,1000]", "low_noise_expert.max_steps=10",
+                           "low_noise_expert.boundary=250"])
     with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_start_step': expected 0 without diffusion.timestep_low_band_end"):
         load_config(overrides=[*high, "diffusion.timestep_low_band_start_step=100"])
     with pytest.raises(ConfigError, match="'diffusion.timestep_low_band_start_step'"):
