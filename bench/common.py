@@ -204,6 +204,23 @@ def unet_forward_flops(model_config, sample_size: int, batch_size: int) -> int:
     usual convention for model FLOPs (Chowdhery et al. 2022, "PaLM", App. B). On the meta device
     no memory is allocated and nothing is computed, so an SD-sized U-Net is counted in seconds.
     """
+    return int(_counted_unet_forward(model_config, sample_size, batch_size).get_total_flops())
+
+
+def unet_forward_flops_by_block(model_config, sample_size: int, batch_size: int) -> dict[str, float]:
+    """Each top-level block's share (``down_blocks.0``, ..., ``mid_block``, ``up_blocks.N``) of the FLOPs of
+    :func:`unet_forward_flops`; the rest (``conv_in``, ``conv_out``, the time embedding) is left out."""
+    counts = _counted_unet_forward(model_config, sample_size, batch_size).get_flop_counts()
+    prefix = "UNet2DConditionModel."
+    total = sum(counts["UNet2DConditionModel"].values())
+    blocks = [module for module in counts if module == prefix + "mid_block"
+              or module.startswith((prefix + "down_blocks.", prefix + "up_blocks.")) and module.count(".") == 2]
+    return {module[len(prefix):]: sum(counts[module].values()) / total for module in blocks}
+
+
+def _counted_unet_forward(model_config, sample_size: int, batch_size: int):
+    """A ``FlopCounterMode`` (two levels of modules deep) that counted one forward of the config's U-Net on the
+    meta device."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -216,9 +233,9 @@ def unet_forward_flops(model_config, sample_size: int, batch_size: int) -> int:
         text = torch.zeros(
             batch_size, model_config.text_encoder.max_position_embeddings, unet.config.cross_attention_dim
         )
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, depth=2) as counter:
             unet(latents, timesteps, text)
-    return int(counter.get_total_flops())
+    return counter
 
 
 TRAINING_FLOPS_PER_FORWARD = 3

@@ -12,6 +12,10 @@ times the step of ``training/train_ldm.py`` on random latents and the data's lon
 backward of both, and the AdamW update. The first ``--warmup`` steps of each round are discarded.
 Reported: the median milliseconds per step and per part over ``--rounds`` rounds, and each variant's
 speed relative to the first. Used for the text-path ablation of docs/conditioning.md.
+
+``--flops`` also gives each variant's U-Net FLOPs per training step (three forwards' worth, counted on the meta
+device by ``common.unet_forward_flops``), the FLOP rate that makes of the measured step, and each top-level
+block's share of the forward: where a cheaper architecture would have to save.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 from latentdiff.config import load_config
 from latentdiff.models import build_components
 from latentdiff.models.builders import vae_scale_factor
+
+from common import TRAINING_FLOPS_PER_FORWARD, unet_forward_flops, unet_forward_flops_by_block
 
 CAPTION = "a large yellow circle at the top right, a small orange circle at the bottom left and a large blue triangle at the bottom right on a black background"
 
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flops", action="store_true", help="also count FLOPs per step and by U-Net block")
     args = parser.parse_args()
     torch.manual_seed(0)
     models = [build(args.config, variant) for variant in args.variant]
@@ -88,6 +95,18 @@ def main() -> None:
         total = 1000 * statistics.median(sum(t) for t in times)
         first = first or total
         print(f"| {variant or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
+    if args.flops:
+        print()
+        print("| variant | GFLOP per step (forward + backward) | GFLOP/s | share of the U-Net's forward by block |")
+        print("|---|---|---|---|")
+        for variant, parts in zip(args.variant, models):
+            config = load_config(args.config, shlex.split(variant))
+            size, batch = config.data.resolution // vae_scale_factor(config.model), parts[3].shape[0]
+            gflop = TRAINING_FLOPS_PER_FORWARD * unet_forward_flops(config.model, size, batch) / 1e9
+            shares = unet_forward_flops_by_block(config.model, size, batch)
+            total = statistics.median(sum(t) for t in results[variant])
+            blocks = ", ".join(f"{name} {share:.2f}" for name, share in shares.items())
+            print(f"| {variant or '(the config)'} | {gflop:.1f} | {gflop / total:.0f} | {blocks} |")
 
 
 if __name__ == "__main__":

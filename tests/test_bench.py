@@ -115,6 +115,19 @@ def test_unet_flops_are_counted_without_running_the_model():
     assert one > 0 and two == 2 * one  # linear in the batch
 
 
+def test_unet_flops_by_block_are_shares_of_the_forward():
+    common = _load("common")
+    from latentdiff.config import load_config
+
+    model = load_config(overrides={"model.preset": "tiny"}).model
+    shares = common.unet_forward_flops_by_block(model, 16, 2)
+    blocks = len(model.unet.block_out_channels)
+    assert set(shares) == {f"down_blocks.{i}" for i in range(blocks)} | {f"up_blocks.{i}" for i in range(blocks)} | {"mid_block"}
+    assert all(share > 0 for share in shares.values())
+    assert 0.9 < sum(shares.values()) < 1  # conv_in, conv_out and the time embedding hold the rest
+    assert shares == common.unet_forward_flops_by_block(model, 16, 4)  # shares do not depend on the batch
+
+
 def test_high_frequency_share_of_noise_and_of_smooth_latents():
     import torch
 
