@@ -97,7 +97,7 @@ def main() -> None:
         print(f"| {variant or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
     if args.flops:
         print()
-        print("| variant | GFLOP per step (forward + backward) | GFLOP/s | share of the U-Net's forward by block |")
+        print("| variant | U-Net GFLOP per training step (3 forwards' worth) | GFLOP/s of the measured step | share of the U-Net's forward by block |")
         print("|---|---|---|---|")
         for variant, parts in zip(args.variant, models):
             config = load_config(args.config, shlex.split(variant))

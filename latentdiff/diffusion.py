@@ -264,11 +264,11 @@ def banded_timesteps(
     together they cover ``[starts[0], end)``, the timesteps the denoiser is trained on (all of them when
     ``starts[0]`` is 0). Band ``k`` is drawn with probability ``shares[k]`` and ``t`` is uniform within it. The
     correction of a sample is its band's uniform share of the covered range over the share it was drawn with, so
-    the corrected loss has the expectation of uniform ``t`` on that range (importance sampling, as in :func:`importance_sampled_timesteps`) while a band
-    drawn more often has its part of the loss averaged over more samples, each with a smaller weight: the same
-    mean gradient with less variance there. On the shapes default the high band's gradient is about half noise,
-    large enough to share Adam's step size with every band under the SNR clamp (docs/conditioning.md, seventh and
-    eighth rounds); a larger share of the batch quiets it. Kingma & Gao 2023, "Understanding Diffusion Objectives
+    the corrected loss has the expectation of uniform ``t`` on that range (importance sampling, as in
+    :func:`importance_sampled_timesteps`) while a band drawn more often has its part of the loss averaged over more
+    samples, each with a smaller weight: the same mean gradient with less variance there. On the shapes default the
+    high band's gradient is about half noise, large enough to share Adam's step size with every band under the SNR
+    clamp (docs/conditioning.md, seventh and eighth rounds); a larger share of the batch quiets it. Kingma & Gao 2023, "Understanding Diffusion Objectives
     as the ELBO with Simple Data Augmentation": the timestep density is an importance-sampling distribution that
     leaves the weighted loss unchanged and sets the variance of its estimate. Written here because Diffusers'
     training scripts draw uniform ``t`` only.
@@ -291,7 +291,7 @@ def banded_timesteps(
     draw = torch.rand((batch_size,), generator=generator, device=where)
     ends = [*starts[1:], end]
     covered = end - starts[0]
-    in_band = [torch.randint(start, end, (batch_size,), generator=generator, device=where) for start, end in zip(starts, ends)]
+    in_band = [torch.randint(low, high, (batch_size,), generator=generator, device=where) for low, high in zip(starts, ends)]
     timesteps = torch.empty_like(in_band[0])
     correction = torch.empty((batch_size,), device=where)
     below = 0.0
