@@ -879,10 +879,6 @@ def check_values(config: Config) -> None:
         if boundary is not None:
             fail("low_noise_expert.max_steps", expert.max_steps, "0 with model.high_noise_boundary (stage 2 then "
                  "trains noise-level experts of its own)")
-        if diffusion.timestep_range is not None and list(diffusion.timestep_range)[:1] > [expert.boundary]:
-            fail("diffusion.timestep_range", list(diffusion.timestep_range),
-                 f"null or a range starting at or below low_noise_expert.boundary={expert.boundary} (the timesteps "
-                 "between them would be trained by neither stage 2 nor the expert)")
     if diffusion.timestep_range is not None:
         steps = diffusion.num_train_timesteps
         low_high = list(diffusion.timestep_range)
@@ -890,6 +886,12 @@ def check_values(config: Config) -> None:
             fail("diffusion.timestep_range", low_high, f"null or [low, high] with 0 <= low < high <= {steps}")
         if diffusion.timestep_sampling != "uniform":
             fail("diffusion.timestep_sampling", diffusion.timestep_sampling, "uniform with diffusion.timestep_range")
+    # the timesteps trained here; the bands and a low-noise expert's boundary must fit them
+    range_low, range_high = diffusion.timestep_range or (0, diffusion.num_train_timesteps)
+    if expert.max_steps and range_low > expert.boundary:
+        fail("diffusion.timestep_range", list(diffusion.timestep_range),
+             f"null or a range starting at or below low_noise_expert.boundary={expert.boundary} (the timesteps "
+             "between them would be trained by neither stage 2 nor the expert)")
     high_band_start = diffusion.timestep_high_band_start
     if high_band_start is not None:
         if high_band_start >= diffusion.num_train_timesteps:
@@ -898,16 +900,14 @@ def check_values(config: Config) -> None:
         if diffusion.timestep_sampling != "uniform":
             fail("diffusion.timestep_high_band_start", high_band_start, "null with a timestep_sampling other than "
                  "uniform (it reshapes uniform sampling)")
-        low, high = diffusion.timestep_range or (0, diffusion.num_train_timesteps)
-        if not low < high_band_start < high:
+        if not range_low < high_band_start < range_high:
             fail("diffusion.timestep_high_band_start", high_band_start,
-                 f"null or a timestep inside diffusion.timestep_range=[{low}, {high}] (exclusive)")
+                 f"null or a timestep inside diffusion.timestep_range=[{range_low}, {range_high}] (exclusive)")
     low_band_end = diffusion.timestep_low_band_end
     if low_band_end is not None:
-        lower, upper = diffusion.timestep_range or (0, diffusion.num_train_timesteps)
-        upper = upper if high_band_start is None else high_band_start
-        if not lower < low_band_end < upper:
-            fail("diffusion.timestep_low_band_end", low_band_end, f"null or a timestep between {lower} and {upper} "
+        upper = range_high if high_band_start is None else high_band_start
+        if not range_low < low_band_end < upper:
+            fail("diffusion.timestep_low_band_end", low_band_end, f"null or a timestep between {range_low} and {upper} "
                  f"(exclusive{'' if high_band_start is None else ': below diffusion.timestep_high_band_start'})")
         if diffusion.timestep_sampling != "uniform":
             fail("diffusion.timestep_low_band_end", low_band_end, "null with a timestep_sampling other than uniform "
