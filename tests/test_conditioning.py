@@ -1087,6 +1087,34 @@ def test_positional_unet_is_saved_and_loaded_by_diffusers_and_by_the_builders(tm
         PositionalUNet2DConditionModel(position_frequencies=1.5, **stock_unet.config)
 
 
+def test_a_loaded_unet_records_the_latent_size_it_is_trained_at(tmp_path):
+    # A pipeline draws at unet.config.sample_size by default: a U-Net trained on at another resolution (model.unet
+    # .pretrained, or a frozen high-noise expert) must be saved with the run's latent size, not the one it was
+    # first built for; its weights stay as loaded.
+    import json
+
+    from latentdiff.config import load_config
+    from latentdiff.models import build_components
+    from latentdiff.models.builders import vae_scale_factor
+
+    config = load_config(overrides={"model.preset": "tiny"})
+    factor = vae_scale_factor(config.model)
+    unet = build_components(config.model, 8 * factor)["unet"]
+    assert unet.config.sample_size == 8
+    unet.save_pretrained(tmp_path / "unet")
+    loads = (("unet", {"model.unet.pretrained": str(tmp_path / "unet")}),
+             ("unet_high_noise", {"model.high_noise_pretrained": str(tmp_path / "unet"), "model.high_noise_boundary": 250,
+                                  "diffusion.timestep_range": [0, 250]}))
+    for name, overrides in loads:
+        model_config = load_config(overrides={"model.preset": "tiny", **overrides}).model
+        loaded = build_components(model_config, 16 * factor)[name]
+        assert loaded.config.sample_size == 16, name
+        torch.testing.assert_close(loaded.state_dict(), unet.state_dict())
+        assert build_components(model_config, 8 * factor)[name].config.sample_size == 8, name
+    loaded.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["sample_size"] == 16
+
+
 def test_snr_clamp_pool_gives_the_clamps_added_weight_to_the_coarse_error_only():
     from latentdiff.diffusion import diffusion_loss, min_snr_weights
 

@@ -9,6 +9,7 @@ architectures are in :mod:`latentdiff.models.presets`.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 
@@ -23,6 +24,8 @@ from .tokenizer import CONTEXT_LENGTH, clip_tokenizer
 from .unet import PositionalUNet2DConditionModel, saved_unet_class
 from .bidirectional import BidirectionalCLIPTextModel
 from .word_context import CLIPTextModelWithWordEmbeddings
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODEL_PRESETS",
@@ -88,11 +91,17 @@ def build_vae(config: ModelConfig, in_channels: int = 3) -> AutoencoderKL | None
 
 
 def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = None) -> UNet2DConditionModel:
-    """The conditional U-Net of ``config`` for ``sample_size`` x ``sample_size`` latents (or pixels)."""
+    """The conditional U-Net of ``config`` for ``sample_size`` x ``sample_size`` latents (or pixels).
+
+    A loaded U-Net (``unet.pretrained``) gets ``sample_size`` in its config too: a pipeline draws at
+    ``unet.config.sample_size`` by default, so a U-Net trained on further at another resolution would otherwise be
+    saved, and sample, at the resolution it was first trained at.
+    """
     unet = config.unet
     if unet.pretrained:
         unet_class = saved_unet_class(unet.pretrained, unet.subfolder)
-        return _from_pretrained(unet_class, unet.pretrained, unet.subfolder, "model.unet.pretrained")
+        return _at_sample_size(
+            _from_pretrained(unet_class, unet.pretrained, unet.subfolder, "model.unet.pretrained"), sample_size)
     if in_channels is None:
         in_channels = 3 if config.pixel_space else config.vae.latent_channels
     if len(unet.down_block_types) != len(unet.block_out_channels) or len(unet.up_block_types) != len(
@@ -130,6 +139,15 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
         addition_embed_type_num_heads=unet.addition_embed_type_num_heads,
         resnet_time_scale_shift=unet.resnet_time_scale_shift,
     )
+
+
+def _at_sample_size(unet: UNet2DConditionModel, sample_size: int) -> UNet2DConditionModel:
+    """``unet`` with ``sample_size`` as the latent size its config records (the weights do not depend on it)."""
+    if unet.config.sample_size != sample_size:
+        logger.info("the loaded U-Net was saved for %s latents; this run uses %d x %d", unet.config.sample_size,
+                    sample_size, sample_size)
+        unet.register_to_config(sample_size=sample_size)
+    return unet
 
 
 def _text_hidden_size(text_encoder: TextEncoderConfig) -> int:
@@ -262,9 +280,9 @@ def build_components(config: ModelConfig, resolution: int) -> dict[str, object]:
     }
     if config.high_noise_pretrained:  # a trained high-noise expert (the low-noise expert stage keeps it frozen)
         expert_class = saved_unet_class(config.high_noise_pretrained, config.high_noise_subfolder)
-        components["unet_high_noise"] = _from_pretrained(
+        components["unet_high_noise"] = _at_sample_size(_from_pretrained(
             expert_class, config.high_noise_pretrained, config.high_noise_subfolder, "model.high_noise_pretrained"
-        )
+        ), resolution // factor)
     elif config.high_noise_boundary is not None:  # a high-noise expert of the same architecture
         components["unet_high_noise"] = build_unet(config, sample_size=resolution // factor)
     return components
