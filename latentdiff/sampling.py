@@ -5,7 +5,6 @@ pipeline folder with its sample grid and model card."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .config import Config, SampleConfig
+from .files import folder_written_in_place
 from .hub import write_model_card
 
 PIPELINE_DIR = "pipeline"
@@ -157,12 +157,9 @@ def export_pipeline(pipeline, config: Config, training_state=None, device: torch
     half-written pipeline folder behind.
     """
     folder = os.path.join(config.output_dir, PIPELINE_DIR)
-    partial = folder + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    pipeline.save_pretrained(partial, safe_serialization=True)
-    grid = sample_grid(pipeline, config.sample, device)
-    grid.save(os.path.join(partial, SAMPLES_FILE))
-    write_model_card(partial, config=config, training_state=training_state, sample_grid=SAMPLES_FILE)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
+    with folder_written_in_place(folder) as partial:
+        pipeline.save_pretrained(partial, safe_serialization=True)
+        grid = sample_grid(pipeline, config.sample, device)
+        grid.save(os.path.join(partial, SAMPLES_FILE))
+        write_model_card(partial, config=config, training_state=training_state, sample_grid=SAMPLES_FILE)
     return folder

@@ -143,3 +143,21 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_half_deleted_checkp
     monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
     checkpointing.remove_partial_checkpoints(str(tmp_path))  # what the next start does
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_a_folder_written_in_place_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    from latentdiff.files import folder_written_in_place
+
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with folder_written_in_place(str(folder)) as partial:
+            (Path(partial) / "new.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in folder.iterdir()) == ["old.txt"]  # the old folder, untouched
+    with folder_written_in_place(str(folder)) as partial:  # the leftover .partial is cleared first
+        assert list(Path(partial).iterdir()) == []
+        (Path(partial) / "new.txt").write_text("new")
+    assert sorted(p.name for p in folder.iterdir()) == ["new.txt"]
+    assert not (tmp_path / "pipeline.partial").exists()

@@ -30,6 +30,7 @@ import sys
 from accelerate import PartialState
 
 from latentdiff.config import Config, ConfigError, parse_args
+from latentdiff.files import folder_written_in_place
 from latentdiff.sampling import PIPELINE_DIR
 from latentdiff.trainer.latent_cache import latent_cache_dir
 from latentdiff.trainer.loop import run_training_script
@@ -74,11 +75,8 @@ def expert_overrides(config: Config) -> list[str]:
 
 def replace_pipeline(source: str, target: str) -> None:
     """Copy the pipeline folder ``source`` over ``target``: written beside it, then renamed into place."""
-    partial = target + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source, partial)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(partial, target)
+    with folder_written_in_place(target) as partial:
+        shutil.copytree(source, partial, dirs_exist_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

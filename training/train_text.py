@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import collate_image_text, make_training_dataset
+from latentdiff.files import folder_written_in_place
 from latentdiff.models import build_text_encoder, build_tokenizer
 from latentdiff.trainer.checkpointing import (
     TrainingState,
@@ -229,11 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         folder = os.path.join(config.output_dir, TEXT_ENCODER_DIR)
-        partial = folder + ".partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        text_encoder_of(accelerator.unwrap_model(model)).save_pretrained(partial, safe_serialization=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        with folder_written_in_place(folder) as partial:
+            text_encoder_of(accelerator.unwrap_model(model)).save_pretrained(partial, safe_serialization=True)
         logger.info("text encoder saved to %s", folder)
     accelerator.end_training()
 

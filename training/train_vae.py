@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import shutil
 import time
 
 import torch
@@ -54,6 +53,7 @@ from latentdiff.trainer.checkpointing import (
 )
 from latentdiff.config import Config, ConfigError, parse_args, save_config
 from latentdiff.data.loading import collate_image_text, make_training_dataset
+from latentdiff.files import folder_written_in_place
 from latentdiff.models import build_vae
 from latentdiff.trainer.loop import (
     batch_size_of,
@@ -284,11 +284,8 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("latent scaling factor (1 / std of latents): %.5f", scaling_factor)
 
         folder = os.path.join(config.output_dir, VAE_DIR)
-        partial = folder + ".partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        vae.save_pretrained(partial, safe_serialization=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(partial, folder)
+        with folder_written_in_place(folder) as partial:
+            vae.save_pretrained(partial, safe_serialization=True)
 
         originals = next(b["pixel_values"] for b in measure_loader if batch_size_of(b))[:8].to(accelerator.device)
         with torch.no_grad():
