@@ -960,6 +960,22 @@ def check_values(config: Config) -> None:
         fail("sample.guidance_interval", list(interval), "null or [low, high] timesteps with 0 <= low <= high")
 
 
+def timesteps_left_untrained(config: Config) -> list[tuple[int, int, str]]:
+    """The ``[low, high)`` ranges of timesteps that neither this stage-2 run (``diffusion.timestep_range``) nor a
+    U-Net it is exported with trains, each with the setting that would cover it: below the range a low-noise expert
+    stage (``low_noise_expert.max_steps``), above it a frozen high-noise expert (``model.high_noise_pretrained``).
+    Empty for a run over every timestep. A band expert trained on its own is legitimate; its pipeline just denoises
+    the other timesteps with a U-Net that never saw them."""
+    steps = config.diffusion.num_train_timesteps
+    low, high = config.diffusion.timestep_range or (0, steps)
+    untrained = []
+    if low > 0 and not config.low_noise_expert.max_steps:
+        untrained.append((0, low, "low_noise_expert.max_steps"))
+    if high < steps and config.model.high_noise_pretrained is None:
+        untrained.append((high, steps, "model.high_noise_pretrained"))
+    return untrained
+
+
 def _check_section(section: Any, prefix: str) -> None:
     rules = VALUE_RULES.get(type(section), {})
     for f in dataclasses.fields(section):

@@ -192,6 +192,23 @@ def test_a_low_band_beside_the_high_band_draws_three_bands_and_keeps_the_expecte
         banded_timesteps(1000, 8, [0, 700, 250], [0.3, 0.2, 0.5])
 
 
+def test_timesteps_no_stage_trains_are_named_with_the_setting_that_covers_them(tmp_path):
+    from latentdiff.config import load_config, timesteps_left_untrained
+
+    def untrained(**overrides):
+        return timesteps_left_untrained(load_config(overrides={"model.preset": "tiny", **overrides}))
+
+    assert untrained() == []
+    assert untrained(**{"diffusion.timestep_range": [250, 1000]}) == [(0, 250, "low_noise_expert.max_steps")]
+    assert untrained(**{"diffusion.timestep_range": [250, 1000], "low_noise_expert.max_steps": 400}) == []
+    assert untrained(**{"diffusion.timestep_range": [0, 700]}) == [(700, 1000, "model.high_noise_pretrained")]
+    assert untrained(**{"diffusion.timestep_range": [100, 700]}) == [
+        (0, 100, "low_noise_expert.max_steps"), (700, 1000, "model.high_noise_pretrained")]
+    (tmp_path / "unet").mkdir()  # the low-noise expert stage's own run: the frozen expert takes t >= 250
+    assert untrained(**{"diffusion.timestep_range": [0, 250], "model.high_noise_boundary": 250,
+                        "model.high_noise_pretrained": str(tmp_path / "unet")}) == []
+
+
 def test_bands_inside_a_timestep_range_cover_only_the_range_and_keep_its_expected_loss():
     """Stage 2 above a low-noise expert's boundary: t < 250 is never drawn, the high band keeps its share, and
     the corrected loss has the expectation of uniform t on [250, 1000)."""

@@ -41,7 +41,7 @@ from latentdiff.trainer.checkpointing import (
     local_tensor,
     save_checkpoint,
 )
-from latentdiff.config import Config, ConfigError, parse_args, save_config
+from latentdiff.config import Config, ConfigError, parse_args, save_config, timesteps_left_untrained
 from latentdiff.data.loading import ImageTextDataset, collate_image_text, make_training_dataset
 from latentdiff.diffusion import (
     AdaptiveLossWeighting,
@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
                 "training/train_text.py with the same config first"
             )
         text.pretrained = pretrained_text
+    for low, high, setting in timesteps_left_untrained(config):
+        logger.warning("diffusion.timestep_range=%s: no stage trains t in [%d, %d), so the exported pipeline denoises "
+                       "them with an untrained band (fine for a band expert used with another U-Net; %s covers them)",
+                       list(config.diffusion.timestep_range), low, high, setting)
     if accelerator.is_main_process:
         save_config(config, config.output_dir)
     set_seed(config.seed)
