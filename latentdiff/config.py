@@ -887,7 +887,7 @@ def check_values(config: Config) -> None:
         if diffusion.timestep_sampling != "uniform":
             fail("diffusion.timestep_sampling", diffusion.timestep_sampling, "uniform with diffusion.timestep_range")
     # the timesteps trained here; the bands and a low-noise expert's boundary must fit them
-    range_low, range_high = diffusion.timestep_range or (0, diffusion.num_train_timesteps)
+    range_low, range_high = trained_timestep_range(diffusion)
     if expert.max_steps and range_low > expert.boundary:
         fail("diffusion.timestep_range", list(diffusion.timestep_range),
              f"null or a range starting at or below low_noise_expert.boundary={expert.boundary} (the timesteps "
@@ -960,6 +960,12 @@ def check_values(config: Config) -> None:
         fail("sample.guidance_interval", list(interval), "null or [low, high] timesteps with 0 <= low <= high")
 
 
+def trained_timestep_range(diffusion: DiffusionConfig) -> tuple[int, int]:
+    """``[low, high)``: the timesteps a stage-2 run trains on, ``diffusion.timestep_range`` or every timestep."""
+    low, high = diffusion.timestep_range or (0, diffusion.num_train_timesteps)
+    return low, high
+
+
 def timesteps_left_untrained(config: Config) -> list[tuple[int, int, str]]:
     """The ``[low, high)`` ranges of timesteps that neither this stage-2 run (``diffusion.timestep_range``) nor a
     U-Net it is exported with trains, each with the setting that would cover it: below the range a low-noise expert
@@ -967,7 +973,7 @@ def timesteps_left_untrained(config: Config) -> list[tuple[int, int, str]]:
     Empty for a run over every timestep. A band expert trained on its own is legitimate; its pipeline just denoises
     the other timesteps with a U-Net that never saw them."""
     steps = config.diffusion.num_train_timesteps
-    low, high = config.diffusion.timestep_range or (0, steps)
+    low, high = trained_timestep_range(config.diffusion)
     untrained = []
     if low > 0 and not config.low_noise_expert.max_steps:
         untrained.append((0, low, "low_noise_expert.max_steps"))
