@@ -1324,3 +1324,22 @@ def test_diffusion_loss_weights_the_foreground_error_of_low_noise_samples():
         shapes = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # min-SNR with its clamp
         load_config(shapes, ["diffusion.foreground_loss_weight=2", "diffusion.snr_clamp_pool=2"])
     load_config(overrides=["diffusion.num_train_timesteps=100"])  # the unused `until` of 250 is no error
+
+
+def test_a_unet_level_without_attention_needs_no_whole_heads():
+    # The first level of the shapes U-Net has no attention (DownBlock2D / UpBlock2D), so its width need not be a
+    # multiple of attention_head_dim: [16, 64, 64] with heads of 32 channels builds; the attending levels still must.
+    from latentdiff.config import ConfigError, load_config
+    from latentdiff.models.builders import build_unet
+
+    narrow = {"model.preset": "small", "model.unet.block_out_channels": [16, 64, 64], "model.unet.norm_num_groups": 16}
+    unet = build_unet(load_config(overrides=narrow).model, 16)
+    assert list(unet.config.block_out_channels) == [16, 64, 64]
+    assert unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 2  # 64 channels in heads of 32
+    sample = torch.randn(2, 4, 16, 16)
+    context = torch.randn(2, 8, unet.config.cross_attention_dim)
+    assert unet(sample, torch.tensor([10, 900]), context).sample.shape == sample.shape
+    with pytest.raises(ConfigError, match=r"48 is not divisible by attention_head_dim \(32\) and norm_num_groups"):
+        build_unet(load_config(overrides={**narrow, "model.unet.block_out_channels": [16, 48, 64]}).model, 16)
+    with pytest.raises(ConfigError, match=r"24 is not divisible by norm_num_groups \(16\)"):
+        build_unet(load_config(overrides={**narrow, "model.unet.block_out_channels": [24, 64, 64]}).model, 16)

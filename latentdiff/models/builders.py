@@ -111,11 +111,17 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
             "model.unet: down_block_types, up_block_types and block_out_channels must have the same length, "
             f"got {len(unet.down_block_types)}, {len(unet.up_block_types)} and {len(unet.block_out_channels)}"
         )
-    for channels in unet.block_out_channels:
-        if channels % unet.attention_head_dim or channels % unet.norm_num_groups:
+    # A level attends when its down block or its mirrored up block does; only those need whole heads.
+    attends = [
+        "CrossAttn" in down or "CrossAttn" in up
+        for down, up in zip(unet.down_block_types, reversed(unet.up_block_types))
+    ]
+    for channels, level_attends in zip(unet.block_out_channels, attends):
+        if channels % unet.norm_num_groups or (level_attends and channels % unet.attention_head_dim):
+            needs = f"attention_head_dim ({unet.attention_head_dim}) and " if level_attends else ""
             raise ConfigError(
-                f"model.unet.block_out_channels: {channels} is not divisible by attention_head_dim "
-                f"({unet.attention_head_dim}) and norm_num_groups ({unet.norm_num_groups})"
+                f"model.unet.block_out_channels: {channels} is not divisible by {needs}"
+                f"norm_num_groups ({unet.norm_num_groups})"
             )
     positions = {"position_frequencies": unet.position_frequencies} if unet.position_frequencies else {}
     unet_class = PositionalUNet2DConditionModel if positions else UNet2DConditionModel
@@ -131,7 +137,7 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
         cross_attention_dim=_text_hidden_size(config.text_encoder),
         # Diffusers' historical naming: `attention_head_dim` holds the number of heads for SD 1.x
         # configs. We store channels per head and convert, so every level keeps 1 head per N channels.
-        attention_head_dim=tuple(c // unet.attention_head_dim for c in unet.block_out_channels),
+        attention_head_dim=tuple(max(1, c // unet.attention_head_dim) for c in unet.block_out_channels),
         transformer_layers_per_block=unet.transformer_layers_per_block,
         only_cross_attention=list(unet.only_cross_attention) if unet.only_cross_attention is not None else False,
         norm_num_groups=unet.norm_num_groups,
