@@ -153,7 +153,11 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_steps_and_a
     assert patient.data.shapes.holdout == default.data.shapes.holdout
     assert patient.data.shapes.num_samples > default.data.shapes.num_samples
     assert patient.train.max_steps > default.train.max_steps
-    assert patient.train.optimizer == default.train.optimizer and patient.train.batch_size == default.train.batch_size
+    # the preset keeps the learning rate its seeds were measured with, 1e-3; the default moved to 1.5e-3 on three
+    # seeds of its own budget (thirty-eighth round), not yet measured at the preset's
+    assert patient.train.optimizer.learning_rate == 1e-3 and default.train.optimizer.learning_rate == 1.5e-3
+    assert dataclasses.replace(patient.train.optimizer, learning_rate=default.train.optimizer.learning_rate) == default.train.optimizer
+    assert patient.train.batch_size == default.train.batch_size
 
 
 def test_the_gpu_preset_trains_with_the_default_objective():
