@@ -136,7 +136,8 @@ def build_unet(config: ModelConfig, sample_size: int, in_channels: int | None = 
         layers_per_block=unet.layers_per_block,
         cross_attention_dim=_text_hidden_size(config.text_encoder),
         # Diffusers' historical naming: `attention_head_dim` holds the number of heads for SD 1.x
-        # configs. We store channels per head and convert, so every level keeps 1 head per N channels.
+        # configs. We store channels per head and convert, so every level keeps 1 head per N channels (a level
+        # without attention, which may be narrower than one head, gets a head count it never uses: at least 1).
         attention_head_dim=tuple(max(1, c // unet.attention_head_dim) for c in unet.block_out_channels),
         transformer_layers_per_block=unet.transformer_layers_per_block,
         only_cross_attention=list(unet.only_cross_attention) if unet.only_cross_attention is not None else False,
