@@ -160,6 +160,11 @@ class TextEncoderConfig:
     square" the subject's states then know the relation (:mod:`latentdiff.models.bidirectional`). For a ``clip``
     encoder. Measured once on the patient preset (seed 1): reversed relations 7 -> 4 of 64, but more objects left
     out, relation 0.47 and overall 0.758 against 0.53 and 0.781 (docs/conditioning.md, twenty-second round)."""
+    token_mixing_width: int = 0
+    """Add to each token's embedding a causal convolution over it and the ``width - 1`` tokens before it, zero-initialized,
+    so that a noun's state can take in the color and count words just before it ("two small yellow squares") without
+    a transformer layer (:mod:`latentdiff.models.token_mixing`; the short convolutions of So et al. 2021, Primer).
+    0: none. For a ``clip`` encoder built from scratch; a trained folder's ``config.json`` says whether it has one."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -690,6 +695,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "num_hidden_layers": NON_NEGATIVE,  # 0: token and position embeddings only
         "num_attention_heads": AT_LEAST_1, "intermediate_size": AT_LEAST_1, "max_position_embeddings": AT_LEAST_1,
         "word_path_dropout": Range(0, 0.5),  # per path, never both
+        "token_mixing_width": NON_NEGATIVE,  # 0: none; 1 is refused below (a width that mixes nothing)
     },
     ShapesConfig: {
         "num_samples": AT_LEAST_1, "seed": SEED, "min_objects": Range(1, 3), "max_objects": Range(1, 3),
@@ -792,6 +798,10 @@ def check_values(config: Config) -> None:
     if text.zero_init_residual and (text.kind != "clip" or text.pretrained):
         fail("model.text_encoder.zero_init_residual", True,
              "false with a pretrained or OpenCLIP text encoder (it initializes a CLIP encoder built from scratch)")
+    if text.token_mixing_width and (text.token_mixing_width < 2 or text.kind != "clip" or text.pretrained):
+        fail("model.text_encoder.token_mixing_width", text.token_mixing_width,
+             "0, or at least 2 (the token and the one before it) for a CLIP encoder built from scratch "
+             "(a trained folder's config.json says whether it has one)")
     if text.bidirectional and text.kind != "clip":
         fail("model.text_encoder.bidirectional", True, "false with an OpenCLIP text encoder (it wraps CLIPTextModel)")
     if text.word_embeddings_in_context and text.kind != "clip":

@@ -60,6 +60,8 @@ def expert_overrides(config: Config) -> list[str]:
         f"model.high_noise_boundary={boundary}",
         f"model.text_encoder.pretrained={pipeline}", "model.text_encoder.subfolder=text_encoder",
         "model.text_encoder.train=false", "model.text_encoder.contrastive_pretraining=false",
+        # stage 2's encoder is loaded as saved: the settings that build one from scratch do not apply
+        "model.text_encoder.zero_init_residual=false", "model.text_encoder.token_mixing_width=0",
         f"train.max_steps={config.low_noise_expert.max_steps}", "train.band_boundary=null",
         "diffusion.timestep_sampling=uniform", f"diffusion.timestep_range=[0,{boundary}]",
         "diffusion.timestep_high_band_start=null", "diffusion.timestep_low_band_end=null",

@@ -30,6 +30,8 @@ from transformers import CLIPTextModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
+from .token_mixing import install_token_mixing
+
 __all__ = ["BidirectionalCLIPTextModel"]
 
 # transformers 4's CLIPEncoderLayer takes the causal mask as a third argument and returns a tuple;
@@ -41,6 +43,8 @@ class BidirectionalCLIPTextModel(CLIPTextModel):
     r"""``CLIPTextModel`` that, with ``config.bidirectional``, lets every token attend to every token of its caption.
 
     Without ``config.bidirectional`` (the default, and for folders saved without it) it is ``CLIPTextModel``.
+    With ``config.token_mixing_width`` its embeddings are :class:`~latentdiff.models.token_mixing.CLIPTextEmbeddingsWithTokenMixing`
+    (each token's embedding plus a causal convolution over it and the tokens just before it), causal or not.
     With it, ``last_hidden_state``, ``pooler_output`` and ``hidden_states`` (``output_hidden_states=True``)
     are those of the same layers run without the causal mask, padding keys masked.
 
@@ -58,6 +62,8 @@ class BidirectionalCLIPTextModel(CLIPTextModel):
             raise ValueError(f"bidirectional is {bidirectional!r}; expected true or false")
         super().__init__(config, *args, **kwargs)
         self.bidirectional = bidirectional
+        if getattr(config, "token_mixing_width", 0):  # a short causal convolution over the embeddings (token_mixing.py)
+            install_token_mixing(self._text_model(), config)
 
     def _text_model(self) -> torch.nn.Module:
         # transformers 5's CLIPTextModel is flat; transformers 4 keeps the modules under ``text_model``.

@@ -179,7 +179,8 @@ def _text_hidden_size(text_encoder: TextEncoderConfig) -> int:
 
 def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
     """The text encoder of ``config``: ``CLIPTextModel`` (with the word embeddings in its conditioning if
-    ``word_embeddings_in_context``, without the causal mask if ``bidirectional``) or the OpenCLIP text tower."""
+    ``word_embeddings_in_context``, without the causal mask if ``bidirectional``, with a causal convolution over its
+    embeddings if ``token_mixing_width``) or the OpenCLIP text tower."""
     text = config.text_encoder
     if text.kind == "open_clip":
         from .text_encoders import OpenCLIPTextModel
@@ -200,6 +201,8 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
     model_class, options = CLIPTextModel, {}
     if text.bidirectional:
         model_class, options = BidirectionalCLIPTextModel, {"bidirectional": True}
+    if text.token_mixing_width:
+        model_class, options = BidirectionalCLIPTextModel, options | {"token_mixing_width": text.token_mixing_width}
     if text.word_embeddings_in_context:
         model_class = CLIPTextModelWithWordEmbeddings
         options |= {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout,

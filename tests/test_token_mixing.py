@@ -1,0 +1,100 @@
+"""The causal token mixing of the text encoder (`model.text_encoder.token_mixing_width`): a word reads the words before it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentdiff import BidirectionalCLIPTextModel, LatentPipeline
+from latentdiff.config import ConfigError, ModelConfig, TextEncoderConfig, load_config
+from latentdiff.models import build_text_encoder
+from latentdiff.testing import tiny_components
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=0, num_attention_heads=2, max_position_embeddings=16)
+
+
+def encoders(width: int = 3, **text):
+    """The same encoder built without and with token mixing (same seed, so the same embeddings)."""
+    torch.manual_seed(0)
+    plain = build_text_encoder(ModelConfig(text_encoder=TextEncoderConfig(**(TEXT | text)))).eval()
+    torch.manual_seed(0)
+    mixed = build_text_encoder(ModelConfig(text_encoder=TextEncoderConfig(token_mixing_width=width, **(TEXT | text)))).eval()
+    return plain, mixed
+
+
+@torch.no_grad()
+def test_token_mixing_starts_as_the_encoder_without_it():
+    plain, mixed = encoders()
+    assert isinstance(mixed, BidirectionalCLIPTextModel) and not mixed.bidirectional
+    ids = torch.randint(0, 1000, (3, 16))
+    torch.testing.assert_close(mixed(ids).last_hidden_state, plain(ids).last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(mixed(ids).pooler_output, plain(ids).pooler_output, rtol=0, atol=0)
+
+
+def test_a_token_reads_only_itself_and_the_width_minus_one_tokens_before_it():
+    _, mixed = encoders(width=3)
+    torch.manual_seed(1)
+    for parameter in mixed.embeddings.token_mixing.parameters():  # as after training: no longer zero
+        torch.nn.init.normal_(parameter)
+    ids = torch.randint(1, 1000, (1, 16))
+    changed = ids.clone()
+    changed[0, 5] += 1  # one word differs
+    with torch.no_grad():
+        difference = (mixed(ids).last_hidden_state - mixed(changed).last_hidden_state).abs().amax(dim=-1)[0]
+    moved = (difference > 1e-6).nonzero().flatten().tolist()
+    assert moved == [5, 6, 7]  # the word itself and the two after it, which read it; none before it
+
+
+def test_the_mixing_learns_from_zero():
+    _, mixed = encoders()
+    mixed.train()
+    mixed(torch.randint(0, 1000, (4, 16))).last_hidden_state.square().sum().backward()
+    assert mixed.embeddings.token_mixing.conv.weight.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_a_pipeline_with_token_mixing_saves_and_reloads_the_same(tmp_path):
+    components = tiny_components(overrides={"model.text_encoder.token_mixing_width": 3})
+    torch.manual_seed(2)
+    torch.nn.init.normal_(components["text_encoder"].embeddings.token_mixing.conv.weight, std=0.1)
+    pipe = LatentPipeline(**components)
+    pipe.save_pretrained(tmp_path)
+    again = LatentPipeline.from_pretrained(tmp_path)
+    assert type(again.text_encoder).__name__ == "BidirectionalCLIPTextModel"
+    assert again.text_encoder.config.token_mixing_width == 3
+    ids = pipe.tokenizer(["a red square and a blue circle"], padding="max_length", return_tensors="pt").input_ids
+    torch.testing.assert_close(again.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
+    first = pipe("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    second = again("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["model.text_encoder.token_mixing_width=1"], "token_mixing_width.*at least 2"),
+        (["model.text_encoder.token_mixing_width=-3"], "token_mixing_width.*integer >= 0"),
+        (["model.text_encoder.token_mixing_width=3", "model.text_encoder.kind=open_clip"], "token_mixing_width.*CLIP encoder"),
+        (["model.text_encoder.token_mixing_width=3", "model.text_encoder.pretrained=some/clip"], "token_mixing_width.*config.json"),
+    ],
+)
+def test_token_mixing_refuses_what_it_cannot_build(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_the_expert_stage_loads_stage_2s_encoder_whatever_built_it(tmp_path):
+    """The low-noise expert stage runs with the user's overrides; the ones that build an encoder from scratch
+    (token mixing, zero-initialized layers) give way to loading stage 2's encoder, instead of a config error."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "train_low_noise_expert.py"
+    spec = importlib.util.spec_from_file_location("train_low_noise_expert", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    user = [f"output_dir={tmp_path}", "low_noise_expert.max_steps=10", "model.text_encoder.num_hidden_layers=1",
+            "model.text_encoder.token_mixing_width=3", "model.text_encoder.zero_init_residual=true"]
+    config = load_config(None, user)
+    expert = load_config(None, [*user, *module.expert_overrides(config)])
+    assert expert.model.text_encoder.pretrained and not expert.model.text_encoder.token_mixing_width
