@@ -806,9 +806,10 @@ def check_values(config: Config) -> None:
         fail("model.text_encoder.bidirectional", True, "false with an OpenCLIP text encoder (it wraps CLIPTextModel)")
     if text.word_embeddings_in_context and text.kind != "clip":
         fail("model.text_encoder.word_embeddings_in_context", True, "false with an OpenCLIP text encoder (it wraps CLIPTextModel)")
-    if text.word_embeddings_in_context and not text.pretrained and text.num_hidden_layers == 0:
+    if text.word_embeddings_in_context and not text.pretrained and text.num_hidden_layers == 0 and not text.token_mixing_width:
         fail("model.text_encoder.word_embeddings_in_context", True,
-             "false with model.text_encoder.num_hidden_layers=0 (the context already is the word embeddings)")
+             "false with model.text_encoder.num_hidden_layers=0 and no token mixing (the context already is the word "
+             "embeddings)")
     if text.word_embeddings_axis != "features" and not text.word_embeddings_in_context:
         fail("model.text_encoder.word_embeddings_axis", text.word_embeddings_axis,
              "'features' (the default) unless model.text_encoder.word_embeddings_in_context is true (it joins that path)")

@@ -506,7 +506,7 @@ class LatentDiffusionMixin(PipelineHubMixin):
         if clip_skip + 1 > len(hidden_states):
             raise ValueError(f"`clip_skip`={clip_skip} skips more layers than the text encoder has ({len(hidden_states) - 1})")
         if isinstance(self.text_encoder, CLIPTextModelWithWordEmbeddings):  # the word embeddings beside the layer
-            return self.text_encoder.conditioning(hidden_states, -(clip_skip + 1))
+            return self.text_encoder.conditioning(hidden_states, -(clip_skip + 1), input_ids=input_ids.to(device))
         return final_layer_norm(hidden_states[-(clip_skip + 1)])
 
     def encode_image_to_latents(self, image: torch.Tensor, generator=None) -> torch.Tensor:

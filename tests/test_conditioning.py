@@ -534,7 +534,7 @@ def test_a_zero_initialized_text_layer_starts_as_the_layer_free_encoder_and_then
     "overrides, match",
     [
         (["model.text_encoder.kind=open_clip"], "word_embeddings_in_context.*OpenCLIP"),
-        (["model.text_encoder.num_hidden_layers=0"], "word_embeddings_in_context.*num_hidden_layers=0"),
+        (["model.text_encoder.num_hidden_layers=0"], "word_embeddings_in_context.*num_hidden_layers=0 and no token mixing"),
     ],
 )
 def test_word_embeddings_in_context_needs_a_clip_encoder_with_layers(overrides, match):

@@ -98,3 +98,43 @@ def test_the_expert_stage_loads_stage_2s_encoder_whatever_built_it(tmp_path):
     config = load_config(None, user)
     expert = load_config(None, [*user, *module.expert_overrides(config)])
     assert expert.model.text_encoder.pretrained and not expert.model.text_encoder.token_mixing_width
+
+
+@torch.no_grad()
+def test_the_words_beside_the_mixed_tokens_are_the_embeddings_before_the_mixing():
+    """`word_embeddings_in_context` with token mixing and no layers: [LN(words), LN(words + mixing(words))] per token."""
+    _, mixed = encoders(width=2)
+    torch.manual_seed(0)
+    beside = build_text_encoder(ModelConfig(text_encoder=TextEncoderConfig(
+        token_mixing_width=2, word_embeddings_in_context=True, **TEXT))).eval()
+    beside.load_state_dict(mixed.state_dict())
+    for parameter in beside.embeddings.token_mixing.parameters():
+        torch.nn.init.normal_(parameter)
+    mixed.load_state_dict(beside.state_dict())
+    ids = torch.randint(1, 1000, (2, 16))
+    context = beside(ids).last_hidden_state
+    assert context.shape == (2, 16, 64)
+    words = beside.final_layer_norm(beside.embeddings.token_embedding(ids) + beside.embeddings.position_embedding.weight[:16])
+    torch.testing.assert_close(context[..., :32], words)
+    torch.testing.assert_close(context[..., 32:], mixed(ids).last_hidden_state)
+    hidden_states = beside(ids, output_hidden_states=True).hidden_states
+    with pytest.raises(ValueError, match="token mixing needs the input_ids"):
+        beside.conditioning(hidden_states)
+    torch.testing.assert_close(beside.conditioning(hidden_states, input_ids=ids), context)
+
+
+@torch.no_grad()
+def test_a_pipeline_with_the_words_beside_the_mixed_tokens_saves_and_reloads_the_same(tmp_path):
+    components = tiny_components(overrides={"model.text_encoder.token_mixing_width": 2, "model.text_encoder.num_hidden_layers": 0,
+                                            "model.text_encoder.word_embeddings_in_context": True})
+    torch.manual_seed(2)
+    torch.nn.init.normal_(components["text_encoder"].embeddings.token_mixing.conv.weight, std=0.1)
+    pipe = LatentPipeline(**components)
+    pipe.save_pretrained(tmp_path)
+    again = LatentPipeline.from_pretrained(tmp_path)
+    assert type(again.text_encoder).__name__ == "CLIPTextModelWithWordEmbeddings"
+    ids = pipe.tokenizer(["a red square and a blue circle"], padding="max_length", return_tensors="pt").input_ids
+    torch.testing.assert_close(again.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
+    assert pipe.text_encoder(ids)[0].shape[-1] == 2 * pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim
+    image = again("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert image.shape[-3] == 3 and torch.isfinite(image).all()

@@ -31,6 +31,10 @@ token is ``W_words @ word`` or ``W_states @ state``, two projections, and the cr
 ``2 * hidden_size`` as along the features. On the patient preset the U-Net then read the word path only
 (docs/conditioning.md, thirteenth round).
 
+With ``config.token_mixing_width`` (:mod:`latentdiff.models.token_mixing`) and no transformer layers, the two paths
+are the words before and after the causal token mixing: each noun's state reads the words just before it, and
+the words themselves stay in the context as they were written.
+
 It is a ``transformers.CLIPTextModel`` with the same weights (the input embedding goes through the
 same final layer norm as the last layer's state, so there is no new parameter), built on
 :class:`~latentdiff.models.bidirectional.BidirectionalCLIPTextModel` so that ``config.bidirectional`` runs its
@@ -43,7 +47,10 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+
 from .bidirectional import BidirectionalCLIPTextModel
+from .token_mixing import CLIPTextEmbeddingsWithTokenMixing
 
 __all__ = ["CLIPTextModelWithWordEmbeddings"]
 
@@ -87,12 +94,27 @@ class CLIPTextModelWithWordEmbeddings(BidirectionalCLIPTextModel):
         self.word_path_dropout = dropout
         self.word_path_own_projection = own_projection
 
-    def conditioning(self, hidden_states: tuple[torch.Tensor, ...], layer: int = -1) -> torch.Tensor:
+    def conditioning(
+        self, hidden_states: tuple[torch.Tensor, ...], layer: int = -1, input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The two-path context from ``hidden_states`` (``output_hidden_states=True``): the input embedding and the
         state of ``layer`` (an index into ``hidden_states``; ``-1``: the last layer), each through the final layer norm,
-        joined along ``word_embeddings_axis`` (in training mode, with ``word_path_dropout`` applied first)."""
+        joined along ``word_embeddings_axis`` (in training mode, with ``word_path_dropout`` applied first).
+
+        With token mixing (``config.token_mixing_width``) ``hidden_states[0]`` is already mixed; the word path is then
+        the embeddings before the mixing, recomputed from ``input_ids`` (required)."""
         norm = self._final_layer_norm()
-        return self._join(norm(hidden_states[0]), norm(hidden_states[layer]))
+        return self._join(norm(self._words(hidden_states, input_ids, position_ids)), norm(hidden_states[layer]))
+
+    def _words(self, hidden_states, input_ids, position_ids) -> torch.Tensor:
+        embeddings = self._text_model().embeddings
+        if not isinstance(embeddings, CLIPTextEmbeddingsWithTokenMixing):
+            return hidden_states[0]
+        if input_ids is None:
+            raise ValueError("a text encoder with token mixing needs the input_ids to build its word path (the "
+                             "embeddings before the mixing); pass input_ids=")
+        return CLIPTextEmbeddings.forward(embeddings, input_ids=input_ids.view(-1, input_ids.shape[-1]), position_ids=position_ids)
 
     def _join(self, words: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         if self.training and self.word_path_dropout > 0:
@@ -116,10 +138,14 @@ class CLIPTextModelWithWordEmbeddings(BidirectionalCLIPTextModel):
             input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
             return_dict=True, **kwargs,
         )  # fmt: skip
+        hidden_states = outputs.hidden_states
+        if not hidden_states:  # transformers 5 records no states without layers; the embeddings are the only one
+            hidden_states = (self._text_model().embeddings(input_ids=input_ids.view(-1, input_ids.shape[-1]),
+                                                           position_ids=position_ids),)
         result = BaseModelOutputWithPooling(
-            last_hidden_state=self.conditioning(outputs.hidden_states),
+            last_hidden_state=self.conditioning(hidden_states, input_ids=input_ids, position_ids=position_ids),
             pooler_output=outputs.pooler_output,
-            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            hidden_states=hidden_states if output_hidden_states else None,
             attentions=outputs.attentions,
         )
         return result.to_tuple() if return_dict is False else result
