@@ -138,3 +138,15 @@ def test_a_pipeline_with_the_words_beside_the_mixed_tokens_saves_and_reloads_the
     assert pipe.text_encoder(ids)[0].shape[-1] == 2 * pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim
     image = again("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert image.shape[-3] == 3 and torch.isfinite(image).all()
+
+
+@torch.no_grad()
+def test_a_saved_encoder_with_token_mixing_loads_with_its_mixing(tmp_path):
+    """As the low-noise expert stage loads stage 2's encoder: `model.text_encoder.pretrained=FOLDER`, no mixing option."""
+    _, mixed = encoders(width=2)
+    torch.nn.init.normal_(mixed.embeddings.token_mixing.conv.weight, std=0.1)
+    mixed.save_pretrained(tmp_path)
+    loaded = build_text_encoder(load_config(None, [f"model.text_encoder.pretrained={tmp_path}"]).model).eval()
+    assert isinstance(loaded, BidirectionalCLIPTextModel)
+    ids = torch.randint(1, 1000, (2, 16))
+    torch.testing.assert_close(loaded(ids).last_hidden_state, mixed(ids).last_hidden_state)

@@ -203,6 +203,10 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
         model_class, options = BidirectionalCLIPTextModel, {"bidirectional": True}
     if text.token_mixing_width:
         model_class, options = BidirectionalCLIPTextModel, options | {"token_mixing_width": text.token_mixing_width}
+    elif text.pretrained and getattr(_pretrained_text_config(text), "token_mixing_width", 0) and model_class is CLIPTextModel:
+        # a folder saved with token mixing (e.g. stage 2's, loaded by the low-noise expert stage): CLIPTextModel
+        # would drop its mixing weights; the class that reads config.token_mixing_width keeps them
+        model_class = BidirectionalCLIPTextModel
     if text.word_embeddings_in_context:
         model_class = CLIPTextModelWithWordEmbeddings
         options |= {"word_embeddings_axis": text.word_embeddings_axis, "word_path_dropout": text.word_path_dropout,
