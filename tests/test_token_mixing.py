@@ -150,3 +150,22 @@ def test_a_saved_encoder_with_token_mixing_loads_with_its_mixing(tmp_path):
     assert isinstance(loaded, BidirectionalCLIPTextModel)
     ids = torch.randint(1, 1000, (2, 16))
     torch.testing.assert_close(loaded(ids).last_hidden_state, mixed(ids).last_hidden_state)
+
+
+@torch.no_grad()
+def test_the_probe_sees_no_mixing_at_the_start_and_reads_what_a_noun_and_a_place_word_take_in(tmp_path):
+    from latentdiff.testing import load_bench_script
+
+    script = load_bench_script("token_mixing_probe")
+    components = tiny_components(overrides={"model.text_encoder.token_mixing_width": 2, "model.text_encoder.num_hidden_layers": 0})
+    LatentPipeline(**components).save_pretrained(tmp_path)
+    tokenizer, encoder = script.load(str(tmp_path))
+    captions = ["a small red square at the top left", "two blue circles"]
+    assert set(script.mixing_by_kind(tokenizer, encoder, captions).values()) == {0.0}  # zero-initialized
+    assert script.color_in_the_noun(tokenizer, encoder)[0] == 0.0
+    torch.manual_seed(0)
+    torch.nn.init.normal_(encoder.embeddings.token_mixing.conv.weight, std=0.1)
+    by_kind = script.mixing_by_kind(tokenizer, encoder, captions)
+    assert {"color", "shape", "place", "count"} <= set(by_kind) and min(by_kind.values()) > 0
+    assert script.color_in_the_noun(tokenizer, encoder)[0] > 0  # the noun now reads its color ...
+    assert script.shape_in_the_place_word(tokenizer, encoder)[0] == 0.0  # ... and at width 2 "top" reads only "the"

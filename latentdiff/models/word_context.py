@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-
 from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
 from .bidirectional import BidirectionalCLIPTextModel
