@@ -167,6 +167,10 @@ class TextEncoderConfig:
     0: none. For a ``clip`` encoder built from scratch; a trained folder's ``config.json`` says whether it has one.
     Measured on the main job's stage 2 (seed 0): width 2 binds (two objects 0.28 -> 0.53, color binding 0.17 -> 0.34)
     but loses places (0.96 -> 0.44), width 4 more so (0.15): docs/conditioning.md, fortieth round."""
+    token_mixing_depthwise: bool = False
+    """With ``token_mixing_width``: each feature mixes only with itself along the tokens (a depthwise convolution, as
+    Primer's), so a word takes in its neighbours' embeddings times per-feature gains instead of a full linear map of
+    them, which under Adam grows to several times the word's own embedding (docs/conditioning.md, fortieth round)."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -804,6 +808,8 @@ def check_values(config: Config) -> None:
         fail("model.text_encoder.token_mixing_width", text.token_mixing_width,
              "0, or at least 2 (the token and the one before it) for a CLIP encoder built from scratch "
              "(a trained folder's config.json says whether it has one)")
+    if text.token_mixing_depthwise and not text.token_mixing_width:
+        fail("model.text_encoder.token_mixing_depthwise", True, "false unless model.text_encoder.token_mixing_width is set")
     if text.bidirectional and text.kind != "clip":
         fail("model.text_encoder.bidirectional", True, "false with an OpenCLIP text encoder (it wraps CLIPTextModel)")
     if text.word_embeddings_in_context and text.kind != "clip":

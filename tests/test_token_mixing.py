@@ -13,12 +13,13 @@ from latentdiff.testing import tiny_components
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=0, num_attention_heads=2, max_position_embeddings=16)
 
 
-def encoders(width: int = 3, **text):
+def encoders(width: int = 3, depthwise: bool = False, **text):
     """The same encoder built without and with token mixing (same seed, so the same embeddings)."""
     torch.manual_seed(0)
     plain = build_text_encoder(ModelConfig(text_encoder=TextEncoderConfig(**(TEXT | text)))).eval()
     torch.manual_seed(0)
-    mixed = build_text_encoder(ModelConfig(text_encoder=TextEncoderConfig(token_mixing_width=width, **(TEXT | text)))).eval()
+    mixed = build_text_encoder(ModelConfig(text_encoder=TextEncoderConfig(
+        token_mixing_width=width, token_mixing_depthwise=depthwise, **(TEXT | text)))).eval()
     return plain, mixed
 
 
@@ -31,8 +32,10 @@ def test_token_mixing_starts_as_the_encoder_without_it():
     torch.testing.assert_close(mixed(ids).pooler_output, plain(ids).pooler_output, rtol=0, atol=0)
 
 
-def test_a_token_reads_only_itself_and_the_width_minus_one_tokens_before_it():
-    _, mixed = encoders(width=3)
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_a_token_reads_only_itself_and_the_width_minus_one_tokens_before_it(depthwise):
+    _, mixed = encoders(width=3, depthwise=depthwise)
+    assert mixed.embeddings.token_mixing.conv.weight.shape == ((32, 1, 3) if depthwise else (32, 32, 3))
     torch.manual_seed(1)
     for parameter in mixed.embeddings.token_mixing.parameters():  # as after training: no longer zero
         torch.nn.init.normal_(parameter)
@@ -76,6 +79,7 @@ def test_a_pipeline_with_token_mixing_saves_and_reloads_the_same(tmp_path):
         (["model.text_encoder.token_mixing_width=-3"], "token_mixing_width.*integer >= 0"),
         (["model.text_encoder.token_mixing_width=3", "model.text_encoder.kind=open_clip"], "token_mixing_width.*CLIP encoder"),
         (["model.text_encoder.token_mixing_width=3", "model.text_encoder.pretrained=some/clip"], "token_mixing_width.*config.json"),
+        (["model.text_encoder.token_mixing_depthwise=true"], "token_mixing_depthwise.*token_mixing_width is set"),
     ],
 )
 def test_token_mixing_refuses_what_it_cannot_build(overrides, match):
@@ -94,7 +98,8 @@ def test_the_expert_stage_loads_stage_2s_encoder_whatever_built_it(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     user = [f"output_dir={tmp_path}", "low_noise_expert.max_steps=10", "model.text_encoder.num_hidden_layers=1",
-            "model.text_encoder.token_mixing_width=3", "model.text_encoder.zero_init_residual=true"]
+            "model.text_encoder.token_mixing_width=3", "model.text_encoder.token_mixing_depthwise=true",
+            "model.text_encoder.zero_init_residual=true"]
     config = load_config(None, user)
     expert = load_config(None, [*user, *module.expert_overrides(config)])
     assert expert.model.text_encoder.pretrained and not expert.model.text_encoder.token_mixing_width
@@ -143,7 +148,7 @@ def test_a_pipeline_with_the_words_beside_the_mixed_tokens_saves_and_reloads_the
 @torch.no_grad()
 def test_a_saved_encoder_with_token_mixing_loads_with_its_mixing(tmp_path):
     """As the low-noise expert stage loads stage 2's encoder: `model.text_encoder.pretrained=FOLDER`, no mixing option."""
-    _, mixed = encoders(width=2)
+    _, mixed = encoders(width=2, depthwise=True)
     torch.nn.init.normal_(mixed.embeddings.token_mixing.conv.weight, std=0.1)
     mixed.save_pretrained(tmp_path)
     loaded = build_text_encoder(load_config(None, [f"model.text_encoder.pretrained={tmp_path}"]).model).eval()

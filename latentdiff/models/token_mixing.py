@@ -36,12 +36,14 @@ class CausalTokenMixing(torch.nn.Module):
     """``[batch, tokens, features] -> [batch, tokens, features]``: token ``i``'s output is a learned linear map of
     tokens ``i - width + 1 .. i`` (zeros before the first), starting at zero."""
 
-    def __init__(self, features: int, width: int):
+    def __init__(self, features: int, width: int, depthwise: bool = False):
         super().__init__()
         if width < 2:
             raise ValueError(f"token_mixing_width is {width!r}; expected at least 2 (the token and the one before it)")
         self.width = width
-        self.conv = torch.nn.Conv1d(features, features, kernel_size=width)
+        # depthwise (Primer's): each feature mixes only itself along the tokens, so what a word takes in is its
+        # neighbours' embeddings times per-feature gains, with no sum over the 128 features to grow large under Adam
+        self.conv = torch.nn.Conv1d(features, features, kernel_size=width, groups=features if depthwise else 1)
         torch.nn.init.zeros_(self.conv.weight)
         torch.nn.init.zeros_(self.conv.bias)
 
@@ -55,7 +57,8 @@ class CLIPTextEmbeddingsWithTokenMixing(CLIPTextEmbeddings):
 
     def __init__(self, config):
         super().__init__(config)
-        self.token_mixing = CausalTokenMixing(config.hidden_size, config.token_mixing_width)
+        self.token_mixing = CausalTokenMixing(config.hidden_size, config.token_mixing_width,
+                                              getattr(config, "token_mixing_depthwise", False))
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         embeddings = super().forward(*args, **kwargs)
