@@ -55,17 +55,23 @@ def test_the_mixing_learns_from_zero():
     assert mixed.embeddings.token_mixing.conv.weight.grad.abs().sum() > 0
 
 
-@torch.no_grad()
-def test_a_pipeline_with_token_mixing_saves_and_reloads_the_same(tmp_path):
-    components = tiny_components(overrides={"model.text_encoder.token_mixing_width": 3})
+def saved_and_reloaded(overrides: dict, folder):
+    """A tiny pipeline whose text encoder has token mixing (its weights made nonzero), saved to ``folder`` and loaded
+    back; with the token ids of a two-object caption."""
+    components = tiny_components(overrides=overrides)
     torch.manual_seed(2)
     torch.nn.init.normal_(components["text_encoder"].embeddings.token_mixing.conv.weight, std=0.1)
     pipe = LatentPipeline(**components)
-    pipe.save_pretrained(tmp_path)
-    again = LatentPipeline.from_pretrained(tmp_path)
+    pipe.save_pretrained(folder)
+    ids = pipe.tokenizer(["a red square and a blue circle"], padding="max_length", return_tensors="pt").input_ids
+    return pipe, LatentPipeline.from_pretrained(folder), ids
+
+
+@torch.no_grad()
+def test_a_pipeline_with_token_mixing_saves_and_reloads_the_same(tmp_path):
+    pipe, again, ids = saved_and_reloaded({"model.text_encoder.token_mixing_width": 3}, tmp_path)
     assert type(again.text_encoder).__name__ == "BidirectionalCLIPTextModel"
     assert again.text_encoder.config.token_mixing_width == 3
-    ids = pipe.tokenizer(["a red square and a blue circle"], padding="max_length", return_tensors="pt").input_ids
     torch.testing.assert_close(again.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
     first = pipe("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     second = again("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
@@ -130,15 +136,9 @@ def test_the_words_beside_the_mixed_tokens_are_the_embeddings_before_the_mixing(
 
 @torch.no_grad()
 def test_a_pipeline_with_the_words_beside_the_mixed_tokens_saves_and_reloads_the_same(tmp_path):
-    components = tiny_components(overrides={"model.text_encoder.token_mixing_width": 2, "model.text_encoder.num_hidden_layers": 0,
-                                            "model.text_encoder.word_embeddings_in_context": True})
-    torch.manual_seed(2)
-    torch.nn.init.normal_(components["text_encoder"].embeddings.token_mixing.conv.weight, std=0.1)
-    pipe = LatentPipeline(**components)
-    pipe.save_pretrained(tmp_path)
-    again = LatentPipeline.from_pretrained(tmp_path)
+    pipe, again, ids = saved_and_reloaded({"model.text_encoder.token_mixing_width": 2, "model.text_encoder.num_hidden_layers": 0,
+                                           "model.text_encoder.word_embeddings_in_context": True}, tmp_path)
     assert type(again.text_encoder).__name__ == "CLIPTextModelWithWordEmbeddings"
-    ids = pipe.tokenizer(["a red square and a blue circle"], padding="max_length", return_tensors="pt").input_ids
     torch.testing.assert_close(again.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
     assert pipe.text_encoder(ids)[0].shape[-1] == 2 * pipe.text_encoder.config.hidden_size == pipe.unet.config.cross_attention_dim
     image = again("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
