@@ -533,6 +533,12 @@ class TrainConfig:
     """With ``band_boundary``: a regular expression; the high band's optimizer updates only the U-Net weights
     whose name matches it (and the text encoder), e.g. ``attn2|time_emb|time_embedding|add_embedding``: how the
     U-Net reads the text and the noise level, not the convolutions the low band denoises with. None: every weight."""
+    token_mixing_from_step: int = 0
+    """With ``model.text_encoder.token_mixing_width``: the token mixing takes no optimizer step before this one. It
+    starts at zero, so until then the encoder is the one without it, and the U-Net learns to read the bare words
+    (places among them) first; the mixing then learns to bind with those readings in place. 0: from the start. On
+    the main job's stage 2 a mixing trained from the start bound colors and lost places (docs/conditioning.md,
+    fortieth and forty-first rounds)."""
     mixed_precision: MixedPrecision = "no"
     caption_dropout: float = 0.1
     """Probability of an empty caption, for classifier-free guidance (Ho & Salimans 2022)."""
@@ -743,7 +749,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "checkpoints_total_limit": AT_LEAST_1, "validation_steps": NON_NEGATIVE, "log_every": AT_LEAST_1,
         "caption_gap_steps": NON_NEGATIVE, "caption_gap_images": Range(4), "adherence_probe_prompts": NON_NEGATIVE,
         "adherence_probe_steps": AT_LEAST_1, "band_boundary": POSITIVE,
-        "high_band_every": Range(2),
+        "high_band_every": Range(2), "token_mixing_from_step": NON_NEGATIVE,
     },
     TextTrainConfig: {
         "max_steps": AT_LEAST_1, "batch_size": Range(2), "gradient_accumulation_steps": AT_LEAST_1,
@@ -808,6 +814,13 @@ def check_values(config: Config) -> None:
         fail("model.text_encoder.token_mixing_width", text.token_mixing_width,
              "0, or at least 2 (the token and the one before it) for a CLIP encoder built from scratch "
              "(a trained folder's config.json says whether it has one)")
+    if config.train.token_mixing_from_step and not (text.token_mixing_width and text.train):
+        fail("train.token_mixing_from_step", config.train.token_mixing_from_step,
+             "0 unless model.text_encoder.token_mixing_width is set and model.text_encoder.train is true (it delays "
+             "that mixing's training)")
+    if config.train.token_mixing_from_step >= config.train.max_steps:
+        fail("train.token_mixing_from_step", config.train.token_mixing_from_step,
+             f"a step before train.max_steps={config.train.max_steps} (the mixing would never train)")
     if text.token_mixing_depthwise and not text.token_mixing_width:
         fail("model.text_encoder.token_mixing_depthwise", True, "false unless model.text_encoder.token_mixing_width is set")
     if text.bidirectional and text.kind != "clip":

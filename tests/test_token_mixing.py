@@ -86,6 +86,12 @@ def test_a_pipeline_with_token_mixing_saves_and_reloads_the_same(tmp_path):
         (["model.text_encoder.token_mixing_width=3", "model.text_encoder.kind=open_clip"], "token_mixing_width.*CLIP encoder"),
         (["model.text_encoder.token_mixing_width=3", "model.text_encoder.pretrained=some/clip"], "token_mixing_width.*config.json"),
         (["model.text_encoder.token_mixing_depthwise=true"], "token_mixing_depthwise.*token_mixing_width is set"),
+        (["train.token_mixing_from_step=5"], "token_mixing_from_step.*token_mixing_width is set"),
+        (["train.token_mixing_from_step=5", "model.text_encoder.token_mixing_width=2", "model.text_encoder.train=false"],
+         "token_mixing_from_step.*text_encoder.train is true"),
+        (["train.token_mixing_from_step=8", "train.max_steps=8", "model.text_encoder.token_mixing_width=2"],
+         "token_mixing_from_step.*before train.max_steps=8"),
+        (["train.token_mixing_from_step=-1", "model.text_encoder.token_mixing_width=2"], "token_mixing_from_step.*integer >= 0"),
     ],
 )
 def test_token_mixing_refuses_what_it_cannot_build(overrides, match):
@@ -105,10 +111,11 @@ def test_the_expert_stage_loads_stage_2s_encoder_whatever_built_it(tmp_path):
     spec.loader.exec_module(module)
     user = [f"output_dir={tmp_path}", "low_noise_expert.max_steps=10", "model.text_encoder.num_hidden_layers=1",
             "model.text_encoder.token_mixing_width=3", "model.text_encoder.token_mixing_depthwise=true",
-            "model.text_encoder.zero_init_residual=true"]
+            "model.text_encoder.zero_init_residual=true", "train.token_mixing_from_step=5"]
     config = load_config(None, user)
     expert = load_config(None, [*user, *module.expert_overrides(config)])
     assert expert.model.text_encoder.pretrained and not expert.model.text_encoder.token_mixing_width
+    assert not expert.train.token_mixing_from_step
 
 
 @torch.no_grad()

@@ -357,6 +357,28 @@ def test_stage2_with_a_high_noise_expert_exports_both_unets_and_samples_with_eac
     assert "unet_high_noise" in (pipeline_dir / "README.md").read_text()
 
 
+def test_a_delayed_token_mixing_stays_zero_until_its_step_and_then_trains(stage1, tmp_path):
+    """train.token_mixing_from_step: the mixing (zero at the start) takes no step before it, everything else does."""
+    run_script(TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+               "model.text_encoder.num_hidden_layers=0", "model.text_encoder.token_mixing_width=2",
+               "train.token_mixing_from_step=3", "train.max_steps=5", "train.checkpointing_steps=1",
+               "train.checkpoints_total_limit=5")
+
+    def text_weights(step: int) -> dict[str, torch.Tensor]:
+        return load_file(tmp_path / "checkpoints" / f"checkpoint-{step}" / "model_1.safetensors")
+
+    mixing = [key for key in text_weights(5) if "token_mixing." in key]
+    assert len(mixing) == 2  # the convolution's weight and bias
+    before, after = text_weights(3), text_weights(5)
+    assert all(not before[key].any() for key in mixing)  # steps 1-3: still zero
+    assert all(after[key].any() for key in mixing)  # steps 4 and 5 trained it
+    words = next(key for key in before if "token_embedding" in key)
+    assert not torch.equal(text_weights(1)[words], before[words])  # the rest of the encoder trained from step 1
+    # AdamW met the mixing at step 4: its moments count two steps, the other weights' five
+    optimizer = torch.load(tmp_path / "checkpoints" / "checkpoint-5" / "optimizer.bin", weights_only=True)
+    assert sorted({int(state["step"]) for state in optimizer["state"].values()}) == [2, 5]
+
+
 def test_the_low_noise_expert_stage_fine_tunes_a_copy_below_the_boundary_and_keeps_stage_2s_unet(stage1, tmp_path):
     import yaml
 

@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
         text_encoder = trained_modules[1]
     if loss_weighting is not None:
         loss_weighting = trained_modules[-1]
+    # train.token_mixing_from_step: the text encoder's token mixing (zero at the start) waits for that step
+    delayed_mixing = [p for name, p in text_encoder.named_parameters() if "token_mixing." in name] if train_text_encoder else []
     # The parameters as Accelerate prepared them: under FSDP they are new (sharded) tensors, so the
     # EMA, gradient clipping, validation and export must use these, not the ones from before prepare.
     trained_parameters = [p for module in trained_modules[:num_models] for p in module.parameters() if p.requires_grad]
@@ -386,6 +388,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 guard.observe(output.loss, state.global_step + 1)
                 accelerator.backward(output.loss * loss_weight)
+                if state.global_step < train.token_mixing_from_step:
+                    for parameter in delayed_mixing:  # no gradient, so AdamW skips it (no decay, no moments yet)
+                        parameter.grad = None
                 if accelerator.sync_gradients and train.optimizer.max_grad_norm:
                     accelerator.clip_grad_norm_(trained_parameters, train.optimizer.max_grad_norm)
                 optimizer.step()
