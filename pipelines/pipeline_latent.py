@@ -498,6 +498,12 @@ class LatentDiffusionMixin(PipelineHubMixin):
             )
         outputs = self.text_encoder(input_ids.to(device), output_hidden_states=True, **encoder_kwargs)
         hidden_states = getattr(outputs, "hidden_states", None)
+        if not hidden_states and getattr(self.text_encoder.config, "num_hidden_layers", None) == 0:
+            # No layers (the shapes default): transformers 5 returns no hidden states, and the one state there is
+            # (the embeddings, through the final layer norm) is the encoder's own output.
+            if clip_skip:
+                raise ValueError(f"`clip_skip`={clip_skip} skips more layers than the text encoder has (0)")
+            return outputs[0]
         if hidden_states is None:
             raise ValueError(
                 f"`clip_skip`: the text encoder {name} returned no hidden states for `output_hidden_states=True`;"

@@ -214,6 +214,20 @@ def test_clip_skip_uses_the_normed_earlier_layer(components):
     assert np.abs(ours - run(pipe, guidance_scale=5.0)).max() > 1e-3
 
 
+@pytest.mark.parametrize("words_beside", [False, True])
+def test_clip_skip_on_an_encoder_without_layers_is_its_output_or_a_clear_error(words_beside):
+    from latentdiff.testing import tiny_components
+
+    # the shapes default's encoder: no transformer layers (words beside them need the token mixing)
+    overrides = {"model.text_encoder.num_hidden_layers": 0}
+    if words_beside:
+        overrides |= {"model.text_encoder.token_mixing_width": 2, "model.text_encoder.word_embeddings_in_context": True}
+    pipe = make_pipe(tiny_components(seed=0, overrides=overrides))
+    np.testing.assert_allclose(run(pipe, clip_skip=0, guidance_scale=5.0), run(pipe, guidance_scale=5.0), atol=1e-6)
+    with pytest.raises(ValueError, match=r"`clip_skip`=1 skips more layers than the text encoder has \(0\)"):
+        run(pipe, clip_skip=1)
+
+
 def test_clip_skip_needs_an_encoder_that_exposes_its_layers(components):
     class PlainTextEncoder(torch.nn.Module):
         """Returns hidden states at [0] and nothing else, like a minimal custom text tower."""
