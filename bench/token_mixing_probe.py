@@ -15,6 +15,10 @@ before it (:mod:`latentdiff.models.token_mixing`). For each pipeline this prints
 - ``shape in the place word``: the same for the place word of "a red S at the top": how far "top" moves when the
   shape changes, as a share of how far it moves when "top" becomes "bottom". Mixing that reaches from a place word
   back to the noun makes each place a different token for each shape.
+- ``row in the column word``: the same for the second place word of "a red circle at the T C" (T top or bottom, C left
+  or right): how far "left" moves when "top" becomes "bottom", as a share of how far it moves when it becomes "right".
+  Width 2 reaches from the column word back to the row word, so each column is then a different token for each row.
+- ``gate``, for a gated mixing (``token_mixing_gated``): the mean share of its mix each kind of word takes.
 """
 
 from __future__ import annotations
@@ -76,6 +80,24 @@ def mixing_by_kind(tokenizer, encoder, captions: list[str]) -> dict[str, float]:
 
 
 @torch.no_grad()
+def gates_by_kind(tokenizer, encoder, captions: list[str]) -> dict[str, float] | None:
+    """The mean gate of each kind of word over ``captions``; None for an ungated (or no) mixing."""
+    from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+
+    embeddings = encoder._text_model().embeddings
+    mixing = getattr(embeddings, "token_mixing", None)
+    if mixing is None or mixing.gate is None:
+        return None
+    totals: dict[str, list[float]] = {}
+    for caption in captions:
+        ids = tokenizer(caption, return_tensors="pt").input_ids
+        gates = mixing.gates(CLIPTextEmbeddings.forward(embeddings, input_ids=ids))[0]
+        for position, token in enumerate(tokenizer.convert_ids_to_tokens(ids[0])):
+            totals.setdefault(kind(token), []).append(gates[position].item())
+    return {name: sum(values) / len(values) for name, values in sorted(totals.items())}
+
+
+@torch.no_grad()
 def state_at(tokenizer, encoder, caption: str, word: str) -> torch.Tensor:
     ids = tokenizer(caption, return_tensors="pt").input_ids
     tokens = tokenizer.convert_ids_to_tokens(ids[0])
@@ -103,6 +125,11 @@ def main() -> None:
         print(f"  color in the noun: {color_moves / shape_moves:.3f} (color change {color_moves:.3f}, shape change {shape_moves:.3f})")
         shape_moves, place_moves = shape_in_the_place_word(tokenizer, encoder)
         print(f"  shape in the place word: {shape_moves / place_moves:.3f} (shape change {shape_moves:.3f}, place change {place_moves:.3f})")
+        row_moves, column_moves = row_in_the_column_word(tokenizer, encoder)
+        print(f"  row in the column word: {row_moves / column_moves:.3f} (row change {row_moves:.3f}, column change {column_moves:.3f})")
+        gates = gates_by_kind(tokenizer, encoder, captions)
+        if gates is not None:
+            print("  gate: " + ", ".join(f"{name} {value:.3f}" for name, value in gates.items()))
 
 
 def color_in_the_noun(tokenizer, encoder) -> tuple[float, float]:
@@ -119,6 +146,16 @@ def shape_in_the_place_word(tokenizer, encoder) -> tuple[float, float]:
     shape_moves = mean_distance((place[s1, p], place[s2, p]) for p in ("top", "bottom") for s1, s2 in itertools.combinations(SHAPES, 2))
     place_moves = mean_distance((place[s, "top"], place[s, "bottom"]) for s in SHAPES)
     return shape_moves, place_moves
+
+
+def row_in_the_column_word(tokenizer, encoder) -> tuple[float, float]:
+    """Mean distances between the states of C in "a red circle at the T C": for top/bottom (same C), and for left/right
+    (same T)."""
+    column = {(t, c): state_at(tokenizer, encoder, f"a red circle at the {t} {c}", c)
+              for t in ("top", "bottom") for c in ("left", "right")}
+    row_moves = mean_distance((column["top", c], column["bottom", c]) for c in ("left", "right"))
+    column_moves = mean_distance((column[t, "left"], column[t, "right"]) for t in ("top", "bottom"))
+    return row_moves, column_moves
 
 
 if __name__ == "__main__":

@@ -171,6 +171,11 @@ class TextEncoderConfig:
     """With ``token_mixing_width``: each feature mixes only with itself along the tokens (a depthwise convolution, as
     Primer's), so a word takes in its neighbours' embeddings times per-feature gains instead of a full linear map of
     them, which under Adam grows to several times the word's own embedding (docs/conditioning.md, fortieth round)."""
+    token_mixing_gated: bool = False
+    """With ``token_mixing_width``: each token takes ``sigmoid(w . e + b)`` of its mix, a gate read from its own
+    embedding ``e`` (0.5 at the start; Dauphin et al. 2017's gated convolutions), so that a noun can take in its
+    color while a place word keeps to itself. Ungated, width 2 lost the second place word ("at the top left" drawn
+    at the top; docs/conditioning.md, forty-first round)."""
     contrastive_pretraining: bool = False
     """Pretrain this text encoder (from scratch) contrastively against the training images before stage 2
     (``training/train_text.py``, section ``text_train``); stage 2 then loads it from ``output_dir/text_encoder``."""
@@ -823,6 +828,8 @@ def check_values(config: Config) -> None:
              f"a step before train.max_steps={config.train.max_steps} (the mixing would never train)")
     if text.token_mixing_depthwise and not text.token_mixing_width:
         fail("model.text_encoder.token_mixing_depthwise", True, "false unless model.text_encoder.token_mixing_width is set")
+    if text.token_mixing_gated and not text.token_mixing_width:
+        fail("model.text_encoder.token_mixing_gated", True, "false unless model.text_encoder.token_mixing_width is set")
     if text.bidirectional and text.kind != "clip":
         fail("model.text_encoder.bidirectional", True, "false with an OpenCLIP text encoder (it wraps CLIPTextModel)")
     if text.word_embeddings_in_context and text.kind != "clip":

@@ -62,7 +62,8 @@ def expert_overrides(config: Config) -> list[str]:
         "model.text_encoder.train=false", "model.text_encoder.contrastive_pretraining=false",
         # stage 2's encoder is loaded as saved: the settings that build one from scratch do not apply
         "model.text_encoder.zero_init_residual=false", "model.text_encoder.token_mixing_width=0",
-        "model.text_encoder.token_mixing_depthwise=false", "train.token_mixing_from_step=0",
+        "model.text_encoder.token_mixing_depthwise=false", "model.text_encoder.token_mixing_gated=false",
+        "train.token_mixing_from_step=0",
         f"train.max_steps={config.low_noise_expert.max_steps}", "train.band_boundary=null",
         "diffusion.timestep_sampling=uniform", f"diffusion.timestep_range=[0,{boundary}]",
         "diffusion.timestep_high_band_start=null", "diffusion.timestep_low_band_end=null",

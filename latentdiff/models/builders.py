@@ -203,7 +203,8 @@ def build_text_encoder(config: ModelConfig) -> torch.nn.Module:
         model_class, options = BidirectionalCLIPTextModel, {"bidirectional": True}
     if text.token_mixing_width:
         model_class, options = BidirectionalCLIPTextModel, options | {
-            "token_mixing_width": text.token_mixing_width, "token_mixing_depthwise": text.token_mixing_depthwise}
+            "token_mixing_width": text.token_mixing_width, "token_mixing_depthwise": text.token_mixing_depthwise,
+            "token_mixing_gated": text.token_mixing_gated}
     elif text.pretrained and getattr(_pretrained_text_config(text), "token_mixing_width", 0) and model_class is CLIPTextModel:
         # a folder saved with token mixing (e.g. stage 2's, loaded by the low-noise expert stage): CLIPTextModel
         # would drop its mixing weights; the class that reads config.token_mixing_width keeps them

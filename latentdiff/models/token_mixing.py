@@ -21,7 +21,8 @@ docs/conditioning.md, fortieth round), so no preset uses it yet.
 Written here because transformers' CLIP has no token mixing outside its attention layers. It replaces the
 embeddings module of :class:`~latentdiff.models.bidirectional.BidirectionalCLIPTextModel` when
 ``config.token_mixing_width`` is set (a ``CLIPTextConfig`` attribute, so the saved folder reloads the same); the
-token and position embeddings keep their names in the state dict, the convolution is ``embeddings.token_mixing``.
+token and position embeddings keep their names in the state dict, the convolution is ``embeddings.token_mixing``
+(and its gate, if gated, ``embeddings.token_mixing.gate``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class CausalTokenMixing(torch.nn.Module):
     """``[batch, tokens, features] -> [batch, tokens, features]``: token ``i``'s output is a learned linear map of
     tokens ``i - width + 1 .. i`` (zeros before the first), starting at zero."""
 
-    def __init__(self, features: int, width: int, depthwise: bool = False):
+    def __init__(self, features: int, width: int, depthwise: bool = False, gated: bool = False):
         super().__init__()
         if width < 2:
             raise ValueError(f"token_mixing_width is {width!r}; expected at least 2 (the token and the one before it)")
@@ -46,10 +47,24 @@ class CausalTokenMixing(torch.nn.Module):
         self.conv = torch.nn.Conv1d(features, features, kernel_size=width, groups=features if depthwise else 1)
         torch.nn.init.zeros_(self.conv.weight)
         torch.nn.init.zeros_(self.conv.bias)
+        # gated: each token's own embedding decides how much of the mix it takes (one sigmoid per token, 0.5 at the
+        # start), as in gated convolutional language models (Dauphin et al. 2017, "Language Modeling with Gated
+        # Convolutional Networks"), so a noun can take in its color while a place word keeps to itself
+        self.gate = torch.nn.Linear(features, 1) if gated else None
+        if self.gate is not None:
+            torch.nn.init.zeros_(self.gate.weight)
+            torch.nn.init.zeros_(self.gate.bias)
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         before = torch.nn.functional.pad(embeddings.transpose(1, 2), (self.width - 1, 0))  # causal: pad on the left
-        return self.conv(before).transpose(1, 2)
+        mixed = self.conv(before).transpose(1, 2)
+        if self.gate is not None:
+            mixed = torch.sigmoid(self.gate(embeddings)) * mixed
+        return mixed
+
+    def gates(self, embeddings: torch.Tensor) -> torch.Tensor | None:
+        """``[batch, tokens]``: how much of its mix each token takes (gated mixing only; None otherwise)."""
+        return None if self.gate is None else torch.sigmoid(self.gate(embeddings)).squeeze(-1)
 
 
 class CLIPTextEmbeddingsWithTokenMixing(CLIPTextEmbeddings):
@@ -58,7 +73,8 @@ class CLIPTextEmbeddingsWithTokenMixing(CLIPTextEmbeddings):
     def __init__(self, config):
         super().__init__(config)
         self.token_mixing = CausalTokenMixing(config.hidden_size, config.token_mixing_width,
-                                              getattr(config, "token_mixing_depthwise", False))
+                                              getattr(config, "token_mixing_depthwise", False),
+                                              getattr(config, "token_mixing_gated", False))
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         embeddings = super().forward(*args, **kwargs)
