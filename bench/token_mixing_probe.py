@@ -63,38 +63,38 @@ def kind(word: str) -> str:
 
 
 @torch.no_grad()
-def mixing_by_kind(tokenizer, encoder, captions: list[str]) -> dict[str, float]:
+def mean_by_kind(tokenizer, encoder, captions: list[str], per_token) -> dict[str, float]:
+    """The mean of ``per_token(unmixed)[position]`` over the tokens of ``captions``, by kind of word; ``unmixed`` is a
+    caption's word + position embeddings before any mixing (``[1, tokens, features]``)."""
     from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
     embeddings = encoder._text_model().embeddings
-    mixing = getattr(embeddings, "token_mixing", None)
     totals: dict[str, list[float]] = {}
     for caption in captions:
         ids = tokenizer(caption, return_tensors="pt").input_ids
-        unmixed = CLIPTextEmbeddings.forward(embeddings, input_ids=ids)  # word + position, before any mixing
-        added = mixing(unmixed) if mixing is not None else torch.zeros_like(unmixed)
+        values = per_token(CLIPTextEmbeddings.forward(embeddings, input_ids=ids))
         for position, token in enumerate(tokenizer.convert_ids_to_tokens(ids[0])):
-            ratio = (added[0, position].norm() / unmixed[0, position].norm()).item()
-            totals.setdefault(kind(token), []).append(ratio)
+            totals.setdefault(kind(token), []).append(values[position].item())
     return {name: sum(values) / len(values) for name, values in sorted(totals.items())}
 
 
-@torch.no_grad()
+def mixing_by_kind(tokenizer, encoder, captions: list[str]) -> dict[str, float]:
+    """What the mixing adds to each token over the token's own embedding (norms), by kind of word; 0 without mixing."""
+    mixing = getattr(encoder._text_model().embeddings, "token_mixing", None)
+
+    def ratio(unmixed: torch.Tensor) -> torch.Tensor:
+        added = mixing(unmixed) if mixing is not None else torch.zeros_like(unmixed)
+        return (added.norm(dim=-1) / unmixed.norm(dim=-1))[0]
+
+    return mean_by_kind(tokenizer, encoder, captions, ratio)
+
+
 def gates_by_kind(tokenizer, encoder, captions: list[str]) -> dict[str, float] | None:
     """The mean gate of each kind of word over ``captions``; None for an ungated (or no) mixing."""
-    from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
-
-    embeddings = encoder._text_model().embeddings
-    mixing = getattr(embeddings, "token_mixing", None)
+    mixing = getattr(encoder._text_model().embeddings, "token_mixing", None)
     if mixing is None or mixing.gate is None:
         return None
-    totals: dict[str, list[float]] = {}
-    for caption in captions:
-        ids = tokenizer(caption, return_tensors="pt").input_ids
-        gates = mixing.gates(CLIPTextEmbeddings.forward(embeddings, input_ids=ids))[0]
-        for position, token in enumerate(tokenizer.convert_ids_to_tokens(ids[0])):
-            totals.setdefault(kind(token), []).append(gates[position].item())
-    return {name: sum(values) / len(values) for name, values in sorted(totals.items())}
+    return mean_by_kind(tokenizer, encoder, captions, lambda unmixed: mixing.gates(unmixed)[0])
 
 
 @torch.no_grad()

@@ -60,7 +60,7 @@ class CausalTokenMixing(torch.nn.Module):
         before = torch.nn.functional.pad(embeddings.transpose(1, 2), (self.width - 1, 0))  # causal: pad on the left
         mixed = self.conv(before).transpose(1, 2)
         if self.gate is not None:
-            mixed = torch.sigmoid(self.gate(embeddings)) * mixed
+            mixed = self.gates(embeddings).unsqueeze(-1) * mixed
         return mixed
 
     def gates(self, embeddings: torch.Tensor) -> torch.Tensor | None:
