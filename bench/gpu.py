@@ -561,8 +561,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
 def scaled_schedule_overrides(config: dict[str, Any], section: str, max_steps: int) -> list[str]:
     """``<section>.max_steps=N`` and the schedule's other step counts scaled by the same factor (the
-    warm-up, the crop phase and the decoder fine-tune of stage 1), so that a run of minutes has the recipe's
-    schedule in small; intermediate checkpoints and validation grids off (``0``)."""
+    warm-up, the crop phase and the decoder fine-tune of stage 1, the start of stage 2's token mixing), so that a
+    run of minutes has the recipe's schedule in small; intermediate checkpoints and validation grids off (``0``)."""
     values = config.get(section, {}) or {}
     full = values.get("max_steps")
     overrides = [f"{section}.max_steps={max_steps}"]
@@ -571,6 +571,8 @@ def scaled_schedule_overrides(config: dict[str, Any], section: str, max_steps: i
         for key in ("crop_steps",):
             if values.get(key) is not None:
                 overrides.append(f"{section}.{key}={min(max_steps, max(1, round(values[key] * factor)))}")
+        if values.get("token_mixing_from_step"):  # scaled, and still before the last step
+            overrides.append(f"{section}.token_mixing_from_step={min(max_steps - 1, round(values['token_mixing_from_step'] * factor))}")
         if values.get("decoder_finetune_steps"):  # the steps after max_steps: scaled, at least one
             overrides.append(f"{section}.decoder_finetune_steps={max(1, round(values['decoder_finetune_steps'] * factor))}")
         warmup = (values.get("optimizer") or {}).get("lr_warmup_steps")

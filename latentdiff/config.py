@@ -827,7 +827,8 @@ def check_values(config: Config) -> None:
              "that mixing's training)")
     if config.train.token_mixing_from_step >= config.train.max_steps:
         fail("train.token_mixing_from_step", config.train.token_mixing_from_step,
-             f"a step before train.max_steps={config.train.max_steps} (the mixing would never train)")
+             f"a step before train.max_steps={config.train.max_steps} (the mixing would never train; the shapes presets "
+             f"start it halfway, so a shorter run sets it too: train.token_mixing_from_step={config.train.max_steps // 2})")
     if text.token_mixing_depthwise and not text.token_mixing_width:
         fail("model.text_encoder.token_mixing_depthwise", True, "false unless model.text_encoder.token_mixing_width is set")
     if text.token_mixing_gated and not text.token_mixing_width:

@@ -130,8 +130,9 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_steps_and_a
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     default, patient = load_config(configs / "shapes.yaml"), load_config(configs / "shapes-patient.yaml")
-    # one text layer, read beside the word embeddings, binds colors once enough images are seen (eleventh round)
-    text = {"num_hidden_layers": 1, "word_embeddings_in_context": True}
+    # one text layer, read beside the word embeddings, binds colors once enough images are seen (eleventh round);
+    # the default's token mixing (forty-second round) stands in for that layer and is not measured on the preset
+    text = {"num_hidden_layers": 1, "word_embeddings_in_context": True, "token_mixing_width": 0}
     assert patient.model.text_encoder == dataclasses.replace(default.model.text_encoder, **text)
     # the pooled caption in every ResNet block stays where it was measured: the preset's seeds were trained with
     # it; the default dropped it in the twenty-sixth round
@@ -158,6 +159,7 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_steps_and_a
     assert patient.train.optimizer.learning_rate == 1e-3 and default.train.optimizer.learning_rate == 1.5e-3
     assert dataclasses.replace(patient.train.optimizer, learning_rate=default.train.optimizer.learning_rate) == default.train.optimizer
     assert patient.train.batch_size == default.train.batch_size
+    assert patient.train.token_mixing_from_step == 0 and default.train.token_mixing_from_step > 0
 
 
 def test_the_gpu_preset_trains_with_the_default_objective():
@@ -173,6 +175,12 @@ def test_the_gpu_preset_trains_with_the_default_objective():
         assert getattr(long.model.unet, key) == getattr(default.model.unet, key)
     assert long.data.shapes.holdout == default.data.shapes.holdout
     assert long.train.max_steps > default.train.max_steps and long.data.shapes.num_samples > default.data.shapes.num_samples
+    # the same text path: word and position embeddings, and the mix of the word before each word, switched on at the
+    # same fraction of the run (forty-second round: trained from the start, the mix lost places)
+    for key in ("num_hidden_layers", "token_mixing_width", "token_mixing_gated", "token_mixing_depthwise"):
+        assert getattr(long.model.text_encoder, key) == getattr(default.model.text_encoder, key)
+    long_start = long.train.token_mixing_from_step / long.train.max_steps
+    assert long_start == pytest.approx(default.train.token_mixing_from_step / default.train.max_steps, abs=0.01)
 
 
 def test_the_scale_equivariance_factor_must_divide_every_latent_edge_stage_1_trains_on():

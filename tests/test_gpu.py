@@ -203,16 +203,18 @@ def test_stage_2_is_sized_to_the_time_left_at_a_low_speed(gpu):
 def test_a_shortened_run_keeps_the_recipes_schedule_in_proportion(gpu):
     config = {"vae_train": {"max_steps": 8000, "crop_steps": 6000, "decoder_finetune_steps": 2000,
                             "optimizer": {"lr_warmup_steps": 200}},
-              "train": {"max_steps": 30000, "optimizer": {"lr_warmup_steps": 500}}}
+              "train": {"max_steps": 30000, "token_mixing_from_step": 15000, "optimizer": {"lr_warmup_steps": 500}}}
     assert gpu.scaled_schedule_overrides(config, "vae_train", 2000) == [
         "vae_train.max_steps=2000", "vae_train.crop_steps=1500", "vae_train.decoder_finetune_steps=500",
         "vae_train.optimizer.lr_warmup_steps=50", "vae_train.checkpointing_steps=0",
     ]
     assert "vae_train.decoder_finetune_steps=1" in gpu.scaled_schedule_overrides(config, "vae_train", 2)
     assert gpu.scaled_schedule_overrides(config, "train", 600) == [
-        "train.max_steps=600", "train.optimizer.lr_warmup_steps=10", "train.checkpointing_steps=0",
-        "train.validation_steps=0",
+        "train.max_steps=600", "train.token_mixing_from_step=300", "train.optimizer.lr_warmup_steps=10",
+        "train.checkpointing_steps=0", "train.validation_steps=0",
     ]
+    # The mixing's start stays before the last step, however short the run (else the config is refused).
+    assert "train.token_mixing_from_step=1" in gpu.scaled_schedule_overrides(config, "train", 2)
     # Keys the config leaves to the defaults are left alone.
     assert gpu.scaled_schedule_overrides({}, "train", 50) == [
         "train.max_steps=50", "train.checkpointing_steps=0", "train.validation_steps=0"
@@ -227,6 +229,7 @@ def test_a_shortened_run_keeps_the_recipes_schedule_in_proportion(gpu):
     config = load_config([path], overrides)
     assert (config.vae_train.max_steps, config.train.max_steps) == (2000, 900)
     assert config.vae_train.decoder_finetune_steps == 500
+    assert config.train.token_mixing_from_step == 450
 
 
 def test_the_carried_wheels_must_cover_every_requirement_the_machine_lacks(gpu):
