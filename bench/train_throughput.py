@@ -209,6 +209,9 @@ def shared_overrides(settings: TrainPreset, vae_folder: str, extra: Sequence[str
         # Quoted: YAML reads a bare `no` as false.
         f"train.mixed_precision='{settings.mixed_precision}'",
         f"train.max_steps={settings.warmup_steps + settings.steps}",
+        # A config's token mixing that starts partway (configs/shapes.yaml: at step 1,700) trains in every timed
+        # step instead: the step as it runs once the mixing is on, and a start the short run would never reach.
+        "train.token_mixing_from_step=0",
         *settings.overrides,
         *extra,
     ]

@@ -227,6 +227,10 @@ def test_small_preset_freezes_the_text_encoder_as_the_recipe_does_unless_overrid
     assert load_config(bench.config_files(settings)).model.text_encoder.train  # the shapes model trains it
     assert not text_encoder_trained()
     assert text_encoder_trained("model.text_encoder.train=true")
+    # the default's token mixing starts at step 1,700; a benchmark of a few steps times it from the first
+    assert load_config(bench.config_files(settings)).train.token_mixing_from_step > settings.warmup_steps + settings.steps
+    overrides = bench.shared_overrides(settings, "/nonexistent/vae", ("model.text_encoder.train=true",))
+    assert load_config(bench.config_files(settings), overrides).train.token_mixing_from_step == 0
 
 
 def test_caption_gap_names_a_folder_that_is_not_a_pipeline(tmp_path, monkeypatch, capsys):
