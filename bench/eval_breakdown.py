@@ -9,7 +9,9 @@ what the judge saw (one small object, one large object, none, several), with how
 passed; relations by the relation word
 ("to the left of", "to the right of", "above", "below"), with what the judge saw where it was wrong (the two
 objects reversed, on one row or column, or one of them missing), and counting by the number named, with how
-many objects the judge saw where it was wrong (one too many, one too few...). With ``--text-distances`` it also
+many objects the judge saw where it was wrong (one too many, one too few...), and the failed images of the tasks that
+name two different objects by what was drawn of the two (color, shape) pairs: both pairs, both colors and both
+shapes paired the other way, one shape for both, one color for both... With ``--text-distances`` it also
 loads the evaluated model and prints how far its text encoder puts captions that differ only in one word:
 the norm of the difference of the two contexts the U-Net cross-attends to, relative to the first's norm.
 A pair of words the encoder hardly separates is one the U-Net cannot tell apart either.
@@ -25,12 +27,15 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from latentdiff.data.shapes import RELATION_PHRASES
+from latentdiff.data.shapes import COLORS, RELATION_PHRASES, SHAPES
 
 RELATION_WORDS = tuple(RELATION_PHRASES.values())  # "to the left of", "to the right of", "above", "below"
 NUMBER_WORDS = {"two": 2, "three": 3}
 # The suite's tasks whose prompts name one object (the unseen task mixes in two-object prompts).
 ONE_OBJECT_TASKS = ("single_object", "color", "shape", "position")
+# The suite's tasks whose prompts name two objects of different colors and shapes.
+TWO_OBJECT_TASKS = ("two_objects", "relation", "color_binding")
+COLOR_SHAPE_PATTERN = re.compile(r"\b(" + "|".join(COLORS) + r") (" + "|".join(SHAPES) + r")\b")
 # Captions that differ in one word, by what the word names.
 WORD_PAIRS: dict[str, tuple[str, str]] = {
     "above / below": ("a red circle above a blue square", "a red circle below a blue square"),
@@ -101,19 +106,53 @@ def drawn_for_one_object(image: Mapping[str, Any]) -> str:
     return "none" if not objects else "several" if len(objects) > 1 else f"one {objects[0]['size']}"
 
 
+def named_pairs(prompt: str) -> list[tuple[str, str]]:
+    """The (color, shape) pairs a two-object prompt names ("a red square and a green circle" -> red square, green
+    circle)."""
+    pairs = COLOR_SHAPE_PATTERN.findall(prompt)
+    if len(pairs) != 2:
+        raise ValueError(f"a two-object prompt names two colored shapes, got {len(pairs)} in {prompt!r}")
+    return pairs
+
+
+def two_object_outcome(image: Mapping[str, Any]) -> str:
+    """What a failed image of a two-object prompt drew of its two (color, shape) pairs, first match wins:
+    ``"both pairs drawn"`` (it failed on a place, a relation or an extra object), ``"paired the other way"`` (both
+    colors and both shapes, not as named), ``"one shape for both"`` (both colors, one of the shapes missing), ``"one
+    color for both"``, ``"one pair only"`` or ``"neither pair"``."""
+    named = named_pairs(image["prompt"])
+    drawn = {(obj["color"], obj["shape"]) for obj in image["judged"]["objects"]}
+    colors, shapes = {color for color, _ in drawn}, {shape for _, shape in drawn}
+    all_colors, all_shapes = all(c in colors for c, _ in named), all(s in shapes for _, s in named)
+    if all(pair in drawn for pair in named):
+        return "both pairs drawn"
+    if all_colors and all_shapes:
+        return "paired the other way"
+    if all_colors:
+        return "one shape for both"
+    if all_shapes:
+        return "one color for both"
+    return "one pair only" if any(pair in drawn for pair in named) else "neither pair"
+
+
 def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """``{"one_object": {drawn: Counter(passed)}, "relation": {word: Counter(outcome)}, "counting": {named:
-    Counter(outcome)}}`` for a results file's images.
+    Counter(outcome)}, "two_objects": {task: Counter(outcome)}}`` for a results file's images.
 
     ``drawn`` is :func:`drawn_for_one_object`'s reading of an image of a one-object task
     (:data:`ONE_OBJECT_TASKS`), counted by whether it passed (True / False). A relation outcome is one of
     :func:`relation_outcome`'s. A counting outcome is ``"right"`` for a passed image, else the judge's object count minus the named
-    number (``"+1"``, ``"-1"``), or ``"right number, wrong kind"``.
+    number (``"+1"``, ``"-1"``), or ``"right number, wrong kind"``. A two-object outcome is ``"passed"`` or
+    :func:`two_object_outcome`'s, for each task of :data:`TWO_OBJECT_TASKS`.
     """
     relation: dict[str, collections.Counter] = {word: collections.Counter() for word in RELATION_WORDS}
     counting: dict[int, collections.Counter] = {}
     one_object: dict[str, collections.Counter] = {}
+    two_objects: dict[str, collections.Counter] = {}
     for image in images:
+        if image["task"] in TWO_OBJECT_TASKS:
+            outcome = "passed" if image["passed"] else two_object_outcome(image)
+            two_objects.setdefault(image["task"], collections.Counter())[outcome] += 1
         if image["task"] in ONE_OBJECT_TASKS:
             one_object.setdefault(drawn_for_one_object(image), collections.Counter())[image["passed"]] += 1
         elif image["task"] == "relation":
@@ -124,7 +163,7 @@ def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             outcome = "right" if image["passed"] else (f"{drawn - named:+d}" if drawn != named else "right number, wrong kind")
             counting.setdefault(named, collections.Counter())[outcome] += 1
     return {"one_object": one_object, "relation": {word: outcomes for word, outcomes in relation.items() if outcomes},
-            "counting": counting}
+            "counting": counting, "two_objects": two_objects}
 
 
 def text_distances(model: str, pairs: Mapping[str, tuple[str, str]] = WORD_PAIRS) -> dict[str, float]:
@@ -170,6 +209,13 @@ def main() -> None:
         print("\n| named | outcomes |\n|---|---|")
         for named, outcomes in sorted(parts["counting"].items()):
             print(f"| {named} | {', '.join(f'{outcome}: {n}' for outcome, n in outcomes.most_common())} |")
+    if parts["two_objects"]:
+        print("\n| two different objects | passed | what the failed images drew of the two named (color, shape) pairs |"
+              "\n|---|---|---|")
+        for task, outcomes in parts["two_objects"].items():
+            n, failed = sum(outcomes.values()), {k: v for k, v in outcomes.most_common() if k != "passed"}
+            print(f"| {task} | {outcomes['passed']}/{n} ({outcomes['passed'] / n:.2f}) | "
+                  f"{', '.join(f'{outcome}: {count}' for outcome, count in failed.items())} |")
     if args.text_distances:
         print(f"\n| caption pair ({results['model']}) | relative distance of the contexts |\n|---|---|")
         for name, distance in text_distances(results["model"]).items():

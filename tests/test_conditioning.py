@@ -1219,6 +1219,24 @@ def test_eval_breakdown_splits_relations_by_word_and_counts_by_outcome():
     assert parts["one_object"] == {"none": {False: 1}, "one small": {True: 1, False: 1}, "one large": {True: 1}, "several": {True: 1}}
     assert parts["relation"] == {"to the left of": {"one line": 1}, "above": {"passed": 1, "reversed": 1, "one line": 1, "missing object": 1}}
     assert parts["counting"] == {2: {"right": 1, "+1": 1}, 3: {"+1": 1, "-1": 1, "right number, wrong kind": 1}}
+    assert parts["two_objects"] == {"relation": {"passed": 1, "both pairs drawn": 3, "one pair only": 1}}
+
+    # The tasks with two different objects, by what was drawn of the two named (color, shape) pairs.
+    binding = "a red circle and an orange square"
+    parts = script.breakdown([
+        image("color_binding", binding, True, objects=[obj(*red_circle, "at the top"), obj("orange", "square", "at the bottom")]),
+        image("color_binding", binding, False, objects=[obj("red", "square", "at the top"), obj("orange", "circle", "at the bottom")]),
+        image("color_binding", binding, False, objects=[obj("red", "square", "at the top"), obj("orange", "square", "at the bottom")]),
+        image("color_binding", binding, False, objects=[obj("orange", "circle", "at the top"), obj("orange", "square", "at the bottom")]),
+        image("color_binding", binding, False, objects=[obj(*red_circle, "at the top")]),
+        image("two_objects", "a blue square and a green triangle", False, objects=[obj(*red_circle, "at the top")]),
+    ])
+    assert parts["two_objects"] == {
+        "color_binding": {"passed": 1, "paired the other way": 1, "one shape for both": 1, "one color for both": 1, "one pair only": 1},
+        "two_objects": {"neither pair": 1},
+    }
+    with pytest.raises(ValueError, match="a two-object prompt names two colored shapes, got 1"):
+        script.breakdown([image("two_objects", "a red circle and a square", False)])
     with pytest.raises(ValueError, match="no relation word"):
         script.breakdown([image("relation", "a red circle near a blue square", False)])
     with pytest.raises(ValueError, match="a relation prompt reads"):
