@@ -183,6 +183,15 @@ def text_distances(model: str, pairs: Mapping[str, tuple[str, str]] = WORD_PAIRS
     return distances
 
 
+def print_passed_and_failures(header: str, rows: Mapping[str, collections.Counter]) -> None:
+    """A markdown table: per row, the images passed out of all, then the failures by outcome, most frequent first."""
+    print(f"{header}\n|---|---|---|")
+    for name, outcomes in rows.items():
+        n, failed = sum(outcomes.values()), {k: v for k, v in outcomes.most_common() if k != "passed"}
+        print(f"| {name} | {outcomes['passed']}/{n} ({outcomes['passed'] / n:.2f}) | "
+              f"{', '.join(f'{outcome}: {count}' for outcome, count in failed.items())} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="a results.json written by `latentdiff eval`")
@@ -200,22 +209,15 @@ def main() -> None:
                 print(f"| {drawn} | {n} | {passed} ({passed / n:.2f}) |")
         print()
     if parts["relation"]:
-        print("| relation | passed | where it failed |\n|---|---|---|")
-        for word, outcomes in parts["relation"].items():
-            n, failed = sum(outcomes.values()), {k: v for k, v in outcomes.most_common() if k != "passed"}
-            print(f"| {word} | {outcomes['passed']}/{n} ({outcomes['passed'] / n:.2f}) | "
-                  f"{', '.join(f'{outcome}: {count}' for outcome, count in failed.items())} |")
+        print_passed_and_failures("| relation | passed | where it failed |", parts["relation"])
     if parts["counting"]:
         print("\n| named | outcomes |\n|---|---|")
         for named, outcomes in sorted(parts["counting"].items()):
             print(f"| {named} | {', '.join(f'{outcome}: {n}' for outcome, n in outcomes.most_common())} |")
     if parts["two_objects"]:
-        print("\n| two different objects | passed | what the failed images drew of the two named (color, shape) pairs |"
-              "\n|---|---|---|")
-        for task, outcomes in parts["two_objects"].items():
-            n, failed = sum(outcomes.values()), {k: v for k, v in outcomes.most_common() if k != "passed"}
-            print(f"| {task} | {outcomes['passed']}/{n} ({outcomes['passed'] / n:.2f}) | "
-                  f"{', '.join(f'{outcome}: {count}' for outcome, count in failed.items())} |")
+        print()
+        print_passed_and_failures("| two different objects | passed | what the failed images drew of the two named "
+                                  "(color, shape) pairs |", parts["two_objects"])
     if args.text_distances:
         print(f"\n| caption pair ({results['model']}) | relative distance of the contexts |\n|---|---|")
         for name, distance in text_distances(results["model"]).items():
