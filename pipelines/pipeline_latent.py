@@ -582,7 +582,13 @@ class LatentDiffusionMixin(PipelineHubMixin):
         # 2-7. The Diffusers pipeline's own steps, up to the latents
         output_type, return_dict = arguments["output_type"], arguments["return_dict"]
         arguments.update(output_type="latent", return_dict=True)
-        latents = diffusers_call(*call.args, **call.kwargs).images
+        # The call's prompts, for callbacks that read them (AttentionBindingCallback); Diffusers' loop keeps none.
+        prompt = arguments.get("prompt")
+        self._call_prompts = [prompt] if isinstance(prompt, str) else None if prompt is None else list(prompt)
+        try:
+            latents = diffusers_call(*call.args, **call.kwargs).images
+        finally:
+            self._call_prompts = None
         # 8. Decode
         if output_type == "latent":
             image = latents

@@ -1,0 +1,166 @@
+"""Attention binding guidance (`pipelines/attention_binding.py`): the prompt's objects found among its tokens, the
+cross-attention maps recorded from the U-Net's own inputs, the loss's three terms, and the callback moving the
+latents only where it is asked to. Tiny random components."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention
+
+from latentdiff import LatentPipeline
+from latentdiff.pipelines.attention_binding import (
+    AttentionBindingCallback,
+    binding_loss,
+    cross_attention_maps,
+    object_token_groups,
+)
+from latentdiff.testing import tiny_components
+
+PROMPT = "a red square and a green circle"
+NOUNS, MODIFIERS = ["square", "circle"], ["red", "green", "small"]
+
+
+def test_each_noun_takes_the_run_of_modifiers_right_before_it():
+    # a=1 small=2 red=3 square=4 and=5 green=7 circle=8 the=9 (breaks a run) 10, circle+s=8,11
+    ids = [0, 1, 2, 3, 4, 5, 1, 7, 8, 9, 3, 10, 4, 3, 8, 11]
+    groups = object_token_groups(ids, nouns=[(4,), (8,), (8, 11)], modifiers=[(2,), (3,), (7,)])
+    assert groups == [([2, 3], [4]), ([7], [8]), ([], [12]), ([13], [14, 15])]  # a word of two tokens: both
+
+
+def test_the_recorded_map_is_the_attention_the_layer_applies():
+    """probabilities @ values, through the output projection, is the layer's own output."""
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    block.attn2 = Attention(query_dim=8, cross_attention_dim=6, heads=1, dim_head=8)
+    hidden, context = torch.randn(2, 16, 8), torch.randn(2, 5, 6)
+    with cross_attention_maps([block]) as maps:
+        output = block.attn2(hidden, encoder_hidden_states=context)
+    assert len(maps) == 1 and maps[0].shape == (2, 16, 5)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 16))
+    rebuilt = block.attn2.to_out[0](maps[0] @ block.attn2.to_v(context))
+    torch.testing.assert_close(rebuilt, output)
+    block.attn2(hidden, encoder_hidden_states=context)
+    assert len(maps) == 1  # the hooks are gone after the context
+
+
+def _maps(noun_a, noun_b, modifier, pixels=4, tokens=6):
+    """One image's maps (1, tokens, pixels): token 1 = modifier, 2 = noun a, 3 = noun b; the rest spread evenly."""
+    maps = torch.full((1, tokens, pixels), 0.3)
+    maps[0, 1], maps[0, 2], maps[0, 3] = torch.tensor(modifier), torch.tensor(noun_a), torch.tensor(noun_b)
+    return maps
+
+
+GROUPS = [[([1], [2]), ([], [3])]]
+
+
+def test_two_nouns_on_the_same_pixels_cost_more_than_on_their_own():
+    apart = binding_loss(_maps([1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0]), GROUPS, [5], 1.0, 0.0)
+    together = binding_loss(_maps([1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]), GROUPS, [5], 1.0, 0.0)
+    assert together.item() > apart.item() + 0.5
+
+
+def test_a_modifier_away_from_its_noun_costs_more():
+    with_noun = binding_loss(_maps([1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0]), GROUPS, [5], 0.0, 1.0)
+    elsewhere = binding_loss(_maps([1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]), GROUPS, [5], 0.0, 1.0)
+    assert elsewhere.item() > with_noun.item() + 0.5
+
+
+def test_a_neglected_noun_sets_the_attend_and_excite_term():
+    strong = binding_loss(_maps([1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 0, 0]), GROUPS, [5], 0.0, 0.0)
+    neglected = binding_loss(_maps([1, 1, 0, 0], [0.02] * 4, [1, 1, 0, 0]), GROUPS, [5], 0.0, 0.0)
+    assert neglected.item() > strong.item() + 0.5
+    assert binding_loss(_maps([1] * 4, [1] * 4, [1] * 4), [[]], [5]).item() == 0  # no object named: no loss
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    parts = tiny_components(seed=0)
+    return LatentPipeline(**parts)
+
+
+def _images(pipe, prompt=PROMPT, callback=None, **kwargs):
+    generator = torch.Generator("cpu").manual_seed(0)
+    if callback is not None:
+        kwargs["callback_on_step_end"] = callback
+    out = pipe(prompt, num_inference_steps=4, guidance_scale=2.0, generator=generator, output_type="np", **kwargs)
+    return out.images
+
+
+def test_the_callback_moves_the_latents_at_the_high_noise_steps_only(pipe):
+    plain = _images(pipe)
+    everywhere = AttentionBindingCallback(nouns=NOUNS, modifiers=MODIFIERS, step_size=0.5, min_timestep=0)
+    moved = _images(pipe, callback=everywhere)
+    assert everywhere.guided_steps == 3  # after each of the 4 steps but the last
+    assert np.abs(moved - plain).max() > 1e-3
+    never = AttentionBindingCallback(nouns=NOUNS, modifiers=MODIFIERS, step_size=0.5, min_timestep=1000)
+    np.testing.assert_array_equal(_images(pipe, callback=never), plain)
+    assert never.guided_steps == 0
+    # a prompt that names none of the nouns is left alone
+    nothing = AttentionBindingCallback(nouns=NOUNS, modifiers=MODIFIERS, step_size=0.5, min_timestep=0)
+    np.testing.assert_array_equal(_images(pipe, "a blue sky", callback=nothing), _images(pipe, "a blue sky"))
+
+
+def test_the_callback_lowers_its_loss(pipe):
+    """One guided step lowers the binding loss of the latents it moved (on the tiny random U-Net)."""
+    callback = AttentionBindingCallback(nouns=NOUNS, modifiers=MODIFIERS, step_size=0.05, min_timestep=0)
+    pipe.scheduler.set_timesteps(4)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    embeds = pipe.encode_prompt([PROMPT] * 2, "cpu", 1, False)[0]
+    pipe._call_prompts = [PROMPT] * 2
+    try:
+        def loss_of(z):
+            t = pipe.scheduler.timesteps[1]
+            with cross_attention_maps([pipe.unet]) as maps, torch.no_grad():
+                pipe.unet(z, t, encoder_hidden_states=embeds)
+            from latentdiff.pipelines.attention_binding import _on_finest_grid
+
+            groups, lengths = callback._prompt_groups(pipe, 2)
+            return binding_loss(_on_finest_grid(maps), groups, lengths)
+
+        before = loss_of(latents)
+        moved = callback(pipe, 0, pipe.scheduler.timesteps[0], {"latents": latents, "prompt_embeds": embeds})["latents"]
+        after = loss_of(moved)
+    finally:
+        pipe._call_prompts = None
+    assert (after < before).all(), (before, after)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({}, ValueError, "needs the nouns"),
+        ({"nouns": "square"}, TypeError, "lists of words"),
+        ({"nouns": NOUNS, "step_size": -1}, ValueError, "step_size must be a number >= 0"),
+        ({"nouns": NOUNS, "min_timestep": -5}, ValueError, "min_timestep must be"),
+    ],
+)
+def test_bad_settings_are_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AttentionBindingCallback(**kwargs)
+
+
+def test_prompt_embeddings_without_prompts_are_a_clear_error(pipe):
+    embeds = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    callback = AttentionBindingCallback(nouns=NOUNS, step_size=0.5, min_timestep=0)
+    with pytest.raises(ValueError, match="reads the call's prompts"):
+        pipe(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=1.0, callback_on_step_end=callback)
+
+
+def test_the_attention_maps_bench_reads_the_two_nouns_of_each_image(pipe):
+    """bench/attention_maps.py: one record per step above its timestep for a prompt naming two objects, none for one
+    object; its measures are shares in [0, 1]; the outcomes are the eval breakdown's."""
+    from latentdiff.testing import load_bench_script
+
+    script = load_bench_script("attention_maps")
+    call = {"num_inference_steps": 4, "guidance_scale": 2.0}
+    jobs = [(PROMPT, 3), ("a red square", 4)]
+    records = script.measure(pipe, jobs, NOUNS, MODIFIERS, min_timestep=0, call=call)
+    assert len(records[0]) == 3 and records[1] == []
+    for timestep, overlap, flatness, share in records[0]:
+        assert 0 <= overlap <= 1 + 1e-6 and 0 < flatness <= 1 + 1e-6 and 0 < share <= 1 + 1e-6
+    judged = {"objects": [{"color": "red", "shape": "square"}, {"color": "green", "shape": "square"}]}
+    images = [{"task": "two_objects", "prompt": PROMPT, "passed": False, "judged": judged}]
+    table = script.summarize(images, records[:1])
+    assert list(table) == ["one shape for both"] and len(table["one shape for both"]["t < 600 overlap"]) >= 1
