@@ -546,6 +546,10 @@ class TrainConfig:
     the main job's stage 2 (seed 0) a width-2 mixing trained from the start bound colors and lost places (position
     0.44); from step 1,700 of 3,400 it kept them and bound (position 0.94, color binding 0.17 -> 0.27, overall
     0.569 -> 0.622; docs/conditioning.md, fortieth and forty-first rounds)."""
+    attention_localization_weight: float = 0.0
+    """The weight of a loss that asks each object's words to attend to that object's pixels in every
+    cross-attention layer (TokenCompose's token loss, Wang et al. 2024; :mod:`latentdiff.trainer.attention_localization`),
+    added to the denoising loss. Needs the objects' places: the built-in shapes data, on cached latents. 0: off."""
     mixed_precision: MixedPrecision = "no"
     caption_dropout: float = 0.1
     """Probability of an empty caption, for classifier-free guidance (Ho & Salimans 2022)."""
@@ -757,6 +761,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "caption_gap_steps": NON_NEGATIVE, "caption_gap_images": Range(4), "adherence_probe_prompts": NON_NEGATIVE,
         "adherence_probe_steps": AT_LEAST_1, "band_boundary": POSITIVE,
         "high_band_every": Range(2), "token_mixing_from_step": NON_NEGATIVE,
+        "attention_localization_weight": NON_NEGATIVE,
     },
     TextTrainConfig: {
         "max_steps": AT_LEAST_1, "batch_size": Range(2), "gradient_accumulation_steps": AT_LEAST_1,
@@ -829,6 +834,10 @@ def check_values(config: Config) -> None:
         fail("train.token_mixing_from_step", config.train.token_mixing_from_step,
              f"a step before train.max_steps={config.train.max_steps} (the mixing would never train; the shapes presets "
              f"start it halfway, so a shorter run sets it too: train.token_mixing_from_step={config.train.max_steps // 2})")
+    if config.train.attention_localization_weight and not (config.data.source == "shapes" and config.train.cache):
+        fail("train.attention_localization_weight", config.train.attention_localization_weight,
+             "0 unless data.source is shapes and train.cache is true (the loss reads each object's place from the "
+             "shapes data's scene records, beside the cached latents)")
     if text.token_mixing_depthwise and not text.token_mixing_width:
         fail("model.text_encoder.token_mixing_depthwise", True, "false unless model.text_encoder.token_mixing_width is set")
     if text.token_mixing_gated and not text.token_mixing_width:

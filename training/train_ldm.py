@@ -20,6 +20,7 @@ Outputs under ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,6 +63,8 @@ from latentdiff.trainer.latent_cache import (
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
 from latentdiff.models.experts import NoiseLevelExperts
+from latentdiff.pipelines.attention_binding import cross_attention_maps
+from latentdiff.trainer.attention_localization import ObjectTokens, localization_loss
 from latentdiff.trainer.probes import CaptionGapProbe, adherence_probe, held_examples
 from latentdiff.sampling import SAMPLES_FILE, export_pipeline, make_pipeline, sample_grid
 from latentdiff.trainer.encoding import encode_images, tokenize
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         cache = load_or_build_latent_cache(
             dataset, vae, accelerator, config.data, latent_cache_dir(config), batch_per_process
         )
-        dataset, collate_fn = CachedLatentDataset(cache, dataset), collate_latents
+        dataset = CachedLatentDataset(cache, dataset, with_objects=bool(train.attention_localization_weight))
+        collate_fn = collate_latents
     dataloader = make_train_dataloader(dataset, batch_per_process, collate_fn, config.data.num_workers, accelerator)
 
     def encode_text(captions: list[str]) -> torch.Tensor:
@@ -337,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         train.max_steps, train.batch_size, batch_per_process, accelerator.num_processes, accelerator.device,
     )
     loss_sum = torch.zeros((), device=accelerator.device)
+    # TokenCompose's token loss on the objects' places (train.attention_localization_weight), logged beside the loss.
+    localized_words = ObjectTokens(tokenizer) if train.attention_localization_weight else None
+    localization_sum = torch.zeros((), device=accelerator.device)
     loss_count, last_batch = 0, None
     interval_start, interval_images = time.perf_counter(), 0
     while state.global_step < train.max_steps:
@@ -369,25 +376,33 @@ def main(argv: list[str] | None = None) -> None:
                     with torch.set_grad_enabled(train_text_encoder):
                         encoder_hidden_states = text_encoder(tokenize(tokenizer, captions).to(accelerator.device))[0]
                 snr_clamp_low = snr_clamp_for(config.diffusion, captions, state.global_step, latents.device)
-                output = diffusion_loss(
-                    lambda x, t, c: unet(x, t, c).sample,
-                    noise_scheduler,
-                    latents,
-                    encoder_hidden_states,
-                    snr_gamma=config.diffusion.snr_gamma,
-                    noise_offset=config.diffusion.noise_offset,
-                    generator=rng.generator,
-                    timestep_sampling=timestep_sampling,
-                    snr_weight_floor=config.diffusion.snr_weight_floor,
-                    snr_clamp_low=snr_clamp_low,
-                    snr_clamp_from_timestep=config.diffusion.snr_clamp_from_timestep,
-                    snr_clamp_pool=config.diffusion.snr_clamp_pool,
-                    adaptive_weighting=loss_weighting,
-                    foreground_weight=config.diffusion.foreground_loss_weight,
-                    foreground_until=config.diffusion.foreground_loss_until,
-                )
-                guard.observe(output.loss, state.global_step + 1)
-                accelerator.backward(output.loss * loss_weight)
+                # With attention localization, the U-Net's cross-attention maps are recorded during this forward.
+                recording = cross_attention_maps([unet]) if localized_words is not None else contextlib.nullcontext([])
+                with recording as attention:
+                    output = diffusion_loss(
+                        lambda x, t, c: unet(x, t, c).sample,
+                        noise_scheduler,
+                        latents,
+                        encoder_hidden_states,
+                        snr_gamma=config.diffusion.snr_gamma,
+                        noise_offset=config.diffusion.noise_offset,
+                        generator=rng.generator,
+                        timestep_sampling=timestep_sampling,
+                        snr_weight_floor=config.diffusion.snr_weight_floor,
+                        snr_clamp_low=snr_clamp_low,
+                        snr_clamp_from_timestep=config.diffusion.snr_clamp_from_timestep,
+                        snr_clamp_pool=config.diffusion.snr_clamp_pool,
+                        adaptive_weighting=loss_weighting,
+                        foreground_weight=config.diffusion.foreground_loss_weight,
+                        foreground_until=config.diffusion.foreground_loss_until,
+                    )
+                total_loss = output.loss
+                if localized_words is not None:
+                    localization = localization_loss(attention, captions, batch["objects"], localized_words)
+                    total_loss = total_loss + train.attention_localization_weight * localization
+                    localization_sum += localization.detach()
+                guard.observe(total_loss, state.global_step + 1)
+                accelerator.backward(total_loss * loss_weight)
                 if state.global_step < train.token_mixing_from_step:
                     for parameter in delayed_mixing:  # no gradient, so AdamW skips it (no decay, no moments yet)
                         parameter.grad = None
@@ -415,6 +430,10 @@ def main(argv: list[str] | None = None) -> None:
                 loss = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()  # syncs
                 images_per_second = interval_images / (time.perf_counter() - interval_start)
                 logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": images_per_second}
+                if localized_words is not None:
+                    logs["attention_localization"] = accelerator.reduce(
+                        localization_sum / max(loss_count, 1), reduction="mean").item()
+                    localization_sum.zero_()
                 if loss_weighting is not None:  # the learned weight 1 / exp(u(t)) at the middle of each band
                     logs.update(adaptive_weights(accelerator.unwrap_model(loss_weighting)))
                 progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")

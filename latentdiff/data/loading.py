@@ -472,6 +472,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
         self.dataset = dataset.cast_column(data.image_column, datasets.Image(decode=False))
         self._epoch = _SharedEpoch()
         self._caption_rows: datasets.Dataset | None = None
+        self._scene_rows: datasets.Dataset | None = None
 
     @property
     def epoch(self) -> int:
@@ -500,6 +501,15 @@ class ImageTextDataset(torch.utils.data.Dataset):
         index = int(index)
         rng = np.random.default_rng([self._decoder.seed, self._epoch.get(), index, 1])
         return self._decoder._caption(self._caption_rows[index], rng)
+
+    def scene_objects(self, index: int) -> list[dict[str, Any]] | None:
+        """Item ``index``'s objects (shape, color, size, cell and offset) from the built-in shapes data's ``scene``
+        column, without reading its image; ``None`` for data without one."""
+        if "scene" not in self.dataset.column_names:
+            return None
+        if self._scene_rows is None:
+            self._scene_rows = self.dataset.select_columns(["scene"])
+        return list(self._scene_rows[int(index)]["scene"]["objects"])
 
     def distinct_captions(self) -> list[str]:
         """Every caption an item can get, sorted, without reading an image: each row's captions (all

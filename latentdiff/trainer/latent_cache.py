@@ -114,11 +114,13 @@ def load_or_build_latent_cache(
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
-    """Items ``{"latent_mean", "latent_std", "caption"}`` from a latent cache and its dataset's captions."""
+    """Items ``{"latent_mean", "latent_std", "caption"}`` from a latent cache and its dataset's captions, and the
+    item's scene ``"objects"`` when ``with_objects`` (:meth:`ImageTextDataset.scene_objects`)."""
 
-    def __init__(self, cache: dict[str, torch.Tensor], dataset: ImageTextDataset):
+    def __init__(self, cache: dict[str, torch.Tensor], dataset: ImageTextDataset, with_objects: bool = False):
         self.mean, self.std, self.index = cache["mean"], cache["std"], cache["index"]
         self.dataset = dataset
+        self.with_objects = with_objects
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -130,7 +132,10 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         caption = self.dataset.caption(int(self.index[position]))
         if caption is None:
             return None
-        return {"latent_mean": self.mean[position], "latent_std": self.std[position], "caption": caption}
+        item = {"latent_mean": self.mean[position], "latent_std": self.std[position], "caption": caption}
+        if self.with_objects:
+            item["objects"] = self.dataset.scene_objects(int(self.index[position]))
+        return item
 
 
 def collate_latents(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
@@ -141,6 +146,7 @@ def collate_latents(examples: Sequence[dict[str, Any] | None]) -> dict[str, Any]
         "latent_std": torch.stack([e["latent_std"] for e in kept]) if kept else torch.empty(0),
         "captions": [e["caption"] for e in kept],
         "num_skipped": len(examples) - len(kept),
+        **({"objects": [e["objects"] for e in kept]} if kept and "objects" in kept[0] else {}),
     }
 
 

@@ -1,0 +1,92 @@
+"""The attention localization loss (`latentdiff/trainer/attention_localization.py`, TokenCompose's token loss):
+the caption's words matched to the scene's objects, the objects' masks on a latent grid, the loss's range, and
+stage 2 training with it. Tiny components."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentdiff.models.tokenizer import clip_tokenizer
+from latentdiff.trainer.attention_localization import (
+    ObjectTokens,
+    caption_object_tokens,
+    localization_loss,
+    object_masks,
+)
+
+
+def _object(shape, color, size, row, col, dx=0.0, dy=0.0):
+    return {"shape": shape, "color": color, "size": size, "row": row, "col": col, "dx": dx, "dy": dy}
+
+
+OBJECTS = [
+    _object("square", "red", "large", 0, 0),
+    _object("circle", "blue", "small", 0, 2),
+    _object("circle", "blue", "small", 2, 0),
+    _object("circle", "blue", "large", 2, 2),
+]
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    return ObjectTokens(clip_tokenizer())
+
+
+def test_a_phrase_names_the_objects_with_its_shape_and_every_attribute_it_gives(vocabulary):
+    phrases = caption_object_tokens("a red square and two small blue circles", OBJECTS, vocabulary)
+    assert [named for _, named in phrases] == [[0], [1, 2]]  # not the large blue circle
+    ids = vocabulary.tokenizer("a red square and two small blue circles")["input_ids"]
+    assert vocabulary.tokenizer.decode([ids[p] for p in phrases[1][0]]).replace("</w>", " ").split() == ["small", "blue", "circles"]
+    triangles = caption_object_tokens("two triangles", [_object("triangle", "red", "small", 0, 0)] * 2, vocabulary)
+    assert [named for _, named in triangles] == [[0, 1]] and len(triangles[0][0]) == 2  # "triangles" is two tokens
+    assert [named for _, named in caption_object_tokens("circles", OBJECTS, vocabulary)] == [[1, 2, 3]]
+    assert caption_object_tokens("a green triangle", OBJECTS, vocabulary) == []  # names nothing in the scene
+
+
+def test_an_object_mask_covers_its_box_on_the_grid():
+    large_top_left = object_masks(OBJECTS, [0], 3).view(3, 3)
+    assert large_top_left[0, 0] == 1 and large_top_left.sum() == 1  # inside its cell on a grid of cells
+    fine = object_masks(OBJECTS, [0], 8).view(8, 8)
+    assert fine.max() == 1 and fine[4:].sum() == 0 and fine[:, 4:].sum() == 0
+    # a small object off-center still marks the pixel it covers most
+    small = object_masks([_object("circle", "red", "small", 1, 1, dx=0.2)], [0], 4).view(4, 4)
+    assert small.max() == 1 and small[1:3, 1:3].sum() == small.sum()
+    both = object_masks(OBJECTS, [1, 2], 3).view(3, 3)
+    assert both[0, 2] == 1 and both[2, 0] == 1 and both.sum() == 2
+
+
+def _maps(inside_share: float, caption: str, vocabulary, side: int = 3):
+    """Maps (1, side*side, tokens) whose "square" and "red" put `inside_share` of their attention on the red
+    square's cell (pixel 0) and spread the rest evenly."""
+    ids = vocabulary.tokenizer(caption)["input_ids"]
+    maps = torch.full((1, side * side, len(ids)), 1.0 / len(ids))
+    red, square = (vocabulary.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("red", "square"))
+    for position, token in enumerate(ids):
+        if token in (red, square):
+            column = torch.full((side * side,), (1 - inside_share) / (side * side - 1))
+            column[0] = inside_share
+            maps[0, :, position] = column
+    return maps
+
+
+def test_the_loss_is_zero_when_the_words_attend_to_their_object_and_grows_as_they_leave(vocabulary):
+    caption = "a red square at the top left"
+    scene = [OBJECTS[:1]]
+    on = localization_loss([_maps(1.0, caption, vocabulary)], [caption], scene, vocabulary)
+    spread = localization_loss([_maps(1 / 9, caption, vocabulary)], [caption], scene, vocabulary)
+    away = localization_loss([_maps(0.0, caption, vocabulary)], [caption], scene, vocabulary)
+    assert on.item() == pytest.approx(0.0, abs=1e-6)
+    assert spread.item() == pytest.approx((1 - 1 / 9) ** 2, rel=1e-4)
+    assert away.item() == pytest.approx(1.0)
+    # a dropped caption, or a scene without objects, adds nothing
+    assert localization_loss([_maps(0.0, caption, vocabulary)], [""], scene, vocabulary).item() == 0
+    assert localization_loss([_maps(0.0, caption, vocabulary)], [caption], [None], vocabulary).item() == 0
+
+
+def test_the_loss_reaches_the_attention_weights(vocabulary):
+    caption = "a red square"
+    logits = torch.zeros(1, 9, len(vocabulary.tokenizer(caption)["input_ids"]), requires_grad=True)
+    loss = localization_loss([logits.softmax(-1)], [caption], [OBJECTS[:1]], vocabulary)
+    loss.backward()
+    assert logits.grad.abs().sum() > 0
