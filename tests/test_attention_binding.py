@@ -164,3 +164,14 @@ def test_the_attention_maps_bench_reads_the_two_nouns_of_each_image(pipe):
     images = [{"task": "two_objects", "prompt": PROMPT, "passed": False, "judged": judged}]
     table = script.summarize(images, records[:1])
     assert list(table) == ["one shape for both"] and len(table["one shape for both"]["t < 600 overlap"]) >= 1
+
+
+def test_the_binding_eval_bench_guides_every_call_of_the_eval_and_writes_its_results(tmp_path):
+    from latentdiff.testing import load_bench_script
+
+    LatentPipeline(**tiny_components(seed=0)).save_pretrained(tmp_path / "model", model_card=False)
+    script = load_bench_script("attention_binding_eval")
+    guided = script.main([str(tmp_path / "model"), "--out", str(tmp_path / "eval"), "--step-size", "0.05",
+                          "--min-timestep", "0", "--images-per-prompt", "1", "--steps", "2", "--max-prompts-per-task", "1"])
+    assert guided > 0 and (tmp_path / "eval" / "results.json").is_file()
+    assert LatentPipeline.__call__.__name__ != "guided"  # the patch is undone
