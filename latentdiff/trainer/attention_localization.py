@@ -102,7 +102,7 @@ def localization_loss(
     if not maps or not supervised:
         return maps[0].new_zeros(()) if maps else torch.zeros(())
     terms = []
-    masks_by_side: dict[int, torch.Tensor] = {}
+    masks_by_side: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in maps:
         side = int(round(layer.shape[1] ** 0.5))
         if side not in masks_by_side:  # (batch, tokens, pixels): each supervised token's object mask, else 0
