@@ -57,15 +57,13 @@ def measure(pipeline, jobs, nouns, modifiers, min_timestep: float = 500, batch_s
 
     class Recorder(AttentionBindingCallback):  # reads the maps, never moves the latents
         def callback_fn(self, pipe, step_index, timestep, kwargs):
-            timesteps = pipe.scheduler.timesteps
-            if step_index + 1 >= len(timesteps) or float(timesteps[step_index + 1]) < self.config.min_timestep:
+            t = self.next_guided_timestep(pipe, step_index)
+            if t is None:
                 return kwargs
-            t = timesteps[step_index + 1]
             latents, embeds = kwargs["latents"], kwargs["prompt_embeds"]
             batch = latents.shape[0]
             groups, lengths = self._prompt_groups(pipe, batch)
-            unets = [m for m in (pipe.unet, getattr(pipe, "unet_high_noise", None)) if m is not None]
-            with torch.no_grad(), cross_attention_maps(unets) as recorded:
+            with torch.no_grad(), cross_attention_maps(self.denoisers(pipe)) as recorded:
                 pipe.unet(pipe.scheduler.scale_model_input(latents, t), t, encoder_hidden_states=embeds[-batch:])
             maps = _on_finest_grid(recorded)
             for i in range(batch):

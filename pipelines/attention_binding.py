@@ -233,12 +233,21 @@ class AttentionBindingCallback(PipelineCallback):
         expanded = [entry for entry in per_prompt for _ in range(repeat)]  # Diffusers repeats each prompt in place
         return [g for g, _ in expanded], [n for _, n in expanded]
 
-    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs) -> dict[str, Any]:
+    def next_guided_timestep(self, pipeline, step_index: int):
+        """The timestep of the step after `step_index` if it is at least `min_timestep`, else None."""
         timesteps = pipeline.scheduler.timesteps
-        if not self.config.step_size or step_index + 1 >= len(timesteps):
-            return callback_kwargs
-        next_timestep = timesteps[step_index + 1]
-        if float(next_timestep) < self.config.min_timestep:
+        if step_index + 1 >= len(timesteps) or float(timesteps[step_index + 1]) < self.config.min_timestep:
+            return None
+        return timesteps[step_index + 1]
+
+    @staticmethod
+    def denoisers(pipeline) -> list[torch.nn.Module]:
+        """The pipeline's U-Nets (with a high-noise expert, both), whose cross-attention maps are read."""
+        return [m for m in (pipeline.unet, getattr(pipeline, "unet_high_noise", None)) if m is not None]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs) -> dict[str, Any]:
+        next_timestep = self.next_guided_timestep(pipeline, step_index)
+        if not self.config.step_size or next_timestep is None:
             return callback_kwargs
         latents, prompt_embeds = callback_kwargs["latents"], callback_kwargs["prompt_embeds"]
         batch = latents.shape[0]
@@ -246,8 +255,7 @@ class AttentionBindingCallback(PipelineCallback):
         groups, lengths = self._prompt_groups(pipeline, batch)
         if not any(groups):
             return callback_kwargs
-        unets = [m for m in (pipeline.unet, getattr(pipeline, "unet_high_noise", None)) if m is not None]
-        with torch.enable_grad(), cross_attention_maps(unets) as recorded:
+        with torch.enable_grad(), cross_attention_maps(self.denoisers(pipeline)) as recorded:
             sample = latents.detach().requires_grad_(True)
             model_input = pipeline.scheduler.scale_model_input(sample, next_timestep)
             pipeline.unet(model_input, next_timestep, encoder_hidden_states=context, return_dict=False)
