@@ -16,6 +16,15 @@ speed relative to the first. Used for the text-path ablation of docs/conditionin
 ``--flops`` also gives each variant's U-Net FLOPs per training step (three forwards' worth, counted on the meta
 device by ``common.unet_forward_flops``), the FLOP rate that makes of the measured step, and each top-level
 block's share of the forward: where a cheaper architecture would have to save.
+
+A variant with ``train.attention_localization_weight`` (TokenCompose's token loss) records the cross-attention maps
+during the U-Net's forward and adds the loss, on the first ``batch`` captions and scenes of the config's shapes data
+(the text encoder's cost is the same: every caption is padded to the tokenizer's length). For those variants the
+loss's targets (the captions' noun phrases and their objects' masks, built in Python) are also timed alone, cold
+(every (caption, scene) new, as in stage 2's first epoch) and cached (as in the later ones):
+
+    python bench/stage2_step_cost.py --config configs/shapes.yaml --variant "" \
+        --variant "train.attention_localization_weight=0.01"
 """
 
 from __future__ import annotations
@@ -31,6 +40,10 @@ from latentdiff.config import load_config
 from latentdiff.models import build_components
 from latentdiff.models.builders import vae_scale_factor
 
+from latentdiff.data.shapes import make_shapes_dataset
+from latentdiff.pipelines.attention_binding import cross_attention_maps
+from latentdiff.trainer.attention_localization import ObjectTokens, localization_loss
+
 from common import TRAINING_FLOPS_PER_FORWARD, unet_forward_flops, unet_forward_flops_by_block
 
 CAPTION = "a large yellow circle at the top right, a small orange circle at the bottom left and a large blue triangle at the bottom right on a black background"
@@ -44,23 +57,37 @@ def build(config_file: str, variant: str):
     parameters = [p for module in (unet, text_encoder) for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
     batch = config.train.batch_size
-    ids = tokenizer([CAPTION] * batch, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+    token_loss = None
+    captions = [CAPTION] * batch
+    if config.train.attention_localization_weight:  # the data's own captions and scenes, for the loss's targets
+        shapes = config.data.shapes
+        data = make_shapes_dataset(batch, seed=config.seed, image_size=config.data.resolution,
+                                   holdout=tuple(shapes.holdout), captions_per_image=shapes.captions_per_image,
+                                   full_caption=shapes.full_caption, progress_bar=False)
+        captions = [row[0] for row in data["captions"]]
+        scenes = [scene["objects"] for scene in data["scene"]]
+        token_loss = (config.train.attention_localization_weight, captions, scenes, ObjectTokens(tokenizer))
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids
     size = config.data.resolution // vae_scale_factor(config.model)
     latents = torch.randn(batch, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     timesteps = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
-    return unet, text_encoder, optimizer, ids, latents, timesteps
+    return unet, text_encoder, optimizer, ids, latents, timesteps, token_loss
 
 
 def time_steps(parts, steps: int, warmup: int) -> list[tuple[float, float, float]]:
-    unet, text_encoder, optimizer, ids, latents, timesteps = parts
+    unet, text_encoder, optimizer, ids, latents, timesteps, token_loss = parts
     times = []
     for step in range(steps + warmup):
         start = time.perf_counter()
         with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
             states = text_encoder(ids)[0]
         text_done = time.perf_counter()
-        loss = (unet(latents, timesteps, encoder_hidden_states=states).sample - latents).pow(2).mean()
+        with cross_attention_maps([unet] if token_loss else []) as maps:
+            loss = (unet(latents, timesteps, encoder_hidden_states=states).sample - latents).pow(2).mean()
+        if token_loss:
+            weight, captions, scenes, vocabulary = token_loss
+            loss = loss + weight * localization_loss(maps, captions, scenes, vocabulary)
         loss.backward()
         backward_done = time.perf_counter()
         optimizer.step()
@@ -69,6 +96,24 @@ def time_steps(parts, steps: int, warmup: int) -> list[tuple[float, float, float
         if step >= warmup:
             times.append((text_done - start, backward_done - text_done, end - backward_done))
     return times
+
+
+def time_token_loss_targets(parts, rounds: int) -> tuple[float, float]:
+    """Median milliseconds of the token loss's targets for the batch, (cold, cached): the loss on constant maps of the
+    U-Net's grids with a fresh vocabulary each time, and with one that has seen the batch."""
+    unet, _, _, ids, latents, _, (_, captions, scenes, vocabulary) = parts
+    side, tokens = latents.shape[-1], ids.shape[1]
+    maps = [torch.full((len(captions), (side >> level) ** 2, tokens), 1 / tokens) for level in range(3)]
+    timings = {"cold": [], "cached": []}
+    for _ in range(rounds):
+        for kind in timings:
+            words = vocabulary
+            if kind == "cold":
+                words = ObjectTokens(vocabulary.tokenizer)
+            start = time.perf_counter()
+            localization_loss(maps, captions, scenes, words)
+            timings[kind].append(time.perf_counter() - start)
+    return tuple(1000 * statistics.median(t) for t in timings.values())
 
 
 def main() -> None:
@@ -95,6 +140,14 @@ def main() -> None:
         total = 1000 * statistics.median(sum(t) for t in times)
         first = first or total
         print(f"| {variant or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
+    localized = [(variant, parts) for variant, parts in zip(args.variant, models) if parts[-1]]
+    if localized:
+        print()
+        print("| variant | token loss targets, cold: ms per batch | cached |")
+        print("|---|---|---|")
+        for variant, parts in localized:
+            cold, cached = time_token_loss_targets(parts, 5 * args.rounds)
+            print(f"| {variant} | {cold:.1f} | {cached:.1f} |")
     if args.flops:
         print()
         print("| variant | U-Net GFLOP per training step (3 forwards' worth) | GFLOP/s of the measured step | share of the U-Net's forward by block |")

@@ -90,3 +90,30 @@ def test_the_loss_reaches_the_attention_weights(vocabulary):
     loss = localization_loss([logits.softmax(-1)], [caption], [OBJECTS[:1]], vocabulary)
     loss.backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_the_loss_over_a_batch_is_the_mean_over_layers_of_every_supervised_tokens_term_and_is_cached():
+    vocabulary = ObjectTokens(clip_tokenizer(), max_cached=2)
+    captions = ["a red square and two small blue circles", "", "a large blue circle", "a green triangle"]
+    scenes = [OBJECTS, OBJECTS, OBJECTS, OBJECTS]
+    tokens = max(len(vocabulary.tokenizer(c)["input_ids"]) for c in captions)
+    generator = torch.Generator().manual_seed(0)
+    maps = [torch.rand(4, side * side, tokens, generator=generator).softmax(-1) for side in (4, 2, 4)]
+
+    def reference():  # the token loss written out token by token (TokenCompose, Sec. 3.2)
+        layer_means = []
+        for layer in maps:
+            side = int(layer.shape[1] ** 0.5)
+            terms = [
+                (1 - (layer[image, :, p] * object_masks(OBJECTS, named, side)).sum() / layer[image, :, p].sum()) ** 2
+                for image, caption in enumerate(captions) if caption
+                for positions, named in caption_object_tokens(caption, OBJECTS, vocabulary)
+                for p in positions
+            ]
+            layer_means.append(torch.stack(terms).mean())
+        return torch.stack(layer_means).mean()
+
+    first = localization_loss(maps, captions, scenes, vocabulary)
+    assert first.item() == pytest.approx(reference().item(), rel=1e-5)
+    assert len(vocabulary._phrase_masks) == 2  # three non-empty captions, the oldest dropped
+    assert localization_loss(maps, captions, scenes, vocabulary).item() == first.item()

@@ -31,12 +31,38 @@ _PLURAL = {shape + "s": shape for shape in SHAPES}
 
 class ObjectTokens:
     """The token ids of the shapes vocabulary's nouns (singular and plural) and modifiers (colors, sizes), each word
-    as the tokenizer reads it inside a caption (CLIP splits "triangles" in two)."""
+    as the tokenizer reads it inside a caption (CLIP splits "triangles" in two); and, for :func:`localization_loss`,
+    each (caption, scene)'s noun phrases with their objects' masks, cached.
 
-    def __init__(self, tokenizer):
+    Why a cache: the data repeats its (caption, scene) pairs every epoch (10,000 scenes, three captions each on the
+    default), and tokenizing 64 captions, matching their words and drawing their masks in Python cost a stage-2 step
+    about 40 ms of its 360 on 2 cores (docs/conditioning.md, forty-fourth round). At most ``max_cached`` pairs are
+    kept (the oldest dropped first), a few kilobytes each."""
+
+    def __init__(self, tokenizer, max_cached: int = 100_000):
         self.tokenizer = tokenizer
         self.nouns = word_token_ids(tokenizer, (*SHAPES, *_PLURAL))
         self.modifiers = word_token_ids(tokenizer, (*COLORS, *SIZES))
+        self.max_cached = max_cached
+        self._phrase_masks: dict[tuple, list[tuple[list[int], dict[int, torch.Tensor]]]] = {}
+
+    def phrase_masks(
+        self, caption: str, objects: Sequence[Mapping[str, Any]], sides: Sequence[int]
+    ) -> list[tuple[list[int], dict[int, torch.Tensor]]]:
+        """``(token positions, {side: mask})`` for each noun phrase of ``caption`` that names objects of the scene
+        (:func:`caption_object_tokens`), with the named objects' mask on each ``side`` x ``side`` grid
+        (:func:`object_masks`); cached per (caption, scene, sides)."""
+        key = (caption, tuple(tuple(sorted(obj.items())) for obj in objects), tuple(sides))
+        phrases = self._phrase_masks.get(key)
+        if phrases is None:
+            phrases = [
+                (positions, {side: object_masks(objects, named, side) for side in sides})
+                for positions, named in caption_object_tokens(caption, objects, self)
+            ]
+            if len(self._phrase_masks) >= self.max_cached:
+                del self._phrase_masks[next(iter(self._phrase_masks))]
+            self._phrase_masks[key] = phrases
+        return phrases
 
 
 def caption_object_tokens(
@@ -93,26 +119,30 @@ def localization_loss(
     """TokenCompose's token loss, averaged over every recorded cross-attention layer (``maps``: ``(batch, pixels,
     tokens)`` each, square grids) and every (image, noun phrase, token) whose phrase names objects of the image's
     scene (``scenes[i]``: its objects; ``None`` or an empty caption: nothing). 0 when no caption names an object."""
-    supervised = [
-        (image, positions, objects, named)
+    sides = sorted({int(round(layer.shape[1] ** 0.5)) for layer in maps})
+    # One row per supervised (image, token): the image, the token's position and its phrase's masks by side.
+    rows = [
+        (image, position, masks)
         for image, (caption, objects) in enumerate(zip(captions, scenes))
         if caption and objects
-        for positions, named in caption_object_tokens(caption, objects, vocabulary)
+        for positions, masks in vocabulary.phrase_masks(caption, objects, sides)
+        for position in positions
     ]
-    if not maps or not supervised:
+    if not maps or not rows:
         return maps[0].new_zeros(()) if maps else torch.zeros(())
+    images = torch.tensor([image for image, _, _ in rows])
+    positions = torch.tensor([position for _, position, _ in rows])
     terms = []
-    masks_by_side: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    targets_by_side: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for layer in maps:
         side = int(round(layer.shape[1] ** 0.5))
-        if side not in masks_by_side:  # (batch, tokens, pixels): each supervised token's object mask, else 0
+        if side not in targets_by_side:  # (batch, tokens, pixels): each supervised token's object mask, else 0
             masks = torch.zeros(layer.shape[0], layer.shape[2], side * side)
+            masks[images, positions] = torch.stack([by_side[side] for _, _, by_side in rows])
             weights = torch.zeros(layer.shape[0], layer.shape[2])
-            for image, positions, objects, named in supervised:
-                masks[image, positions] = object_masks(objects, named, side)
-                weights[image, positions] = 1.0
-            masks_by_side[side] = (masks.to(layer.device, layer.dtype), weights.to(layer.device, layer.dtype))
-        masks, weights = masks_by_side[side]
+            weights[images, positions] = 1.0
+            targets_by_side[side] = (masks.to(layer.device, layer.dtype), weights.to(layer.device, layer.dtype))
+        masks, weights = targets_by_side[side]
         attention = layer.transpose(1, 2)  # (batch, tokens, pixels)
         inside = (attention * masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)
         terms.append(((1 - inside).pow(2) * weights).sum() / weights.sum())
