@@ -160,6 +160,8 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_data_steps_and_a
     assert dataclasses.replace(patient.train.optimizer, learning_rate=default.train.optimizer.learning_rate) == default.train.optimizer
     assert patient.train.batch_size == default.train.batch_size
     assert patient.train.token_mixing_from_step == 0 and default.train.token_mixing_from_step > 0
+    # the token loss (forty-fourth round) was measured on the default's three seeds, not on the preset
+    assert patient.train.attention_localization_weight == 0 and default.train.attention_localization_weight > 0
 
 
 def test_the_gpu_preset_trains_with_the_default_objective():
@@ -181,6 +183,8 @@ def test_the_gpu_preset_trains_with_the_default_objective():
         assert getattr(long.model.text_encoder, key) == getattr(default.model.text_encoder, key)
     long_start = long.train.token_mixing_from_step / long.train.max_steps
     assert long_start == pytest.approx(default.train.token_mixing_from_step / default.train.max_steps, abs=0.01)
+    # and the token loss on the objects' places at the default's weight (forty-fourth round)
+    assert long.train.attention_localization_weight == default.train.attention_localization_weight > 0
 
 
 def test_the_scale_equivariance_factor_must_divide_every_latent_edge_stage_1_trains_on():
