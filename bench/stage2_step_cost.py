@@ -100,10 +100,12 @@ def time_steps(parts, steps: int, warmup: int) -> list[tuple[float, float, float
 
 def time_token_loss_targets(parts, rounds: int) -> tuple[float, float]:
     """Median milliseconds of the token loss's targets for the batch, (cold, cached): the loss on constant maps of the
-    U-Net's grids with a fresh vocabulary each time, and with one that has seen the batch."""
-    unet, _, _, ids, latents, _, (_, captions, scenes, vocabulary) = parts
-    side, tokens = latents.shape[-1], ids.shape[1]
-    maps = [torch.full((len(captions), (side >> level) ** 2, tokens), 1 / tokens) for level in range(3)]
+    shapes the U-Net's cross-attention layers record, with a fresh vocabulary each time, and with one that has seen
+    the batch."""
+    unet, text_encoder, _, ids, latents, timesteps, (_, captions, scenes, vocabulary) = parts
+    with torch.no_grad(), cross_attention_maps([unet]) as recorded:
+        unet(latents, timesteps, encoder_hidden_states=text_encoder(ids)[0])
+    maps = [torch.full_like(layer, 1 / layer.shape[-1]) for layer in recorded]
     timings = {"cold": [], "cached": []}
     for _ in range(rounds):
         for kind in timings:

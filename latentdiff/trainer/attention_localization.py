@@ -36,8 +36,8 @@ class ObjectTokens:
 
     Why a cache: the data repeats its (caption, scene) pairs every epoch (10,000 scenes, three captions each on the
     default), and tokenizing 64 captions, matching their words and drawing their masks in Python cost a stage-2 step
-    about 40 ms of its 360 on 2 cores (docs/conditioning.md, forty-fourth round). At most ``max_cached`` pairs are
-    kept (the oldest dropped first), a few kilobytes each."""
+    30-55 ms on 2 cores, 1.4-3 ms once cached (``bench/stage2_step_cost.py``; docs/conditioning.md, forty-fourth
+    round). At most ``max_cached`` pairs are kept (the oldest dropped first), a few kilobytes each."""
 
     def __init__(self, tokenizer, max_cached: int = 100_000):
         self.tokenizer = tokenizer
