@@ -20,7 +20,6 @@ Outputs under ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -376,9 +375,9 @@ def main(argv: list[str] | None = None) -> None:
                     with torch.set_grad_enabled(train_text_encoder):
                         encoder_hidden_states = text_encoder(tokenize(tokenizer, captions).to(accelerator.device))[0]
                 snr_clamp_low = snr_clamp_for(config.diffusion, captions, state.global_step, latents.device)
-                # With attention localization, the U-Net's cross-attention maps are recorded during this forward.
-                recording = cross_attention_maps([unet]) if localized_words is not None else contextlib.nullcontext([])
-                with recording as attention:
+                # With attention localization, the U-Net's cross-attention maps are recorded during this forward
+                # (no U-Net given, nothing is recorded).
+                with cross_attention_maps([unet] if localized_words is not None else []) as attention:
                     output = diffusion_loss(
                         lambda x, t, c: unet(x, t, c).sample,
                         noise_scheduler,
