@@ -17,14 +17,18 @@ speed relative to the first. Used for the text-path ablation of docs/conditionin
 device by ``common.unet_forward_flops``), the FLOP rate that makes of the measured step, and each top-level
 block's share of the forward: where a cheaper architecture would have to save.
 
-A variant with ``train.attention_localization_weight`` (TokenCompose's token loss) records the cross-attention maps
-during the U-Net's forward and adds the loss, on the first ``batch`` captions and scenes of the config's shapes data
-(the text encoder's cost is the same: every caption is padded to the tokenizer's length). For those variants the
-loss's targets (the captions' noun phrases and their objects' masks, built in Python) are also timed alone, cold
+A variant with ``train.attention_localization_weight`` (TokenCompose's token loss), or its ``_pixel_weight`` (the
+pixel loss), records the cross-attention maps during the U-Net's forward and adds the losses, on the first ``batch``
+captions and scenes of the config's shapes data (the text encoder's cost is the same: every caption is padded to the
+tokenizer's length). For those variants the token loss's targets (the captions' noun phrases and their objects' masks, built in Python) are also timed alone, cold
 (every (caption, scene) new, as in stage 2's first epoch) and cached (as in the later ones):
 
     python bench/stage2_step_cost.py --config configs/shapes.yaml --variant "" \
-        --variant "train.attention_localization_weight=0.01"
+        --variant "train.attention_localization_weight=0.01" --recomputed-maps
+
+The maps are recorded where the attention computes them (``cross_attention_maps``); ``--recomputed-maps`` also times
+each token-loss variant with them recomputed by forward pre-hooks beside the fused processor, the way before the
+forty-fifth round of docs/conditioning.md, as its own row.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from latentdiff.models.builders import vae_scale_factor
 
 from latentdiff.data.shapes import make_shapes_dataset
 from latentdiff.pipelines.attention_binding import cross_attention_maps
-from latentdiff.trainer.attention_localization import ObjectTokens, localization_loss
+from latentdiff.trainer.attention_localization import ObjectTokens, localization_loss, localization_pixel_loss
 
 from common import TRAINING_FLOPS_PER_FORWARD, unet_forward_flops, unet_forward_flops_by_block
 
@@ -59,14 +63,17 @@ def build(config_file: str, variant: str):
     batch = config.train.batch_size
     token_loss = None
     captions = [CAPTION] * batch
-    if config.train.attention_localization_weight:  # the data's own captions and scenes, for the loss's targets
+    train = config.train
+    if train.attention_localization_weight or train.attention_localization_pixel_weight:  # the data's own captions
+        # and scenes, for the losses' targets
         shapes = config.data.shapes
         data = make_shapes_dataset(batch, seed=config.seed, image_size=config.data.resolution,
                                    holdout=tuple(shapes.holdout), captions_per_image=shapes.captions_per_image,
                                    full_caption=shapes.full_caption, progress_bar=False)
         captions = [row[0] for row in data["captions"]]
         scenes = [scene["objects"] for scene in data["scene"]]
-        token_loss = (config.train.attention_localization_weight, captions, scenes, ObjectTokens(tokenizer))
+        weights = (train.attention_localization_weight, train.attention_localization_pixel_weight)
+        token_loss = (weights, captions, scenes, ObjectTokens(tokenizer))
     ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids
     size = config.data.resolution // vae_scale_factor(config.model)
@@ -75,7 +82,7 @@ def build(config_file: str, variant: str):
     return unet, text_encoder, optimizer, ids, latents, timesteps, token_loss
 
 
-def time_steps(parts, steps: int, warmup: int) -> list[tuple[float, float, float]]:
+def time_steps(parts, steps: int, warmup: int, recompute: bool = False) -> list[tuple[float, float, float]]:
     unet, text_encoder, optimizer, ids, latents, timesteps, token_loss = parts
     times = []
     for step in range(steps + warmup):
@@ -83,11 +90,13 @@ def time_steps(parts, steps: int, warmup: int) -> list[tuple[float, float, float
         with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
             states = text_encoder(ids)[0]
         text_done = time.perf_counter()
-        with cross_attention_maps([unet] if token_loss else []) as maps:
+        with cross_attention_maps([unet] if token_loss else [], recompute=recompute) as maps:
             loss = (unet(latents, timesteps, encoder_hidden_states=states).sample - latents).pow(2).mean()
         if token_loss:
-            weight, captions, scenes, vocabulary = token_loss
+            (weight, pixel_weight), captions, scenes, vocabulary = token_loss
             loss = loss + weight * localization_loss(maps, captions, scenes, vocabulary)
+            if pixel_weight:
+                loss = loss + pixel_weight * localization_pixel_loss(maps, captions, scenes, vocabulary)
         loss.backward()
         backward_done = time.perf_counter()
         optimizer.step()
@@ -126,22 +135,29 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flops", action="store_true", help="also count FLOPs per step and by U-Net block")
+    parser.add_argument("--recomputed-maps", action="store_true",
+                        help="also time each token-loss variant with its maps recomputed by pre-hooks")
     args = parser.parse_args()
     torch.manual_seed(0)
     models = [build(args.config, variant) for variant in args.variant]
-    results = {variant: [] for variant in args.variant}
+    # (row label, the variant's parts, whether its maps are recomputed by hooks)
+    rows = [(variant, parts, False) for variant, parts in zip(args.variant, models)]
+    if args.recomputed_maps:
+        rows += [(f"{variant or '(the config)'}, maps recomputed by hooks", parts, True)
+                 for variant, parts in zip(args.variant, models) if parts[-1]]
+    results = {label: [] for label, _, _ in rows}
     for _ in range(args.rounds):
-        for variant, parts in zip(args.variant, models):
-            results[variant] += time_steps(parts, args.steps, args.warmup)
+        for label, parts, recompute in rows:
+            results[label] += time_steps(parts, args.steps, args.warmup, recompute)
     print(f"threads: {torch.get_num_threads()}, batch {models[0][3].shape[0]}, {args.rounds} rounds of {args.steps} steps")
     print("| variant | ms per step | text encoder forward | U-Net forward + backward | AdamW | speed vs first |")
     print("|---|---|---|---|---|---|")
     first = None
-    for variant, times in results.items():
+    for label, times in results.items():
         text, network, update = (1000 * statistics.median(t[i] for t in times) for i in range(3))
         total = 1000 * statistics.median(sum(t) for t in times)
         first = first or total
-        print(f"| {variant or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
+        print(f"| {label or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
     localized = [(variant, parts) for variant, parts in zip(args.variant, models) if parts[-1]]
     if localized:
         print()
@@ -149,7 +165,7 @@ def main() -> None:
         print("|---|---|---|")
         for variant, parts in localized:
             cold, cached = time_token_loss_targets(parts, 5 * args.rounds)
-            print(f"| {variant} | {cold:.1f} | {cached:.1f} |")
+            print(f"| {variant or '(the config)'} | {cold:.1f} | {cached:.1f} |")
     if args.flops:
         print()
         print("| variant | U-Net GFLOP per training step (3 forwards' worth) | GFLOP/s of the measured step | share of the U-Net's forward by block |")

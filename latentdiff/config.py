@@ -550,6 +550,10 @@ class TrainConfig:
     """The weight of a loss that asks each object's words to attend to that object's pixels in every
     cross-attention layer (TokenCompose's token loss, Wang et al. 2024; :mod:`latentdiff.trainer.attention_localization`),
     added to the denoising loss. Needs the objects' places: the built-in shapes data, on cached latents. 0: off."""
+    attention_localization_pixel_weight: float = 0.0
+    """The weight of TokenCompose's pixel loss beside the token loss: each object's pixels asked to attend to its
+    words, and the other pixels not (the binary cross-entropy of a phrase's summed attention against its objects'
+    mask; :func:`latentdiff.trainer.attention_localization.localization_pixel_loss`). Same needs. 0: off."""
     mixed_precision: MixedPrecision = "no"
     caption_dropout: float = 0.1
     """Probability of an empty caption, for classifier-free guidance (Ho & Salimans 2022)."""
@@ -761,7 +765,7 @@ VALUE_RULES: dict[type, dict[str, Range]] = {
         "caption_gap_steps": NON_NEGATIVE, "caption_gap_images": Range(4), "adherence_probe_prompts": NON_NEGATIVE,
         "adherence_probe_steps": AT_LEAST_1, "band_boundary": POSITIVE,
         "high_band_every": Range(2), "token_mixing_from_step": NON_NEGATIVE,
-        "attention_localization_weight": NON_NEGATIVE,
+        "attention_localization_weight": NON_NEGATIVE, "attention_localization_pixel_weight": NON_NEGATIVE,
     },
     TextTrainConfig: {
         "max_steps": AT_LEAST_1, "batch_size": Range(2), "gradient_accumulation_steps": AT_LEAST_1,
@@ -834,10 +838,11 @@ def check_values(config: Config) -> None:
         fail("train.token_mixing_from_step", config.train.token_mixing_from_step,
              f"a step before train.max_steps={config.train.max_steps} (the mixing would never train; the shapes presets "
              f"start it halfway, so a shorter run sets it too: train.token_mixing_from_step={config.train.max_steps // 2})")
-    if config.train.attention_localization_weight and not (config.data.source == "shapes" and config.train.cache):
-        fail("train.attention_localization_weight", config.train.attention_localization_weight,
-             "0 unless data.source is shapes and train.cache is true (the loss reads each object's place from the "
-             "shapes data's scene records, beside the cached latents)")
+    for key in ("attention_localization_weight", "attention_localization_pixel_weight"):
+        if getattr(config.train, key) and not (config.data.source == "shapes" and config.train.cache):
+            fail(f"train.{key}", getattr(config.train, key),
+                 "0 unless data.source is shapes and train.cache is true (the loss reads each object's place from the "
+                 "shapes data's scene records, beside the cached latents)")
     if text.token_mixing_depthwise and not text.token_mixing_width:
         fail("model.text_encoder.token_mixing_depthwise", True, "false unless model.text_encoder.token_mixing_width is set")
     if text.token_mixing_gated and not text.token_mixing_width:

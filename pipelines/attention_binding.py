@@ -19,9 +19,10 @@ Written here because Diffusers has no such callback: its Attend-and-Excite pipel
 denoising loop (not a pipeline of latentdiff's, with its saved sampling defaults and noise-level experts), and its
 ``AttentionStore`` averages the maps over the whole batch. This is a Diffusers :class:`PipelineCallback`: it runs
 after a denoising step and returns the latents of the next one, so it works with any scheduler and any pipeline
-built on Stable Diffusion's loop. The cross-attention probabilities are recomputed by forward pre-hooks on the
-``attn2`` modules from their own inputs (query and key projections, ``get_attention_scores``), so whatever attention
-processor the U-Net uses is left as it is.
+built on Stable Diffusion's loop. The cross-attention probabilities are recorded where the ``attn2`` modules compute
+them: inside :func:`cross_attention_maps`, a module with one of Diffusers' stock processors runs Diffusers'
+``AttnProcessor``, whose explicit ``get_attention_scores`` yields them once for both the output and the record; a
+module with any other processor keeps it, and a forward pre-hook recomputes its probabilities from its inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.callbacks import PipelineCallback
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 __all__ = ["AttentionBindingCallback", "binding_loss", "cross_attention_maps", "object_token_groups", "word_token_ids"]
 
@@ -69,11 +71,54 @@ def object_token_groups(
     return groups
 
 
+def _record_head_mean(maps: list[torch.Tensor], probabilities: torch.Tensor, batch: int) -> None:
+    """Append ``probabilities`` ``(batch * heads, pixels, tokens)`` averaged over the heads."""
+    maps.append(probabilities.view(batch, -1, *probabilities.shape[1:]).mean(1))
+
+
+class _RecordingAttnProcessor(AttnProcessor):
+    """Diffusers' ``AttnProcessor`` (the probabilities computed explicitly by the module's ``get_attention_scores``,
+    not by a fused kernel) that appends each cross-attention call's probabilities to ``maps``.
+
+    Why not a hook beside the stock processor: the fused ``AttnProcessor2_0`` never materializes the probabilities,
+    so a hook has to compute the queries, keys and scores a second time, forward and backward. On the shapes default
+    (2-core Xeon, ``bench/stage2_step_cost.py --recomputed-maps``, two runs) the token loss's step costs 390-403 ms
+    with the hooks and 379-390 ms recorded here, against 360-366 ms without the loss: about half of what the loss
+    added. A cross-attention's score matrix is small (pixels x tokens), so the explicit path is no dearer than the
+    fused one."""
+
+    def __init__(self, maps: list[torch.Tensor]):
+        self.maps = maps
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if encoder_hidden_states is None or hidden_states.ndim != 3:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        get_attention_scores = attn.get_attention_scores
+
+        def recorded(query, key, attention_mask=None):
+            probabilities = get_attention_scores(query, key, attention_mask)
+            _record_head_mean(self.maps, probabilities, hidden_states.shape[0])
+            return probabilities
+
+        # The module's own method, shadowed for this call only: AttnProcessor calls it once per forward.
+        attn.get_attention_scores = recorded
+        try:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        finally:
+            del attn.get_attention_scores
+
+
 @contextlib.contextmanager
-def cross_attention_maps(unets: Iterable[torch.nn.Module]):
+def cross_attention_maps(unets: Iterable[torch.nn.Module], recompute: bool = False):
     """Within this context, every cross-attention (``attn2``) call of these U-Nets appends its attention
     probabilities, averaged over the heads, to the yielded list: one tensor ``(batch, height * width, tokens)`` per
-    call, differentiable with respect to the U-Net's input."""
+    call, differentiable with respect to the U-Net's input.
+
+    A module with one of Diffusers' stock processors (``AttnProcessor``, ``AttnProcessor2_0``) runs a recording
+    ``AttnProcessor`` for the duration (the same function, the probabilities computed once); any other processor
+    (LoRA, IP-Adapter, a user's own) is kept, and a forward pre-hook recomputes the probabilities from the module's
+    inputs. ``recompute=True`` recomputes every module's probabilities that way (for comparison: the step cost
+    benchmark, the tests). Every module gets its processor back on exit."""
     maps: list[torch.Tensor] = []
 
     def record(module, args, kwargs):
@@ -87,19 +132,21 @@ def cross_attention_maps(unets: Iterable[torch.nn.Module]):
             context = module.norm_encoder_hidden_states(context)
         query = module.head_to_batch_dim(module.to_q(hidden_states))
         key = module.head_to_batch_dim(module.to_k(context))
-        probabilities = module.get_attention_scores(query, key, None)  # (batch * heads, pixels, tokens)
-        batch = hidden_states.shape[0]
-        maps.append(probabilities.view(batch, -1, *probabilities.shape[1:]).mean(1))
+        _record_head_mean(maps, module.get_attention_scores(query, key, None), hidden_states.shape[0])
 
+    modules = [module for unet in unets for name, module in unet.named_modules() if name.endswith("attn2")]
+    stock = [] if recompute else [m for m in modules if type(m.processor) in (AttnProcessor, AttnProcessor2_0)]
+    saved = [module.processor for module in stock]
     handles = [
-        module.register_forward_pre_hook(record, with_kwargs=True)
-        for unet in unets
-        for name, module in unet.named_modules()
-        if name.endswith("attn2")
+        module.register_forward_pre_hook(record, with_kwargs=True) for module in modules if module not in stock
     ]
     try:
+        for module in stock:
+            module.processor = _RecordingAttnProcessor(maps)
         yield maps
     finally:
+        for module, processor in zip(stock, saved):
+            module.processor = processor
         for handle in handles:
             handle.remove()
 

@@ -1,5 +1,5 @@
 """Attention binding guidance (`pipelines/attention_binding.py`): the prompt's objects found among its tokens, the
-cross-attention maps recorded from the U-Net's own inputs, the loss's three terms, and the callback moving the
+cross-attention maps recorded where the U-Net computes them, the loss's three terms, and the callback moving the
 latents only where it is asked to. Tiny random components."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from latentdiff import LatentPipeline
 from latentdiff.pipelines.attention_binding import (
@@ -44,6 +44,46 @@ def test_the_recorded_map_is_the_attention_the_layer_applies():
     block.attn2(hidden, encoder_hidden_states=context)
     assert len(maps) == 1  # the hooks are gone after the context
 
+
+
+class _ScaledProcessor(AttnProcessor2_0):
+    """A processor of a user's own (here the stock one, doubled): the context must keep it."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return 2 * super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def test_recording_keeps_the_layers_output_and_gives_back_each_processor():
+    """A stock processor runs a recording one inside the context (the same output, the same maps as a pre-hook's
+    recomputation); any other processor is kept and its maps are recomputed; both come back on exit."""
+    torch.manual_seed(0)
+    block = torch.nn.Module()
+    block.attn2 = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    block.custom = torch.nn.Module()
+    block.custom.attn2 = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    block.custom.attn2.load_state_dict(block.attn2.state_dict())
+    block.self = torch.nn.Module()
+    block.self.attn2 = Attention(query_dim=8, heads=2, dim_head=4)
+    stock, custom = block.attn2.processor, _ScaledProcessor()
+    block.custom.attn2.set_processor(custom)
+    hidden, context = torch.randn(2, 16, 8, requires_grad=True), torch.randn(2, 5, 6)
+    outside = block.attn2(hidden, encoder_hidden_states=context)
+    with cross_attention_maps([block]) as maps:
+        assert type(block.attn2.processor) is not type(stock) and block.custom.attn2.processor is custom
+        inside = block.attn2(hidden, encoder_hidden_states=context)
+        doubled = block.custom.attn2(hidden, encoder_hidden_states=context)
+        block.self.attn2(hidden)  # a call without a context (self-attention) records nothing
+    torch.testing.assert_close(inside, outside)
+    torch.testing.assert_close(doubled, 2 * outside)
+    assert len(maps) == 2 and maps[0].shape == (2, 16, 5)
+    torch.testing.assert_close(maps[0], maps[1])
+    with cross_attention_maps([block], recompute=True) as recomputed:
+        assert block.attn2.processor is stock
+        torch.testing.assert_close(block.attn2(hidden, encoder_hidden_states=context), outside)
+    torch.testing.assert_close(recomputed[0], maps[0])
+    assert maps[0].requires_grad  # the token loss's gradient reaches the layer's input
+    assert block.attn2.processor is stock and block.custom.attn2.processor is custom
+    assert "get_attention_scores" not in vars(block.attn2)
 
 def _maps(noun_a, noun_b, modifier, pixels=4, tokens=6):
     """One image's maps (1, tokens, pixels): token 1 = modifier, 2 = noun a, 3 = noun b; the rest spread evenly."""

@@ -1,4 +1,5 @@
-"""The attention localization loss (`latentdiff/trainer/attention_localization.py`, TokenCompose's token loss):
+"""The attention localization losses (`latentdiff/trainer/attention_localization.py`, TokenCompose's token and pixel
+losses):
 the caption's words matched to the scene's objects, the objects' masks on a latent grid, the loss's range, and
 stage 2 training with it. Tiny components."""
 
@@ -12,6 +13,7 @@ from latentdiff.trainer.attention_localization import (
     ObjectTokens,
     caption_object_tokens,
     localization_loss,
+    localization_pixel_loss,
     object_masks,
 )
 
@@ -117,3 +119,30 @@ def test_the_loss_over_a_batch_is_the_mean_over_layers_of_every_supervised_token
     assert first.item() == pytest.approx(reference().item(), rel=1e-5)
     assert len(vocabulary._phrase_masks) == 2  # three non-empty captions, the oldest dropped
     assert localization_loss(maps, captions, scenes, vocabulary).item() == first.item()
+
+
+def test_the_pixel_loss_is_least_when_each_objects_pixels_read_its_words(vocabulary):
+    """Each phrase's attention summed over its tokens, against its objects' mask: lowest when the object's pixels
+    attend to its words alone and the others do not, highest when another object's pixels read them."""
+    caption = "a red square and a large blue circle"
+    ids = vocabulary.tokenizer(caption)["input_ids"]
+    (square, _), (circle, _) = caption_object_tokens(caption, OBJECTS, vocabulary)
+    square_mask, circle_mask = object_masks(OBJECTS, [0], 3), object_masks(OBJECTS, [3], 3)
+    others = [p for p in range(len(ids)) if p not in square + circle]
+
+    def maps(square_pixels, circle_pixels):  # (1, 9, tokens): each pixel's attention split among one group's tokens
+        layer = torch.zeros(1, 9, len(ids))
+        for pixel in range(9):
+            group = square if square_pixels[pixel] else circle if circle_pixels[pixel] else others
+            layer[0, pixel, group] = 1.0 / len(group)
+        return layer
+
+    right = localization_pixel_loss([maps(square_mask, circle_mask)], [caption], [OBJECTS], vocabulary)
+    swapped = localization_pixel_loss([maps(circle_mask, square_mask)], [caption], [OBJECTS], vocabulary)
+    uniform = torch.full((1, 9, len(ids)), 1.0 / len(ids))
+    spread = localization_pixel_loss([uniform], [caption], [OBJECTS], vocabulary)
+    assert right.item() < 1e-4 < spread.item() < swapped.item()
+    # the layers of one grid are averaged before the cross-entropy: two halves of the right maps are the right maps
+    halves = [maps(square_mask, circle_mask) * 2 - uniform, uniform]
+    assert localization_pixel_loss(halves, [caption], [OBJECTS], vocabulary).item() < 1e-4
+    assert localization_pixel_loss([uniform], [""], [OBJECTS], vocabulary).item() == 0

@@ -380,19 +380,25 @@ def test_a_delayed_token_mixing_stays_zero_until_its_step_and_then_trains(stage1
 
 
 def test_attention_localization_trains_and_logs_its_loss_and_needs_cached_shapes(stage1, tmp_path):
-    """train.attention_localization_weight: the token loss is added and logged beside the loss; without the shapes
-    data's scene records beside cached latents it is refused before anything trains."""
+    """train.attention_localization_weight and _pixel_weight: the token and pixel losses are added and logged beside
+    the loss; without the shapes data's scene records beside cached latents either is refused before anything
+    trains."""
     from latentdiff.testing import tensorboard_records
 
     common = [f"model.vae.pretrained={stage1 / 'vae'}", "train.attention_localization_weight=0.5"]
     result = run_script(TRAIN_LDM, f"output_dir={tmp_path / 'refused'}", *common, "train.cache=false", check=False)
     assert result.returncode == 2 and "train.attention_localization_weight" in result.stderr
     assert "train.cache is true" in result.stderr
-    run_script(TRAIN_LDM, f"output_dir={tmp_path}", *common, "train.cache=true", "train.max_steps=4", "train.log_every=2",
-               "train.report_to=tensorboard")
+    result = run_script(TRAIN_LDM, f"output_dir={tmp_path / 'refused'}", f"model.vae.pretrained={stage1 / 'vae'}",
+                        "train.attention_localization_pixel_weight=0.1", "train.cache=false", check=False)
+    assert result.returncode == 2 and "train.attention_localization_pixel_weight" in result.stderr
+    run_script(TRAIN_LDM, f"output_dir={tmp_path}", *common, "train.attention_localization_pixel_weight=0.1",
+               "train.cache=true", "train.max_steps=4", "train.log_every=2", "train.report_to=tensorboard")
     _, _, scalars = tensorboard_records(tmp_path / "logs" / "ldm")
     values = [value for _, value in scalars["attention_localization"]]
     assert len(values) == 2 and all(0 < value <= 1 for value in values)
+    pixel_values = [value for _, value in scalars["attention_localization_pixel"]]
+    assert len(pixel_values) == 2 and all(value > 0 for value in pixel_values)
 
 
 def test_the_low_noise_expert_stage_fine_tunes_a_copy_below_the_boundary_and_keeps_stage_2s_unet(stage1, tmp_path):

@@ -63,7 +63,7 @@ from latentdiff.trainer.latent_cache import (
 from latentdiff.models import build_components, build_text_encoder, build_vae
 from latentdiff.models.experts import NoiseLevelExperts
 from latentdiff.pipelines.attention_binding import cross_attention_maps
-from latentdiff.trainer.attention_localization import ObjectTokens, localization_loss
+from latentdiff.trainer.attention_localization import ObjectTokens, localization_loss, localization_pixel_loss
 from latentdiff.trainer.probes import CaptionGapProbe, adherence_probe, held_examples
 from latentdiff.sampling import SAMPLES_FILE, export_pipeline, make_pipeline, sample_grid
 from latentdiff.trainer.encoding import encode_images, tokenize
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         cache = load_or_build_latent_cache(
             dataset, vae, accelerator, config.data, latent_cache_dir(config), batch_per_process
         )
-        dataset = CachedLatentDataset(cache, dataset, with_objects=bool(train.attention_localization_weight))
+        with_objects = bool(train.attention_localization_weight or train.attention_localization_pixel_weight)
+        dataset = CachedLatentDataset(cache, dataset, with_objects=with_objects)
         collate_fn = collate_latents
     dataloader = make_train_dataloader(dataset, batch_per_process, collate_fn, config.data.num_workers, accelerator)
 
@@ -340,9 +341,12 @@ def main(argv: list[str] | None = None) -> None:
         train.max_steps, train.batch_size, batch_per_process, accelerator.num_processes, accelerator.device,
     )
     loss_sum = torch.zeros((), device=accelerator.device)
-    # TokenCompose's token loss on the objects' places (train.attention_localization_weight), logged beside the loss.
-    localized_words = ObjectTokens(tokenizer) if train.attention_localization_weight else None
+    # TokenCompose's token and pixel losses on the objects' places (train.attention_localization_weight and
+    # train.attention_localization_pixel_weight), logged beside the loss.
+    localizing = train.attention_localization_weight or train.attention_localization_pixel_weight
+    localized_words = ObjectTokens(tokenizer) if localizing else None
     localization_sum = torch.zeros((), device=accelerator.device)
+    pixel_localization_sum = torch.zeros((), device=accelerator.device)
     loss_count, last_batch = 0, None
     interval_start, interval_images = time.perf_counter(), 0
     while state.global_step < train.max_steps:
@@ -400,6 +404,10 @@ def main(argv: list[str] | None = None) -> None:
                     localization = localization_loss(attention, captions, batch["objects"], localized_words)
                     total_loss = total_loss + train.attention_localization_weight * localization
                     localization_sum += localization.detach()
+                    if train.attention_localization_pixel_weight:
+                        pixels = localization_pixel_loss(attention, captions, batch["objects"], localized_words)
+                        total_loss = total_loss + train.attention_localization_pixel_weight * pixels
+                        pixel_localization_sum += pixels.detach()
                 guard.observe(total_loss, state.global_step + 1)
                 accelerator.backward(total_loss * loss_weight)
                 if state.global_step < train.token_mixing_from_step:
@@ -433,6 +441,10 @@ def main(argv: list[str] | None = None) -> None:
                     logs["attention_localization"] = accelerator.reduce(
                         localization_sum / max(loss_count, 1), reduction="mean").item()
                     localization_sum.zero_()
+                    if train.attention_localization_pixel_weight:
+                        logs["attention_localization_pixel"] = accelerator.reduce(
+                            pixel_localization_sum / max(loss_count, 1), reduction="mean").item()
+                        pixel_localization_sum.zero_()
                 if loss_weighting is not None:  # the learned weight 1 / exp(u(t)) at the middle of each band
                     logs.update(adaptive_weights(accelerator.unwrap_model(loss_weighting)))
                 progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_second:.1f}")

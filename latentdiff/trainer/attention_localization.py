@@ -12,6 +12,12 @@ loss): ``L_token = mean over the caption's object tokens of (1 - sum_{p in mask}
 ``A`` a token's cross-attention probabilities over the pixels of a layer, added to the denoising loss with a
 weight. Written here because neither Diffusers nor its training examples have it: the masks come from the
 scene records of the shapes data, matched to the caption's words by their attributes.
+
+The same paper's pixel loss (Sec. 3.2, the grounding objective's second term) asks the other way round: each pixel of
+an object should attend to that object's words, the pixels outside it should not, ``L_pixel = BCE(sum over the
+phrase's tokens of A(p), M(p))``, with the maps of a grid's layers averaged first (:func:`localization_pixel_loss`).
+The token loss alone is met by a word that attends to a corner of its object, or by an object whose pixels read
+other words; the pixel loss asks every pixel of the object to read its words.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from ..data.shapes import COLORS, GRID, SHAPES, SIZE_FRACTIONS, SIZES
 from ..pipelines.attention_binding import object_token_groups, word_token_ids
 
-__all__ = ["ObjectTokens", "caption_object_tokens", "object_masks", "localization_loss"]
+__all__ = ["ObjectTokens", "caption_object_tokens", "object_masks", "localization_loss", "localization_pixel_loss"]
 
 _PLURAL = {shape + "s": shape for shape in SHAPES}
 
@@ -146,4 +152,38 @@ def localization_loss(
         attention = layer.transpose(1, 2)  # (batch, tokens, pixels)
         inside = (attention * masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)
         terms.append(((1 - inside).pow(2) * weights).sum() / weights.sum())
+    return torch.stack(terms).mean()
+
+
+def localization_pixel_loss(
+    maps: Sequence[torch.Tensor],
+    captions: Sequence[str],
+    scenes: Sequence[Sequence[Mapping[str, Any]] | None],
+    vocabulary: ObjectTokens,
+) -> torch.Tensor:
+    """TokenCompose's pixel loss: on each grid, the recorded layers' maps (``(batch, pixels, tokens)``) averaged, each
+    noun phrase's attention summed over its tokens, and the binary cross-entropy of that against its objects' mask
+    (the covered share of each pixel, :func:`object_masks`), averaged over the (image, phrase) pairs and the grids.
+    The pairs are those of :func:`localization_loss`; 0 when no caption names an object."""
+    sides = sorted({int(round(layer.shape[1] ** 0.5)) for layer in maps})
+    phrases = [
+        (image, positions, masks)
+        for image, (caption, objects) in enumerate(zip(captions, scenes))
+        if caption and objects
+        for positions, masks in vocabulary.phrase_masks(caption, objects, sides)
+    ]
+    if not maps or not phrases:
+        return maps[0].new_zeros(()) if maps else torch.zeros(())
+    images = torch.tensor([image for image, _, _ in phrases])
+    tokens = torch.zeros(len(phrases), maps[0].shape[2])  # which tokens each phrase sums
+    for row, (_, positions, _) in enumerate(phrases):
+        tokens[row, positions] = 1.0
+    tokens = tokens.to(maps[0].device, maps[0].dtype)
+    terms = []
+    for side in sides:
+        grid = torch.stack([layer for layer in maps if int(round(layer.shape[1] ** 0.5)) == side]).mean(0)
+        attention = (grid[images] * tokens[:, None, :]).sum(-1).float().clamp(1e-6, 1 - 1e-6)  # (phrases, pixels)
+        masks = torch.stack([by_side[side] for _, _, by_side in phrases]).to(attention.device)
+        # The cross-entropy written out in float32: F.binary_cross_entropy refuses to run under CUDA autocast.
+        terms.append(-(masks * attention.log() + (1 - masks) * (1 - attention).log()).mean())
     return torch.stack(terms).mean()
