@@ -84,8 +84,8 @@ class _RecordingAttnProcessor(AttnProcessor):
     so a hook has to compute the queries, keys and scores a second time, forward and backward. On the shapes default
     (2-core Xeon, ``bench/stage2_step_cost.py --recomputed-maps``, two runs) the token loss's step costs 390-403 ms
     with the hooks and 379-390 ms recorded here, against 360-366 ms without the loss: about half of what the loss
-    added. A cross-attention's score matrix is small (pixels x tokens), so the explicit path is no dearer than the
-    fused one."""
+    added (the rest is the loss itself and the explicit path in place of the fused one; a cross-attention's score
+    matrix is only pixels x tokens)."""
 
     def __init__(self, maps: list[torch.Tensor]):
         self.maps = maps
