@@ -73,7 +73,7 @@ def build(config_file: str, variant: str):
         captions = [row[0] for row in data["captions"]]
         scenes = [scene["objects"] for scene in data["scene"]]
         weights = (train.attention_localization_weight, train.attention_localization_pixel_weight)
-        token_loss = (weights, captions, scenes, ObjectTokens(tokenizer))
+        token_loss = (weights, captions, scenes, ObjectTokens(tokenizer), train.attention_localization_blocks)
     ids = tokenizer(captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                     return_tensors="pt").input_ids
     size = config.data.resolution // vae_scale_factor(config.model)
@@ -90,10 +90,11 @@ def time_steps(parts, steps: int, warmup: int, recompute: bool = False) -> list[
         with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
             states = text_encoder(ids)[0]
         text_done = time.perf_counter()
-        with cross_attention_maps([unet] if token_loss else [], recompute=recompute) as maps:
+        blocks = token_loss[-1] if token_loss else ()
+        with cross_attention_maps([unet] if token_loss else [], recompute=recompute, blocks=blocks) as maps:
             loss = (unet(latents, timesteps, encoder_hidden_states=states).sample - latents).pow(2).mean()
         if token_loss:
-            (weight, pixel_weight), captions, scenes, vocabulary = token_loss
+            (weight, pixel_weight), captions, scenes, vocabulary, _ = token_loss
             loss = loss + weight * localization_loss(maps, captions, scenes, vocabulary)
             if pixel_weight:
                 loss = loss + pixel_weight * localization_pixel_loss(maps, captions, scenes, vocabulary)
@@ -111,7 +112,7 @@ def time_token_loss_targets(parts, rounds: int) -> tuple[float, float]:
     """Median milliseconds of the token loss's targets for the batch, (cold, cached): the loss on constant maps of the
     shapes the U-Net's cross-attention layers record, with a fresh vocabulary each time, and with one that has seen
     the batch."""
-    unet, text_encoder, _, ids, latents, timesteps, (_, captions, scenes, vocabulary) = parts
+    unet, text_encoder, _, ids, latents, timesteps, (_, captions, scenes, vocabulary, _) = parts
     with torch.no_grad(), cross_attention_maps([unet]) as recorded:
         unet(latents, timesteps, encoder_hidden_states=text_encoder(ids)[0])
     maps = [torch.full_like(layer, 1 / layer.shape[-1]) for layer in recorded]

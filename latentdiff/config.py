@@ -554,6 +554,9 @@ class TrainConfig:
     """The weight of TokenCompose's pixel loss beside the token loss: each object's pixels asked to attend to its
     words, and the other pixels not (the binary cross-entropy of a phrase's summed attention against its objects'
     mask; :func:`latentdiff.trainer.attention_localization.localization_pixel_loss`). Same needs. 0: off."""
+    attention_localization_blocks: tuple[Literal["down_blocks", "mid_block", "up_blocks"], ...] = ()
+    """The U-Net's top-level blocks whose cross-attention layers those losses supervise; empty: every block.
+    TokenCompose supervises the middle and decoder layers only (``[mid_block, up_blocks]``)."""
     mixed_precision: MixedPrecision = "no"
     caption_dropout: float = 0.1
     """Probability of an empty caption, for classifier-free guidance (Ho & Salimans 2022)."""

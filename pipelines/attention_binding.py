@@ -108,8 +108,17 @@ class _RecordingAttnProcessor(AttnProcessor):
             del attn.get_attention_scores
 
 
+def _top_level_block(name: str) -> str:
+    """The U-Net's top-level block a module's qualified name lies in, past a DDP (``module.``) or ``torch.compile``
+    (``_orig_mod.``) wrapper's prefix."""
+    parts = name.split(".")
+    while parts and parts[0] in ("module", "_orig_mod"):
+        parts = parts[1:]
+    return parts[0] if parts else ""
+
+
 @contextlib.contextmanager
-def cross_attention_maps(unets: Iterable[torch.nn.Module], recompute: bool = False):
+def cross_attention_maps(unets: Iterable[torch.nn.Module], recompute: bool = False, blocks: Sequence[str] = ()):
     """Within this context, every cross-attention (``attn2``) call of these U-Nets appends its attention
     probabilities, averaged over the heads, to the yielded list: one tensor ``(batch, height * width, tokens)`` per
     call, differentiable with respect to the U-Net's input.
@@ -118,7 +127,9 @@ def cross_attention_maps(unets: Iterable[torch.nn.Module], recompute: bool = Fal
     ``AttnProcessor`` for the duration (the same function, the probabilities computed once); any other processor
     (LoRA, IP-Adapter, a user's own) is kept, and a forward pre-hook recomputes the probabilities from the module's
     inputs. ``recompute=True`` recomputes every module's probabilities that way (for comparison: the step cost
-    benchmark, the tests). Every module gets its processor back on exit."""
+    benchmark, the tests). ``blocks``: only the modules of these top-level blocks of the U-Net (``down_blocks``,
+    ``mid_block``, ``up_blocks``; a DDP or ``torch.compile`` wrapper's prefix is skipped); empty: every one. Every
+    module gets its processor back on exit."""
     maps: list[torch.Tensor] = []
 
     def record(module, args, kwargs):
@@ -134,7 +145,10 @@ def cross_attention_maps(unets: Iterable[torch.nn.Module], recompute: bool = Fal
         key = module.head_to_batch_dim(module.to_k(context))
         _record_head_mean(maps, module.get_attention_scores(query, key, None), hidden_states.shape[0])
 
-    modules = [module for unet in unets for name, module in unet.named_modules() if name.endswith("attn2")]
+    modules = [
+        module for unet in unets for name, module in unet.named_modules()
+        if name.endswith("attn2") and (not blocks or _top_level_block(name) in blocks)
+    ]
     stock = [] if recompute else [m for m in modules if type(m.processor) in (AttnProcessor, AttnProcessor2_0)]
     saved = [module.processor for module in stock]
     handles = [

@@ -215,3 +215,21 @@ def test_the_binding_eval_bench_guides_every_call_of_the_eval_and_writes_its_res
                           "--min-timestep", "0", "--images-per-prompt", "1", "--steps", "2", "--max-prompts-per-task", "1"])
     assert guided > 0 and (tmp_path / "eval" / "results.json").is_file()
     assert LatentPipeline.__call__.__name__ != "guided"  # the patch is undone
+
+
+def test_recording_only_the_named_blocks_of_a_unet_also_under_a_wrapper(pipe):
+    """``blocks``: the cross-attention layers of those top-level blocks only, found past a DDP-style wrapper."""
+    unet = pipe.unet
+    latents = torch.randn(1, unet.config.in_channels, 8, 8)
+    context = torch.randn(1, 5, unet.config.cross_attention_dim)
+    wrapper = torch.nn.Module()
+    wrapper.module = unet  # what DistributedDataParallel's named_modules() looks like
+    counts = {}
+    for blocks in ((), ("up_blocks",), ("mid_block", "up_blocks")):
+        with torch.no_grad(), cross_attention_maps([wrapper], blocks=blocks) as maps:
+            unet(latents, 10, encoder_hidden_states=context)
+        counts[blocks] = len(maps)
+    names = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+    assert counts[()] == len(names)
+    assert counts[("up_blocks",)] == sum(name.startswith("up_blocks.") for name in names) > 0
+    assert counts[("up_blocks",)] < counts[("mid_block", "up_blocks")] < counts[()]

@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
                 snr_clamp_low = snr_clamp_for(config.diffusion, captions, state.global_step, latents.device)
                 # With attention localization, the U-Net's cross-attention maps are recorded during this forward
                 # (no U-Net given, nothing is recorded).
-                with cross_attention_maps([unet] if localized_words is not None else []) as attention:
+                with cross_attention_maps([unet] if localized_words is not None else [],
+                                          blocks=train.attention_localization_blocks) as attention:
                     output = diffusion_loss(
                         lambda x, t, c: unet(x, t, c).sample,
                         noise_scheduler,
