@@ -564,6 +564,24 @@ def test_bf16_mixed_precision_run_exports_float32_weights(stage1, tmp_path):
             assert {tensor.dtype for tensor in load_file(file).values()} == {torch.float32}, part
 
 
+
+def test_the_token_and_pixel_losses_train_under_bf16_autocast(stage1, tmp_path):
+    """Under bf16 autocast, the GPU preset's precision (configs/shapes-long.yaml trains in bf16 with the token loss),
+    both losses give finite values that are logged."""
+    import math
+
+    from latentdiff.testing import tensorboard_records
+
+    run_script(
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", "train.mixed_precision=bf16",
+        "train.cache=true", "train.attention_localization_weight=0.5", "train.attention_localization_pixel_weight=0.1",
+        "train.max_steps=2", "train.log_every=1", "train.report_to=tensorboard",
+    )
+    _, _, scalars = tensorboard_records(tmp_path / "logs" / "ldm")
+    for key in ("loss", "attention_localization", "attention_localization_pixel"):
+        values = [value for _, value in scalars[key]]
+        assert len(values) == 2 and all(math.isfinite(value) and value > 0 for value in values), key
+
 def _no_traceback_from_our_code(stderr: str) -> bool:
     frames = re.findall(r'File "([^"]+)"', stderr)
     ours = (str(ROOT / "training"), str(ROOT / "latentdiff"), str(ROOT / "pipelines"))
