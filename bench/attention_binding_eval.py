@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-prompts-per-task", type=int, default=None, help="a smaller suite (default: all)")
     args = parser.parse_args(argv)
 
-    from latentdiff import LatentPipeline
     from latentdiff.data.shapes import COLORS, SHAPES, SIZES
     from latentdiff.eval.adherence import evaluate_model, format_report
     from latentdiff.pipelines.attention_binding import AttentionBindingCallback
@@ -37,20 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         nouns=[*SHAPES, *(shape + "s" for shape in SHAPES)], modifiers=[*COLORS, *SIZES], step_size=args.step_size,
         min_timestep=args.min_timestep, separation_weight=args.separation, binding_weight=args.binding,
     )
-    # The eval builds and calls its pipeline itself and has no way to pass a callback: every call in this process
-    # gets it.
-    unguided = LatentPipeline.__call__
-
-    def guided(self, *call_args, **kwargs):
-        kwargs.setdefault("callback_on_step_end", binding)
-        return unguided(self, *call_args, **kwargs)
-
-    LatentPipeline.__call__ = guided
-    try:
-        results, paths = evaluate_model(args.model, out=args.out, images_per_prompt=args.images_per_prompt,
-                                        steps=args.steps, scheduler="dpm", max_prompts_per_task=args.max_prompts_per_task)
-    finally:
-        LatentPipeline.__call__ = unguided
+    results, paths = evaluate_model(args.model, out=args.out, images_per_prompt=args.images_per_prompt, steps=args.steps,
+                                    scheduler="dpm", max_prompts_per_task=args.max_prompts_per_task,
+                                    callback_on_step_end=binding)
     print(format_report(results))
     print(f"guided {binding.guided_steps} steps; wrote {paths['results']}")
     return binding.guided_steps

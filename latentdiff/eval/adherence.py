@@ -268,6 +268,7 @@ def evaluate_adherence(
     negative_prompt: str | None = None,
     guidance_interval: Sequence[float] | None = None,
     guidance_rescale: float | None = None,
+    callback_on_step_end: Any = None,
     progress: bool = True,
 ) -> AdherenceResults:
     """Generate and judge ``images_per_prompt`` images for every prompt of ``suite``.
@@ -285,6 +286,8 @@ def evaluate_adherence(
             (Lin et al. 2024, Sec. 3.4; the pipeline's ``guidance_rescale``); ``None``: the pipeline's default, 0.
         seed: base seed; image ``j`` of a prompt uses :func:`image_seed` ``(seed, prompt, j)``.
         batch_size: images per pipeline call (prompts are mixed freely; images do not depend on it).
+        callback_on_step_end: passed to every pipeline call (a Diffusers ``PipelineCallback``, e.g.
+            :class:`~latentdiff.pipelines.attention_binding.AttentionBindingCallback`); ``None``: none.
     """
     from tqdm.auto import tqdm
 
@@ -305,6 +308,7 @@ def evaluate_adherence(
     bar = tqdm(total=len(jobs), desc=f"eval {SHAPES_SUITE_VERSION}", unit="img", disable=not progress)
     with _sampler(pipeline, scheduler), bar:
         settings = _call_settings(steps, guidance, negative_prompt, guidance_interval, guidance_rescale)
+        settings["callback_on_step_end"] = callback_on_step_end
         for start, batch in generate(pipeline, jobs, batch_size, **settings):
             for (spec, image_index), (_, job_seed), image in zip(specs[start:], jobs[start:], batch):
                 judged = judge_image(image)
@@ -336,6 +340,8 @@ def evaluate_adherence(
         "guidance_rescale": float(guidance_rescale or 0.0),
         "batch_size": batch_size,
     }
+    if callback_on_step_end is not None:
+        settings["callback_on_step_end"] = type(callback_on_step_end).__name__
     return AdherenceResults(records, images, settings, summarize(records), time.perf_counter() - started)
 
 
@@ -533,6 +539,7 @@ def evaluate_model(
     device: str | None = None,
     dtype: str = "float32",
     allow_pickle: bool = False,
+    callback_on_step_end: Any = None,
     progress: bool = True,
 ) -> tuple[AdherenceResults, dict[str, str]]:
     """``latentdiff eval``: run the shapes suite on a pipeline folder and write ``results.json`` and ``grid.png``.
@@ -541,7 +548,7 @@ def evaluate_model(
     ``guidance_scale`` (``latentdiff.json``, or the ``sample`` section of its ``config.yaml``), else
     Diffusers' default. ``out`` defaults to ``MODEL/eval``. Returns the results and the paths written
     (``{"results": ..., "grid": ...}``). ``dtype``: the torch dtype name the pipeline runs in (``float32``,
-    ``float16``, ``bfloat16``).
+    ``float16``, ``bfloat16``). ``callback_on_step_end``: passed to every pipeline call (:func:`evaluate_adherence`).
     """
     import torch
 
@@ -586,6 +593,7 @@ def evaluate_model(
         negative_prompt=negative_prompt,
         guidance_interval=guidance_interval,
         guidance_rescale=guidance_rescale,
+        callback_on_step_end=callback_on_step_end,
         progress=progress,
     )
     results.settings["guidance_source"] = guidance_source
