@@ -116,6 +116,17 @@ def object_masks(objects: Sequence[Mapping[str, Any]], indices: Sequence[int], s
     return (mask / mask.max().clamp_min(1e-8)).flatten()
 
 
+def _named_phrases(captions, scenes, vocabulary: ObjectTokens, sides) -> list[tuple[int, list[int], dict]]:
+    """``(image, token positions, {side: mask})`` for every noun phrase of the batch that names objects of its image's
+    scene (an empty caption or no scene: none): the supervised pairs of both losses."""
+    return [
+        (image, positions, masks)
+        for image, (caption, objects) in enumerate(zip(captions, scenes))
+        if caption and objects
+        for positions, masks in vocabulary.phrase_masks(caption, objects, sides)
+    ]
+
+
 def localization_loss(
     maps: Sequence[torch.Tensor],
     captions: Sequence[str],
@@ -129,9 +140,7 @@ def localization_loss(
     # One row per supervised (image, token): the image, the token's position and its phrase's masks by side.
     rows = [
         (image, position, masks)
-        for image, (caption, objects) in enumerate(zip(captions, scenes))
-        if caption and objects
-        for positions, masks in vocabulary.phrase_masks(caption, objects, sides)
+        for image, positions, masks in _named_phrases(captions, scenes, vocabulary, sides)
         for position in positions
     ]
     if not maps or not rows:
@@ -166,12 +175,7 @@ def localization_pixel_loss(
     (the covered share of each pixel, :func:`object_masks`), averaged over the (image, phrase) pairs and the grids.
     The pairs are those of :func:`localization_loss`; 0 when no caption names an object."""
     sides = sorted({int(round(layer.shape[1] ** 0.5)) for layer in maps})
-    phrases = [
-        (image, positions, masks)
-        for image, (caption, objects) in enumerate(zip(captions, scenes))
-        if caption and objects
-        for positions, masks in vocabulary.phrase_masks(caption, objects, sides)
-    ]
+    phrases = _named_phrases(captions, scenes, vocabulary, sides)
     if not maps or not phrases:
         return maps[0].new_zeros(()) if maps else torch.zeros(())
     images = torch.tensor([image for image, _, _ in phrases])
