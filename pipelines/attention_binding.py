@@ -273,6 +273,7 @@ class AttentionBindingCallback(PipelineCallback):
         if not isinstance(min_timestep, (int, float)) or isinstance(min_timestep, bool) or min_timestep < 0:
             raise ValueError(f"min_timestep must be a training timestep >= 0, got {min_timestep!r}")
         self.guided_steps = 0  # how many times it moved the latents (all calls together)
+        self._prompt_cache: tuple = (None, (), [])  # (tokenizer, prompts, their object groups and end positions)
 
     def _prompt_groups(self, pipeline, batch: int):
         """The object groups and end-token positions of the batch's prompts (the call's, which latentdiff's pipelines
@@ -282,12 +283,16 @@ class AttentionBindingCallback(PipelineCallback):
             raise ValueError("AttentionBindingCallback reads the call's prompts: call a latentdiff pipeline with prompt=..., "
                              "not prompt_embeds")
         tokenizer = pipeline.tokenizer
-        nouns = word_token_ids(tokenizer, self.config.nouns)
-        modifiers = word_token_ids(tokenizer, self.config.modifiers)
-        per_prompt = []
-        for prompt in prompts:
-            ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
-            per_prompt.append((object_token_groups(ids, nouns, modifiers), len(ids) - 1))
+        # A call's prompts are the same at every guided step: tokenized once per call, not once per step.
+        cached_tokenizer, cached_prompts, per_prompt = self._prompt_cache
+        if cached_tokenizer is not tokenizer or cached_prompts != tuple(prompts):
+            nouns = word_token_ids(tokenizer, self.config.nouns)
+            modifiers = word_token_ids(tokenizer, self.config.modifiers)
+            per_prompt = []
+            for prompt in prompts:
+                ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+                per_prompt.append((object_token_groups(ids, nouns, modifiers), len(ids) - 1))
+            self._prompt_cache = (tokenizer, tuple(prompts), per_prompt)
         if batch % len(per_prompt):
             raise RuntimeError(f"{batch} latents for {len(per_prompt)} prompts")
         repeat = batch // len(per_prompt)

@@ -144,6 +144,21 @@ def test_the_callback_moves_the_latents_at_the_high_noise_steps_only(pipe):
     np.testing.assert_array_equal(_images(pipe, "a blue sky", callback=nothing), _images(pipe, "a blue sky"))
 
 
+def test_the_callback_tokenizes_a_calls_prompts_once(pipe, monkeypatch):
+    """The prompts are the same at every guided step of a call: their tokens are grouped once per call, and again for
+    a call with other prompts."""
+    import latentdiff.pipelines.attention_binding as module
+
+    grouped = []
+    original = module.object_token_groups
+    monkeypatch.setattr(module, "object_token_groups", lambda ids, *args: grouped.append(ids) or original(ids, *args))
+    callback = AttentionBindingCallback(nouns=NOUNS, modifiers=MODIFIERS, step_size=0.5, min_timestep=0)
+    _images(pipe, callback=callback)
+    assert callback.guided_steps == 3 and len(grouped) == 1
+    _images(pipe, "a green square and a red circle", callback=callback)
+    assert callback.guided_steps == 6 and len(grouped) == 2 and grouped[0] != grouped[1]
+
+
 def test_the_callback_lowers_its_loss(pipe):
     """One guided step lowers the binding loss of the latents it moved (on the tiny random U-Net)."""
     callback = AttentionBindingCallback(nouns=NOUNS, modifiers=MODIFIERS, step_size=0.05, min_timestep=0)
