@@ -103,6 +103,15 @@ def table(records_file: str = RECORDS) -> str:
     return "\n".join(lines)
 
 
+def _checkout_commit() -> str:
+    """The checkout's short commit, with "+ uncommitted" when tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    return commit + (" + uncommitted" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--table":
         print(table(sys.argv[2] if len(sys.argv) > 2 else RECORDS))
@@ -135,6 +144,8 @@ def main() -> None:
     train = [sys.executable, "bench/ablation.py", "--_oracle-train"] if args.oracle else [sys.executable, "training/train_ldm.py"]
     train += ["--config", args.config, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    # The code the run starts from (a run takes tens of minutes; the checkout may move on before the record is written).
+    commit = _checkout_commit()
     minutes = None
     if not args.skip_train:
         print("+", shlex.join(train), flush=True)
@@ -168,7 +179,7 @@ def main() -> None:
             + (["--oracle"] if args.oracle else [])
             + ["--images-per-prompt", str(args.images_per_prompt), "--", *args.overrides]
         ),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+        "commit": commit,
         "steps": config["train"]["max_steps"],
         "batch_size": config["train"]["batch_size"],
         "images_seen": config["train"]["max_steps"] * config["train"]["batch_size"],
