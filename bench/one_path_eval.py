@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """What each of a two-path text encoder's paths carries alone: the shapes suite with one path zeroed at inference.
 
-    python bench/one_path_eval.py runs/shapes-patient/pipeline --keep words    # the layer's states zeroed
-    python bench/one_path_eval.py runs/shapes-patient/pipeline --keep states   # the word embeddings zeroed
+    python bench/one_path_eval.py MODEL/pipeline --keep words    # the layer's states zeroed
+    python bench/one_path_eval.py MODEL/pipeline --keep states   # the word embeddings zeroed
 
 For a pipeline whose text encoder is :class:`latentdiff.CLIPTextModelWithWordEmbeddings`
-(``model.text_encoder.word_embeddings_in_context``). A path that carries an attribute by itself keeps
+(``model.text_encoder.word_embeddings_in_context``, with a layer: the patient preset until the forty-sixth round). A path that carries an attribute by itself keeps
 that task's accuracy; a model trained with ``word_path_dropout`` has seen each path alone in training,
 one without it has not (its one-path scores are out of distribution). Writes ``OUT/results.json`` and
 ``OUT/grid.png`` as ``latentdiff eval`` does (docs/conditioning.md, twelfth round).
