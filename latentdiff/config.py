@@ -1080,7 +1080,9 @@ def load_config(
     """Resolve a :class:`Config` from YAML files and dotted overrides.
 
     Args:
-        config_files: YAML file(s), applied in order over the defaults.
+        config_files: YAML file(s), applied in order over the defaults. A file whose top level has ``base: OTHER.yaml``
+            (a path relative to the file) is applied over that file, which is loaded the same way first: a preset
+            states only what it changes.
         overrides: ``["train.max_steps=20", "output_dir=runs/x"]`` or ``{"train.max_steps": 20}``.
             String values are parsed as YAML scalars / lists (``20``, ``true``, ``null``,
             ``[32, 64]``); string fields keep the text as written.
@@ -1096,11 +1098,7 @@ def load_config(
 
     layers: list[tuple[str, dict[str, Any]]] = []
     for path in config_files:
-        with open(path, encoding="utf-8") as file:
-            data = yaml.safe_load(file) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
-        layers.append((str(path), data))
+        layers += _config_file_layers(path, chain=())
     if overrides:
         layers.append(("command line", _overrides_to_tree(overrides)))
 
@@ -1157,6 +1155,27 @@ def save_config(config: Config, folder: str | os.PathLike, name: str = CONFIG_FI
         yaml.safe_dump(config_to_dict(config), file, sort_keys=False)
     os.replace(temporary, path)
     return path
+
+
+def _config_file_layers(path: str | os.PathLike, chain: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """``(source, tree)`` for a YAML config file: its ``base`` file's layers first (recursively), then its own keys.
+    Why by hand: the config is typed dataclasses read from plain YAML, with no config library to do inheritance."""
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ConfigError(f"{path}: its base files form a cycle ({' -> '.join([*chain, real])})")
+    with open(path, encoding="utf-8") as file:
+        data = yaml.safe_load(file) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return [(str(path), data)]
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base must be the path of another config file (relative to this one), got {base!r}")
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), base)
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"{path}: its base file {base!r} does not exist (looked for {base_path})")
+    return [*_config_file_layers(base_path, (*chain, real)), (str(path), data)]
 
 
 def _overrides_to_tree(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

@@ -125,8 +125,8 @@ def test_every_shipped_config_resolves():
 
 
 def test_the_patient_cpu_preset_is_the_default_recipe_with_twice_the_images():
-    """configs/shapes-patient.yaml measures what more images seen buy (forty-sixth round): it must not drift from the
-    default in anything else."""
+    """configs/shapes-patient.yaml measures what more images seen buy (forty-sixth round): it is written over
+    configs/shapes.yaml (``base``) and must not drift from the default in anything else."""
     from pathlib import Path
 
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -143,6 +143,32 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_twice_the_images():
     assert patient.data == dataclasses.replace(default.data, shapes=shapes)
     assert patient.output_dir != default.output_dir
     assert dataclasses.replace(patient, output_dir=default.output_dir, data=default.data, train=default.train) == default
+
+
+def test_a_config_file_applies_over_its_base_file(tmp_path):
+    """``base: OTHER.yaml`` (relative to the file) is loaded first, recursively; the file's keys, then the command
+    line's, win."""
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "root.yaml").write_text("output_dir: runs/root\ntrain:\n  max_steps: 100\n  batch_size: 8\n")
+    (tmp_path / "presets" / "middle.yaml").write_text("base: ../root.yaml\ntrain:\n  max_steps: 200\n")
+    (tmp_path / "presets" / "leaf.yaml").write_text("base: middle.yaml\noutput_dir: runs/leaf\n")
+    config = load_config(tmp_path / "presets" / "leaf.yaml")
+    assert (config.output_dir, config.train.max_steps, config.train.batch_size) == ("runs/leaf", 200, 8)
+    assert load_config(tmp_path / "presets" / "leaf.yaml", ["train.batch_size=4"]).train.batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("base: missing.yaml\n", "its base file 'missing.yaml' does not exist"),
+        ("base: [a.yaml]\n", "base must be the path of another config file"),
+        ("base: self.yaml\n", "its base files form a cycle"),
+    ],
+)
+def test_a_bad_base_file_is_a_clear_error(tmp_path, text, match):
+    (tmp_path / "self.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(tmp_path / "self.yaml")
 
 
 def test_the_gpu_preset_trains_with_the_default_objective():
