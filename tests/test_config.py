@@ -192,6 +192,8 @@ def test_the_gpu_preset_trains_with_the_default_objective():
     assert long_start == pytest.approx(default.train.token_mixing_from_step / default.train.max_steps, abs=0.01)
     # and the token loss on the objects' places at the default's weight (forty-fourth round)
     assert long.train.attention_localization_weight == default.train.attention_localization_weight > 0
+    # and the default's sampling: guidance 3.5 away from "a shape" below t = 800 (eighth round)
+    assert long.sample == default.sample
 
 
 def test_the_scale_equivariance_factor_must_divide_every_latent_edge_stage_1_trains_on():
