@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from PIL import Image
@@ -129,3 +130,20 @@ def test_wandb_offline_run_records_config_and_images(tmp_path, monkeypatch):
     assert not missing, missing
     (image_path,) = glob.glob(os.path.join(run, "files", "media", "images", "validation_*.png"))
     assert Image.open(image_path).size == (24, 16)
+
+
+@pytest.mark.parametrize("precision, flash_after", [("bf16", False), ("no", True)])
+def test_bf16_training_on_cpu_runs_attention_with_the_math_kernel(tmp_path, precision, flash_after):
+    """make_accelerator on a CPU under bf16 turns torch's CPU flash attention off for the process (its bf16 backward
+    made bf16 training slower than float32: ``use_math_attention_on_cpu``); in float32 it is left as it was."""
+    from accelerate.state import AcceleratorState
+
+    config = load_config(overrides={"model.preset": "tiny", "output_dir": str(tmp_path)})
+    assert torch.backends.cuda.flash_sdp_enabled()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        make_accelerator(config, precision, 1, None, "ldm")
+        assert torch.backends.cuda.flash_sdp_enabled() is flash_after
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+        AcceleratorState._reset_state(reset_partial_state=True)
