@@ -142,8 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     noise_scheduler = make_noise_scheduler(config.diffusion)
     train_text_encoder = config.model.text_encoder.train
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # With the latent cache the autoencoder encodes each image once, so it does so in float32 whatever the
+    # training's precision: stage 2 then learns the latents the exported float32 autoencoder decodes.
+    vae_dtype = torch.float32 if train.cache else weight_dtype
     if vae is not None:
-        vae.requires_grad_(False).eval().to(accelerator.device, dtype=weight_dtype)
+        vae.requires_grad_(False).eval().to(accelerator.device, dtype=vae_dtype)
     text_encoder.requires_grad_(train_text_encoder).train(train_text_encoder)
     if train_text_encoder and hasattr(text_encoder, "freeze_pooling_only_parameters"):
         text_encoder.freeze_pooling_only_parameters()  # the OpenCLIP tower: see its docstring
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     caption_gap_probe = None
     if train.caption_gap_steps:
         held_pixels, held_captions = held_examples(config.data, config.seed, train.caption_gap_images)
-        held_latents = encode_images(vae, held_pixels.to(accelerator.device, weight_dtype), None, mean=True).float()
+        held_latents = encode_images(vae, held_pixels.to(accelerator.device, vae_dtype), None, mean=True).float()
         caption_gap_probe = CaptionGapProbe(held_latents, held_captions, encode_text, seed=config.seed)
 
     # 4. Optimizers (one per band of noise levels with train.band_boundary), learning-rate schedules, EMA.
@@ -371,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                     noise = torch.randn(batch["latent_mean"].shape, generator=rng.generator, device=rng.generator.device)
                     latents = batch["latent_mean"] + batch["latent_std"] * noise.to(accelerator.device)
                 else:
-                    latents = encode_images(vae, batch["pixel_values"].to(weight_dtype), rng.generator).float()
+                    latents = encode_images(vae, batch["pixel_values"].to(vae_dtype), rng.generator).float()
                 captions = drop_captions(batch["captions"], train.caption_dropout, rng.generator)
                 if text_embeddings is not None:
                     encoder_hidden_states = text_embeddings(captions)
