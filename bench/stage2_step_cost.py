@@ -26,6 +26,11 @@ tokenizer's length). For those variants the token loss's targets (the captions' 
     python bench/stage2_step_cost.py --config configs/shapes.yaml --variant "" \
         --variant "train.attention_localization_weight=0.01" --recomputed-maps
 
+A variant with ``train.mixed_precision=bf16`` runs the U-Net's forward under bf16 autocast with torch's math
+attention kernel, as a bf16 training run on a CPU does (``latentdiff.trainer.loop.use_math_attention_on_cpu``):
+
+    python bench/stage2_step_cost.py --config configs/shapes.yaml --variant "" --variant "train.mixed_precision=bf16"
+
 The maps are recorded where the attention computes them (``cross_attention_maps``); ``--recomputed-maps`` also times
 each token-loss variant with them recomputed by forward pre-hooks beside the fused processor, the way before the
 forty-fifth round of docs/conditioning.md, as its own row.
@@ -34,11 +39,14 @@ forty-fifth round of docs/conditioning.md, as its own row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import statistics
 import time
+from functools import partial
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from latentdiff.config import load_config
 from latentdiff.models import build_components
@@ -79,11 +87,25 @@ def build(config_file: str, variant: str):
     size = config.data.resolution // vae_scale_factor(config.model)
     latents = torch.randn(batch, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     timesteps = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
-    return unet, text_encoder, optimizer, ids, latents, timesteps, token_loss
+    return unet, text_encoder, optimizer, ids, latents, timesteps, token_loss, partial(autocast, train.mixed_precision)
+
+
+def autocast(mixed_precision: str):
+    """The U-Net's forward (and so its backward) as a training run of this precision on a CPU computes it: under
+    bf16 autocast with torch's math attention kernel (``latentdiff.trainer.loop.use_math_attention_on_cpu``; scoped
+    here so that interleaved variants each get their own)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    if mixed_precision != "bf16":
+        raise SystemExit(f"train.mixed_precision={mixed_precision}: this benchmark times CPU steps, in 'no' or 'bf16'")
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
 
 
 def time_steps(parts, steps: int, warmup: int, recompute: bool = False) -> list[tuple[float, float, float]]:
-    unet, text_encoder, optimizer, ids, latents, timesteps, token_loss = parts
+    unet, text_encoder, optimizer, ids, latents, timesteps, token_loss, precision = parts
     times = []
     for step in range(steps + warmup):
         start = time.perf_counter()
@@ -91,8 +113,8 @@ def time_steps(parts, steps: int, warmup: int, recompute: bool = False) -> list[
             states = text_encoder(ids)[0]
         text_done = time.perf_counter()
         blocks = token_loss[-1] if token_loss else ()
-        with cross_attention_maps([unet] if token_loss else [], recompute=recompute, blocks=blocks) as maps:
-            loss = (unet(latents, timesteps, encoder_hidden_states=states).sample - latents).pow(2).mean()
+        with precision(), cross_attention_maps([unet] if token_loss else [], recompute=recompute, blocks=blocks) as maps:
+            loss = (unet(latents, timesteps, encoder_hidden_states=states).sample.float() - latents).pow(2).mean()
         if token_loss:
             (weight, pixel_weight), captions, scenes, vocabulary, _ = token_loss
             loss = loss + weight * localization_loss(maps, captions, scenes, vocabulary)
@@ -112,7 +134,7 @@ def time_token_loss_targets(parts, rounds: int) -> tuple[float, float]:
     """Median milliseconds of the token loss's targets for the batch, (cold, cached): the loss on constant maps of the
     shapes the U-Net's cross-attention layers record, with a fresh vocabulary each time, and with one that has seen
     the batch."""
-    unet, text_encoder, _, ids, latents, timesteps, (_, captions, scenes, vocabulary, _) = parts
+    unet, text_encoder, _, ids, latents, timesteps, (_, captions, scenes, vocabulary, _), _ = parts
     with torch.no_grad(), cross_attention_maps([unet]) as recorded:
         unet(latents, timesteps, encoder_hidden_states=text_encoder(ids)[0])
     maps = [torch.full_like(layer, 1 / layer.shape[-1]) for layer in recorded]
@@ -145,7 +167,7 @@ def main() -> None:
     rows = [(variant, parts, False) for variant, parts in zip(args.variant, models)]
     if args.recomputed_maps:
         rows += [(f"{variant or '(the config)'}, maps recomputed by hooks", parts, True)
-                 for variant, parts in zip(args.variant, models) if parts[-1]]
+                 for variant, parts in zip(args.variant, models) if parts[6]]
     results = {label: [] for label, _, _ in rows}
     for _ in range(args.rounds):
         for label, parts, recompute in rows:
@@ -159,7 +181,7 @@ def main() -> None:
         total = 1000 * statistics.median(sum(t) for t in times)
         first = first or total
         print(f"| {label or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
-    localized = [(variant, parts) for variant, parts in zip(args.variant, models) if parts[-1]]
+    localized = [(variant, parts) for variant, parts in zip(args.variant, models) if parts[6]]
     if localized:
         print()
         print("| variant | token loss targets, cold: ms per batch | cached |")

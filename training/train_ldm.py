@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         unet.eval()
         text_encoder.eval()
         denoiser = with_frozen_expert(unet)
-        gap = caption_gap_probe.measure(lambda x, t, c: denoiser(x, t, c).sample, noise_scheduler, step)
+        with accelerator.autocast():  # the frozen expert is float32 and outside Accelerate's autocast of the U-Net
+            gap = caption_gap_probe.measure(lambda x, t, c: denoiser(x, t, c).sample, noise_scheduler, step)
         accelerator.log(gap.logs(), step=step)
         unet.train()
         text_encoder.train(train_text_encoder)
