@@ -335,3 +335,19 @@ def test_shapes_settle_where_every_later_estimate_holds_the_final_shapes():
     assert settled_from(timesteps, [["red square"]] * 4, final) == 900
     assert settled_from(timesteps, [["red square"]] * 3 + [[]], final) is None
     assert settled_from(timesteps, [["red square"], [], [], []], []) == 600  # empty from 600 on
+
+
+@pytest.mark.slow
+def test_stage1_step_cost_times_each_phase_of_each_variant_side_by_side():
+    """bench/stage1_step_cost.py: one row per variant, a time for each of stage 1's three phases, speeds relative to
+    the first variant (float32 against bf16 here, as the forty-seventh round compared them)."""
+    process = _run("stage1_step_cost.py", "--config", "configs/tiny.yaml", "--variant", "vae_train.mixed_precision=no",
+                   "--variant", "vae_train.mixed_precision=bf16", "--steps", "1", "--warmup", "0", "--rounds", "1")
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    rows = [line for line in process.stdout.splitlines() if line.startswith("| vae_train.mixed_precision=")]
+    assert len(rows) == 2
+    first, second = ([cell.strip() for cell in row.strip("|").split("|")] for row in rows)
+    assert first[0].endswith("=no") and first[-1] == "1.00x / 1.00x / 1.00x"
+    assert all(float(ms) > 0 for ms in first[1:4] + second[1:4])
+    speeds = [float(speed.rstrip("x")) for speed in second[-1].split(" / ")]
+    assert speeds == pytest.approx([float(f) / float(s) for f, s in zip(first[1:4], second[1:4])], rel=0.02)
