@@ -553,17 +553,20 @@ def test_pixel_space_training_with_the_mnist_config(tmp_path, source):
     assert image.shape == (1, 32, 32, 3)
 
 
-def test_bf16_mixed_precision_run_exports_float32_weights(stage1, tmp_path):
+@pytest.mark.parametrize("cache", ["false", "true"])
+def test_bf16_mixed_precision_run_exports_float32_weights(stage1, tmp_path, cache):
     """bf16 autocast on the CPU: the run completes and the pipeline is saved in float32 (the frozen
-    autoencoder ran in bf16 but is saved as it was loaded)."""
+    autoencoder ran in bf16 without the latent cache, in float32 with it, and is saved as it was loaded)."""
     run_script(
-        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}",
+        TRAIN_LDM, f"output_dir={tmp_path}", f"model.vae.pretrained={stage1 / 'vae'}", f"train.cache={cache}",
         "train.mixed_precision=bf16", "train.max_steps=2", "train.checkpointing_steps=2",
     )
     for part in ("unet", "vae", "text_encoder"):
         for file in (tmp_path / "pipeline" / part).glob("*.safetensors"):
             assert {tensor.dtype for tensor in load_file(file).values()} == {torch.float32}, part
-
+    (loaded,) = (stage1 / "vae").glob("*.safetensors")
+    exported, original = load_file(tmp_path / "pipeline" / "vae" / loaded.name), load_file(loaded)
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in exported)
 
 
 def test_the_token_and_pixel_losses_train_under_bf16_autocast(stage1, tmp_path):

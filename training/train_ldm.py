@@ -501,10 +501,12 @@ def main(argv: list[str] | None = None) -> None:
         unet.eval()
         text_encoder.eval()
         exported_unet, exported_text_encoder = full_model(accelerator, unet), full_model(accelerator, text_encoder)
-        if accelerator.is_main_process and weight_dtype != torch.float32:
-            # The frozen parts ran in half precision; save them as they were loaded (float32).
-            vae = build_vae(config.model)
-            if not train_text_encoder:
+        if accelerator.is_main_process:
+            # The frozen parts that ran in half precision are saved as they were loaded (float32); with the latent
+            # cache the autoencoder already is.
+            if vae_dtype != torch.float32:
+                vae = build_vae(config.model)
+            if weight_dtype != torch.float32 and not train_text_encoder:
                 exported_text_encoder = build_text_encoder(config.model)
         if accelerator.is_main_process:
             pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, with_frozen_expert(exported_unet), noise_scheduler)
