@@ -44,6 +44,7 @@ import shlex
 import statistics
 import time
 from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -61,7 +62,22 @@ from common import TRAINING_FLOPS_PER_FORWARD, unet_forward_flops, unet_forward_
 CAPTION = "a large yellow circle at the top right, a small orange circle at the bottom left and a large blue triangle at the bottom right on a black background"
 
 
-def build(config_file: str, variant: str):
+class StepParts(NamedTuple):
+    """What a variant's timed step runs on."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ids: torch.Tensor
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    token_loss: tuple[Any, ...] | None
+    """(weights, captions, scenes, vocabulary, blocks) for a variant with the token or pixel loss, else None."""
+    precision: Callable[[], Any]
+    """A context for the U-Net's forward in the variant's precision (:func:`autocast`)."""
+
+
+def build(config_file: str, variant: str) -> StepParts:
     config = load_config(config_file, shlex.split(variant))
     components = build_components(config.model, config.data.resolution)
     unet, text_encoder, tokenizer = components["unet"], components["text_encoder"], components["tokenizer"]
@@ -87,7 +103,8 @@ def build(config_file: str, variant: str):
     size = config.data.resolution // vae_scale_factor(config.model)
     latents = torch.randn(batch, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     timesteps = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
-    return unet, text_encoder, optimizer, ids, latents, timesteps, token_loss, partial(autocast, train.mixed_precision)
+    return StepParts(unet, text_encoder, optimizer, ids, latents, timesteps, token_loss,
+                     partial(autocast, train.mixed_precision))
 
 
 def autocast(mixed_precision: str):
@@ -167,12 +184,12 @@ def main() -> None:
     rows = [(variant, parts, False) for variant, parts in zip(args.variant, models)]
     if args.recomputed_maps:
         rows += [(f"{variant or '(the config)'}, maps recomputed by hooks", parts, True)
-                 for variant, parts in zip(args.variant, models) if parts[6]]
+                 for variant, parts in zip(args.variant, models) if parts.token_loss]
     results = {label: [] for label, _, _ in rows}
     for _ in range(args.rounds):
         for label, parts, recompute in rows:
             results[label] += time_steps(parts, args.steps, args.warmup, recompute)
-    print(f"threads: {torch.get_num_threads()}, batch {models[0][3].shape[0]}, {args.rounds} rounds of {args.steps} steps")
+    print(f"threads: {torch.get_num_threads()}, batch {models[0].ids.shape[0]}, {args.rounds} rounds of {args.steps} steps")
     print("| variant | ms per step | text encoder forward | U-Net forward + backward | AdamW | speed vs first |")
     print("|---|---|---|---|---|---|")
     first = None
@@ -181,7 +198,7 @@ def main() -> None:
         total = 1000 * statistics.median(sum(t) for t in times)
         first = first or total
         print(f"| {label or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
-    localized = [(variant, parts) for variant, parts in zip(args.variant, models) if parts[6]]
+    localized = [(variant, parts) for variant, parts in zip(args.variant, models) if parts.token_loss]
     if localized:
         print()
         print("| variant | token loss targets, cold: ms per batch | cached |")
@@ -195,7 +212,7 @@ def main() -> None:
         print("|---|---|---|---|")
         for variant, parts in zip(args.variant, models):
             config = load_config(args.config, shlex.split(variant))
-            size, batch = config.data.resolution // vae_scale_factor(config.model), parts[3].shape[0]
+            size, batch = config.data.resolution // vae_scale_factor(config.model), parts.ids.shape[0]
             gflop = TRAINING_FLOPS_PER_FORWARD * unet_forward_flops(config.model, size, batch) / 1e9
             shares = unet_forward_flops_by_block(config.model, size, batch)
             total = statistics.median(sum(t) for t in results[variant])

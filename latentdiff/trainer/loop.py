@@ -71,8 +71,8 @@ def use_math_attention_on_cpu() -> None:
     flash-attention kernel: for a training run under bf16 autocast on CPU.
 
     Why: at a small latent U-Net's short sequences (64 and 16 positions in the shapes default's) the flash kernel's
-    bf16 backward is many times slower than its float32 one, and so slow that bf16 training on CPU lost to float32 (docs/conditioning.md,
-    twenty-sixth round). On the shapes default's U-Net step (batch 64, a 2-core Xeon with AMX, torch 2.14.1) it
+    bf16 backward is many times slower than its float32 one, and so slow that bf16 training on CPU lost to float32
+    (docs/conditioning.md, twenty-sixth round). On the shapes default's U-Net step (batch 64, a 2-core Xeon with AMX, torch 2.14.1) it
     took 280 of 890 ms in a profile of three bf16 steps, against 23 ms in float32; with the math kernel the
     bf16 step is about 1.3 times cheaper than the float32 one (``bench/stage2_step_cost.py --variant ""
     --variant "train.mixed_precision=bf16"``, docs/conditioning.md, forty-seventh round). The switch is the one
