@@ -139,11 +139,12 @@ def test_bf16_training_on_cpu_runs_attention_with_the_math_kernel(tmp_path, prec
     from accelerate.state import AcceleratorState
 
     config = load_config(overrides={"model.preset": "tiny", "output_dir": str(tmp_path)})
-    assert torch.backends.cuda.flash_sdp_enabled()
+    before = torch.backends.cuda.flash_sdp_enabled()  # torch's default is on; whatever ran before in this process,
+    torch.backends.cuda.enable_flash_sdp(True)        # the test starts from it and gives the setting back
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         make_accelerator(config, precision, 1, None, "ldm")
         assert torch.backends.cuda.flash_sdp_enabled() is flash_after
     finally:
-        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_flash_sdp(before)
         AcceleratorState._reset_state(reset_partial_state=True)
