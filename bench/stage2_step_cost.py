@@ -31,9 +31,16 @@ attention kernel, as a bf16 training run on a CPU does (``latentdiff.trainer.loo
 
     python bench/stage2_step_cost.py --config configs/shapes.yaml --variant "" --variant "train.mixed_precision=bf16"
 
-The maps are recorded where the attention computes them (``cross_attention_maps``); ``--recomputed-maps`` also times
-each token-loss variant with them recomputed by forward pre-hooks beside the fused processor, the way before the
-forty-fifth round of docs/conditioning.md, as its own row.
+The maps are recorded where the attention computes them (a ``CrossAttentionRecorder`` installed for the variant, as
+stage 2 keeps one for the run); ``--recomputed-maps`` also times each token-loss variant with them recomputed by
+forward pre-hooks beside the fused processor, the way before the forty-fifth round of docs/conditioning.md, as its own
+row (not for compiled variants: the hooks are set for each step, which would compile the U-Net again).
+
+A variant with ``train.compile=true`` times the U-Net ``torch.compile``-d as stage 2 compiles it (inductor); its first
+step, which compiles forward and backward, is reported on its own line (the warmup steps are not timed):
+
+    python bench/stage2_step_cost.py --config configs/shapes.yaml --variant "train.mixed_precision=bf16" \
+        --variant "train.mixed_precision=bf16 train.compile=true"
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from latentdiff.models import build_components
 from latentdiff.models.builders import vae_scale_factor
 
 from latentdiff.data.shapes import make_shapes_dataset
-from latentdiff.pipelines.attention_binding import cross_attention_maps
+from latentdiff.pipelines.attention_binding import CrossAttentionRecorder, cross_attention_maps
 from latentdiff.trainer.attention_localization import ObjectTokens, localization_loss, localization_pixel_loss
 
 from common import TRAINING_FLOPS_PER_FORWARD, unet_forward_flops, unet_forward_flops_by_block
@@ -75,6 +82,12 @@ class StepParts(NamedTuple):
     """(weights, captions, scenes, vocabulary, blocks) for a variant with the token or pixel loss, else None."""
     precision: Callable[[], Any]
     """A context for the U-Net's forward in the variant's precision (:func:`autocast`)."""
+    forward: Callable[..., Any]
+    """The U-Net, or the U-Net ``torch.compile``-d (``train.compile``)."""
+    recorder: CrossAttentionRecorder | None
+    """The maps' recorder, installed on the U-Net for a variant with the token or pixel loss."""
+    first_step: list[float]
+    """Seconds of the variant's first step (a compiled variant's compiling), once run."""
 
 
 def build(config_file: str, variant: str) -> StepParts:
@@ -103,8 +116,12 @@ def build(config_file: str, variant: str) -> StepParts:
     size = config.data.resolution // vae_scale_factor(config.model)
     latents = torch.randn(batch, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     timesteps = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+    recorder = None
+    if token_loss:
+        recorder = CrossAttentionRecorder([unet], blocks=train.attention_localization_blocks).install()
+    forward = torch.compile(unet) if train.compile else unet
     return StepParts(unet, text_encoder, optimizer, ids, latents, timesteps, token_loss,
-                     partial(autocast, train.mixed_precision))
+                     partial(autocast, train.mixed_precision), forward, recorder, [])
 
 
 def autocast(mixed_precision: str):
@@ -122,16 +139,19 @@ def autocast(mixed_precision: str):
 
 
 def time_steps(parts, steps: int, warmup: int, recompute: bool = False) -> list[tuple[float, float, float]]:
-    unet, text_encoder, optimizer, ids, latents, timesteps, token_loss, precision = parts
+    unet, text_encoder, optimizer, ids, latents, timesteps, token_loss, precision, forward, recorder, first_step = parts
     times = []
     for step in range(steps + warmup):
         start = time.perf_counter()
         with torch.set_grad_enabled(any(p.requires_grad for p in text_encoder.parameters())):
             states = text_encoder(ids)[0]
         text_done = time.perf_counter()
-        blocks = token_loss[-1] if token_loss else ()
-        with precision(), cross_attention_maps([unet] if token_loss else [], recompute=recompute, blocks=blocks) as maps:
-            loss = (unet(latents, timesteps, encoder_hidden_states=states).sample.float() - latents).pow(2).mean()
+        if recompute:
+            recording = cross_attention_maps([unet], recompute=True, blocks=token_loss[-1])
+        else:
+            recording = recorder.recording() if recorder else contextlib.nullcontext([])
+        with precision(), recording as maps:
+            loss = (forward(latents, timesteps, encoder_hidden_states=states).sample.float() - latents).pow(2).mean()
         if token_loss:
             (weight, pixel_weight), captions, scenes, vocabulary, _ = token_loss
             loss = loss + weight * localization_loss(maps, captions, scenes, vocabulary)
@@ -142,6 +162,8 @@ def time_steps(parts, steps: int, warmup: int, recompute: bool = False) -> list[
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         end = time.perf_counter()
+        if not first_step:
+            first_step.append(end - start)
         if step >= warmup:
             times.append((text_done - start, backward_done - text_done, end - backward_done))
     return times
@@ -151,8 +173,9 @@ def time_token_loss_targets(parts, rounds: int) -> tuple[float, float]:
     """Median milliseconds of the token loss's targets for the batch, (cold, cached): the loss on constant maps of the
     shapes the U-Net's cross-attention layers record, with a fresh vocabulary each time, and with one that has seen
     the batch."""
-    unet, text_encoder, _, ids, latents, timesteps, (_, captions, scenes, vocabulary, _), _ = parts
-    with torch.no_grad(), cross_attention_maps([unet]) as recorded:
+    unet, text_encoder, ids, latents, timesteps = parts.unet, parts.text_encoder, parts.ids, parts.latents, parts.timesteps
+    _, captions, scenes, vocabulary, _ = parts.token_loss
+    with torch.no_grad(), parts.recorder.recording() as recorded:
         unet(latents, timesteps, encoder_hidden_states=text_encoder(ids)[0])
     maps = [torch.full_like(layer, 1 / layer.shape[-1]) for layer in recorded]
     timings = {"cold": [], "cached": []}
@@ -184,7 +207,7 @@ def main() -> None:
     rows = [(variant, parts, False) for variant, parts in zip(args.variant, models)]
     if args.recomputed_maps:
         rows += [(f"{variant or '(the config)'}, maps recomputed by hooks", parts, True)
-                 for variant, parts in zip(args.variant, models) if parts.token_loss]
+                 for variant, parts in zip(args.variant, models) if parts.token_loss and parts.forward is parts.unet]
     results = {label: [] for label, _, _ in rows}
     for _ in range(args.rounds):
         for label, parts, recompute in rows:
@@ -198,6 +221,9 @@ def main() -> None:
         total = 1000 * statistics.median(sum(t) for t in times)
         first = first or total
         print(f"| {label or '(the config)'} | {total:.0f} | {text:.0f} | {network:.0f} | {update:.0f} | {first / total:.2f}x |")
+    for variant, parts in zip(args.variant, models):
+        if parts.forward is not parts.unet:
+            print(f"{variant}: the first step, compiling, took {parts.first_step[0]:.1f} s")
     localized = [(variant, parts) for variant, parts in zip(args.variant, models) if parts.token_loss]
     if localized:
         print()

@@ -846,10 +846,6 @@ def check_values(config: Config) -> None:
             fail(f"train.{key}", getattr(config.train, key),
                  "0 unless data.source is shapes and train.cache is true (the loss reads each object's place from the "
                  "shapes data's scene records, beside the cached latents)")
-        if getattr(config.train, key) and config.train.compile:
-            fail("train.compile", True,
-                 f"false with train.{key} (the token and pixel losses record the cross-attention maps through a "
-                 "processor that TorchDynamo cannot trace yet: docs/conditioning.md, forty-seventh round)")
     if text.token_mixing_depthwise and not text.token_mixing_width:
         fail("model.text_encoder.token_mixing_depthwise", True, "false unless model.text_encoder.token_mixing_width is set")
     if text.token_mixing_gated and not text.token_mixing_width:

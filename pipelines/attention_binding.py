@@ -20,9 +20,10 @@ denoising loop (not a pipeline of latentdiff's, with its saved sampling defaults
 ``AttentionStore`` averages the maps over the whole batch. This is a Diffusers :class:`PipelineCallback`: it runs
 after a denoising step and returns the latents of the next one, so it works with any scheduler and any pipeline
 built on Stable Diffusion's loop. The cross-attention probabilities are recorded where the ``attn2`` modules compute
-them: inside :func:`cross_attention_maps`, a module with one of Diffusers' stock processors runs Diffusers'
-``AttnProcessor``, whose explicit ``get_attention_scores`` yields them once for both the output and the record; a
-module with any other processor keeps it, and a forward pre-hook recomputes its probabilities from its inputs.
+them: inside :func:`cross_attention_maps` (or a :class:`CrossAttentionRecorder` kept for a training run), a module
+with one of Diffusers' stock processors runs Diffusers' ``AttnProcessor``'s explicit path, whose
+``get_attention_scores`` yields them once for both the output and the record; a module with any other processor
+keeps it, and a forward pre-hook recomputes its probabilities from its inputs.
 """
 
 from __future__ import annotations
@@ -37,7 +38,14 @@ from diffusers.callbacks import PipelineCallback
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-__all__ = ["AttentionBindingCallback", "binding_loss", "cross_attention_maps", "object_token_groups", "word_token_ids"]
+__all__ = [
+    "AttentionBindingCallback",
+    "CrossAttentionRecorder",
+    "binding_loss",
+    "cross_attention_maps",
+    "object_token_groups",
+    "word_token_ids",
+]
 
 
 def word_token_ids(tokenizer, words: Iterable[str]) -> dict[tuple[int, ...], str]:
@@ -78,34 +86,47 @@ def _record_head_mean(maps: list[torch.Tensor], probabilities: torch.Tensor, bat
 
 class _RecordingAttnProcessor(AttnProcessor):
     """Diffusers' ``AttnProcessor`` (the probabilities computed explicitly by the module's ``get_attention_scores``,
-    not by a fused kernel) that appends each cross-attention call's probabilities to ``maps``.
+    not by a fused kernel) that appends each cross-attention call's probabilities to its recorder's ``maps`` while
+    the recorder is recording; otherwise the module's own processor runs.
 
     Why not a hook beside the stock processor: the fused ``AttnProcessor2_0`` never materializes the probabilities,
     so a hook has to compute the queries, keys and scores a second time, forward and backward. On the shapes default
     (2-core Xeon, ``bench/stage2_step_cost.py --recomputed-maps``, two runs) the token loss's step costs 390-403 ms
     with the hooks and 379-390 ms recorded here, against 360-366 ms without the loss: about half of what the loss
     added (the rest is the loss itself and the explicit path in place of the fused one; a cross-attention's score
-    matrix is only pixels x tokens)."""
+    matrix is only pixels x tokens).
 
-    def __init__(self, maps: list[torch.Tensor]):
-        self.maps = maps
+    Why ``AttnProcessor``'s cross-attention path is restated here rather than called with the module's
+    ``get_attention_scores`` shadowed for the call: TorchDynamo cannot trace a method deleted from and set on the
+    module at each call, so a ``torch.compile``-d U-Net could not record its maps (``train.compile`` with the token
+    loss)."""
+
+    def __init__(self, recorder: CrossAttentionRecorder, original: Any):
+        self.recorder = recorder
+        self.original = original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        if encoder_hidden_states is None or hidden_states.ndim != 3:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        get_attention_scores = attn.get_attention_scores
-
-        def recorded(query, key, attention_mask=None):
-            probabilities = get_attention_scores(query, key, attention_mask)
-            _record_head_mean(self.maps, probabilities, hidden_states.shape[0])
-            return probabilities
-
-        # The module's own method, shadowed for this call only: AttnProcessor calls it once per forward.
-        attn.get_attention_scores = recorded
-        try:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        finally:
-            del attn.get_attention_scores
+        if not self.recorder.recording_now or encoder_hidden_states is None or hidden_states.ndim != 3:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        batch, tokens, _ = encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probabilities = attn.get_attention_scores(query, key, attention_mask)
+        _record_head_mean(self.recorder.maps, probabilities, batch)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probabilities, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
 
 
 def _top_level_block(name: str) -> str:
@@ -117,22 +138,39 @@ def _top_level_block(name: str) -> str:
     return parts[0] if parts else ""
 
 
-@contextlib.contextmanager
-def cross_attention_maps(unets: Iterable[torch.nn.Module], recompute: bool = False, blocks: Sequence[str] = ()):
-    """Within this context, every cross-attention (``attn2``) call of these U-Nets appends its attention
-    probabilities, averaged over the heads, to the yielded list: one tensor ``(batch, height * width, tokens)`` per
-    call, differentiable with respect to the U-Net's input.
+class CrossAttentionRecorder:
+    """Records the cross-attention (``attn2``) probabilities of these U-Nets, averaged over the heads, into
+    :attr:`maps` while :meth:`recording`: one tensor ``(batch, height * width, tokens)`` per call, differentiable with
+    respect to the U-Net's input.
 
-    A module with one of Diffusers' stock processors (``AttnProcessor``, ``AttnProcessor2_0``) runs a recording
-    ``AttnProcessor`` for the duration (the same function, the probabilities computed once); any other processor
-    (LoRA, IP-Adapter, a user's own) is kept, and a forward pre-hook recomputes the probabilities from the module's
-    inputs. ``recompute=True`` recomputes every module's probabilities that way (for comparison: the step cost
-    benchmark, the tests). ``blocks``: only the modules of these top-level blocks of the U-Net (``down_blocks``,
-    ``mid_block``, ``up_blocks``; a DDP or ``torch.compile`` wrapper's prefix is skipped); empty: every one. Every
-    module gets its processor back on exit."""
-    maps: list[torch.Tensor] = []
+    :meth:`install` (or ``with recorder:``) sets it up on the modules and :meth:`remove` gives every module its
+    processor back. A module with one of Diffusers' stock processors (``AttnProcessor``, ``AttnProcessor2_0``) gets a
+    recording ``AttnProcessor`` (the same function, the probabilities computed once) that runs the stock processor
+    when not recording; any other processor (LoRA, IP-Adapter, a user's own) is kept, and a forward pre-hook
+    recomputes the probabilities from the module's inputs. ``recompute=True`` recomputes every module's probabilities
+    that way (for comparison: the step cost benchmark, the tests). ``blocks``: only the modules of these top-level
+    blocks of the U-Net (``down_blocks``, ``mid_block``, ``up_blocks``; a DDP or ``torch.compile`` wrapper's prefix
+    is skipped); empty: every one.
 
-    def record(module, args, kwargs):
+    Installed once and kept for a training run, the processors are the same objects at every step, so a
+    ``torch.compile``-d U-Net traces the recording once (a context that installed new processors at each step would
+    make TorchDynamo recompile)."""
+
+    def __init__(self, unets: Iterable[torch.nn.Module], recompute: bool = False, blocks: Sequence[str] = ()):
+        self.maps: list[torch.Tensor] = []
+        self.recording_now = False
+        self.modules = [
+            module for unet in unets for name, module in unet.named_modules()
+            if name.endswith("attn2") and (not blocks or _top_level_block(name) in blocks)
+        ]
+        self.recompute = recompute
+        self._saved: list[tuple[torch.nn.Module, Any]] = []
+        self._handles: list[Any] = []
+
+    def _record(self, module, args, kwargs) -> None:
+        """The forward pre-hook of a module whose processor is kept: its probabilities, recomputed from its inputs."""
+        if not self.recording_now:
+            return
         hidden_states = args[0] if args else kwargs["hidden_states"]
         context = kwargs.get("encoder_hidden_states")
         if context is None and len(args) > 1:
@@ -143,26 +181,51 @@ def cross_attention_maps(unets: Iterable[torch.nn.Module], recompute: bool = Fal
             context = module.norm_encoder_hidden_states(context)
         query = module.head_to_batch_dim(module.to_q(hidden_states))
         key = module.head_to_batch_dim(module.to_k(context))
-        _record_head_mean(maps, module.get_attention_scores(query, key, None), hidden_states.shape[0])
+        _record_head_mean(self.maps, module.get_attention_scores(query, key, None), hidden_states.shape[0])
 
-    modules = [
-        module for unet in unets for name, module in unet.named_modules()
-        if name.endswith("attn2") and (not blocks or _top_level_block(name) in blocks)
-    ]
-    stock = [] if recompute else [m for m in modules if type(m.processor) in (AttnProcessor, AttnProcessor2_0)]
-    saved = [module.processor for module in stock]
-    handles = [
-        module.register_forward_pre_hook(record, with_kwargs=True) for module in modules if module not in stock
-    ]
-    try:
-        for module in stock:
-            module.processor = _RecordingAttnProcessor(maps)
-        yield maps
-    finally:
-        for module, processor in zip(stock, saved):
+    def install(self) -> CrossAttentionRecorder:
+        if self._saved or self._handles:
+            raise RuntimeError("this CrossAttentionRecorder is already installed")
+        for module in self.modules:
+            if not self.recompute and type(module.processor) in (AttnProcessor, AttnProcessor2_0):
+                self._saved.append((module, module.processor))
+                module.processor = _RecordingAttnProcessor(self, module.processor)
+            else:
+                self._handles.append(module.register_forward_pre_hook(self._record, with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for module, processor in self._saved:
             module.processor = processor
-        for handle in handles:
+        for handle in self._handles:
             handle.remove()
+        self._saved, self._handles = [], []
+
+    def __enter__(self) -> CrossAttentionRecorder:
+        return self.install()
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Within this context, the calls are recorded: :attr:`maps` is emptied on entry and yielded."""
+        self.maps.clear()
+        self.recording_now = True
+        try:
+            yield self.maps
+        finally:
+            self.recording_now = False
+
+
+@contextlib.contextmanager
+def cross_attention_maps(unets: Iterable[torch.nn.Module], recompute: bool = False, blocks: Sequence[str] = ()):
+    """Within this context, every cross-attention (``attn2``) call of these U-Nets appends its attention
+    probabilities, averaged over the heads, to the yielded list: one tensor ``(batch, height * width, tokens)`` per
+    call (:class:`CrossAttentionRecorder`, installed for the context and recording). Every module gets its processor
+    back on exit."""
+    with CrossAttentionRecorder(unets, recompute, blocks) as recorder, recorder.recording() as maps:
+        yield maps
 
 
 def _on_finest_grid(maps: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -252,3 +252,48 @@ def test_recording_only_the_named_blocks_of_a_unet_also_under_a_wrapper(pipe):
     assert counts[()] == len(names)
     assert counts[("up_blocks",)] == sum(name.startswith("up_blocks.") for name in names) > 0
     assert counts[("up_blocks",)] < counts[("mid_block", "up_blocks")] < counts[()]
+
+def test_a_compiled_unet_records_the_eager_maps_in_one_graph_kept_across_steps():
+    """A recorder installed for the run and a ``torch.compile``-d U-Net (``train.compile`` with the token loss): the
+    whole forward traces as one graph with the recording in it (``fullgraph``), a second step runs that graph again
+    (``error_on_recompile``), its maps and their gradient are the eager U-Net's, and outside ``recording()`` the
+    stock processors run and nothing is recorded. ``aot_eager`` traces forward and backward as inductor would,
+    without generating code."""
+    import torch._dynamo
+
+    from latentdiff.pipelines.attention_binding import CrossAttentionRecorder
+
+    unet = tiny_components(seed=0)["unet"].train()
+    latents = torch.randn(2, unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 5, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.tensor([10, 900])
+    stock = unet.attn_processors
+    recorder = CrossAttentionRecorder([unet]).install()
+    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
+    key_weight = next(p for name, p in unet.named_parameters() if name.endswith("attn2.to_k.weight"))
+
+    def step(model):
+        with recorder.recording() as maps:
+            output = model(latents, timesteps, encoder_hidden_states=context).sample
+        loss = output.pow(2).mean() + sum(layer.pow(2).mean() for layer in maps)
+        gradient = torch.autograd.grad(loss, key_weight)[0]  # reached only through the maps and the layer's output
+        return [layer.detach() for layer in maps], gradient
+
+    try:
+        torch._dynamo.reset()
+        eager_maps, eager_gradient = step(unet)
+        step(compiled)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled_maps, compiled_gradient = step(compiled)
+    finally:
+        torch._dynamo.reset()
+    assert len(compiled_maps) == len(eager_maps) == sum(name.endswith("attn2.processor") for name in stock) > 0
+    for compiled_layer, eager_layer in zip(compiled_maps, eager_maps):
+        torch.testing.assert_close(compiled_layer, eager_layer)
+    torch.testing.assert_close(compiled_gradient, eager_gradient)
+    assert eager_gradient.abs().sum() > 0
+    with torch.no_grad():
+        unet(latents, timesteps, encoder_hidden_states=context)  # not recording: the stock processors, no maps
+    assert len(recorder.maps) == len(eager_maps) and compiled_maps[0].shape == recorder.maps[0].shape
+    recorder.remove()
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == {name: type(p) for name, p in stock.items()}

@@ -20,6 +20,7 @@ Outputs under ``output_dir``: ``config.yaml`` (the resolved config), ``checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,7 +63,7 @@ from latentdiff.trainer.latent_cache import (
 )
 from latentdiff.models import build_components, build_text_encoder, build_vae
 from latentdiff.models.experts import NoiseLevelExperts
-from latentdiff.pipelines.attention_binding import cross_attention_maps
+from latentdiff.pipelines.attention_binding import CrossAttentionRecorder
 from latentdiff.trainer.attention_localization import ObjectTokens, localization_loss, localization_pixel_loss
 from latentdiff.trainer.probes import CaptionGapProbe, adherence_probe, held_examples
 from latentdiff.sampling import SAMPLES_FILE, export_pipeline, make_pipeline, sample_grid
@@ -267,8 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         ema = EMAModel(
             ema_parameters, decay=train.ema_decay, use_ema_warmup=train.ema_warmup, power=3 / 4, foreach=True
         )
-    if train.compile:
-        unet = torch.compile(unet)
+    # The training step's forward, compiled with train.compile. The probes, validation and export call the eager
+    # `unet` (the same weights): in eval mode, without gradients and at other batch sizes, the compiled one would
+    # compile again for each.
+    unet_step = torch.compile(unet) if train.compile else unet
 
     # 5. Resume: weights, optimizer, EMA, RNG states and the position in the data, from the newest
     # intact checkpoint.
@@ -349,6 +352,11 @@ def main(argv: list[str] | None = None) -> None:
     # train.attention_localization_pixel_weight), logged beside the loss.
     localizing = train.attention_localization_weight or train.attention_localization_pixel_weight
     localized_words = ObjectTokens(tokenizer) if localizing else None
+    # Kept on the U-Net for the run (the same processors at every step, so a compiled forward traces them once); it
+    # records only inside `recording()`, and the probes and validation run the stock processors.
+    attention_recorder = None
+    if localizing:
+        attention_recorder = CrossAttentionRecorder([unet], blocks=train.attention_localization_blocks).install()
     localization_sum = torch.zeros((), device=accelerator.device)
     pixel_localization_sum = torch.zeros((), device=accelerator.device)
     loss_count, last_batch = 0, None
@@ -383,12 +391,10 @@ def main(argv: list[str] | None = None) -> None:
                     with torch.set_grad_enabled(train_text_encoder):
                         encoder_hidden_states = text_encoder(tokenize(tokenizer, captions).to(accelerator.device))[0]
                 snr_clamp_low = snr_clamp_for(config.diffusion, captions, state.global_step, latents.device)
-                # With attention localization, the U-Net's cross-attention maps are recorded during this forward
-                # (no U-Net given, nothing is recorded).
-                with cross_attention_maps([unet] if localized_words is not None else [],
-                                          blocks=train.attention_localization_blocks) as attention:
+                # With attention localization, the U-Net's cross-attention maps are recorded during this forward.
+                with attention_recorder.recording() if attention_recorder else contextlib.nullcontext() as attention:
                     output = diffusion_loss(
-                        lambda x, t, c: unet(x, t, c).sample,
+                        lambda x, t, c: unet_step(x, t, c).sample,
                         noise_scheduler,
                         latents,
                         encoder_hidden_states,
@@ -478,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
             state.epoch, state.epoch_batches = state.epoch + 1, 0
     progress.close()
+    if attention_recorder is not None:
+        attention_recorder.remove()
     if caption_gap_probe is not None and caption_gap_probe.history and accelerator.is_main_process:
         last = caption_gap_probe.history[-1]
         logger.info(
