@@ -36,8 +36,9 @@ stage 2 keeps one for the run); ``--recomputed-maps`` also times each token-loss
 forward pre-hooks beside the fused processor, the way before the forty-fifth round of docs/conditioning.md, as its own
 row (not for compiled variants: the hooks are set for each step, which would compile the U-Net again).
 
-A variant with ``train.compile=true`` times the U-Net ``torch.compile``-d as stage 2 compiles it (inductor); its first
-step, which compiles forward and backward, is reported on its own line (the warmup steps are not timed):
+A variant with ``train.compile=true`` times the U-Net ``torch.compile``-d as stage 2 compiles it (``train.compile_backend``,
+inductor by default); its first step, which compiles forward and backward, is reported on its own line (the warmup
+steps are not timed):
 
     python bench/stage2_step_cost.py --config configs/shapes.yaml --variant "train.mixed_precision=bf16" \
         --variant "train.mixed_precision=bf16 train.compile=true"
@@ -116,10 +117,12 @@ def build(config_file: str, variant: str) -> StepParts:
     size = config.data.resolution // vae_scale_factor(config.model)
     latents = torch.randn(batch, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     timesteps = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(1))
+    if train.channels_last:  # as stage 2 converts its trained modules
+        unet.to(memory_format=torch.channels_last)
     recorder = None
     if token_loss:
         recorder = CrossAttentionRecorder([unet], blocks=train.attention_localization_blocks).install()
-    forward = torch.compile(unet) if train.compile else unet
+    forward = torch.compile(unet, backend=train.compile_backend) if train.compile else unet
     return StepParts(unet, text_encoder, optimizer, ids, latents, timesteps, token_loss,
                      partial(autocast, train.mixed_precision), forward, recorder, [])
 

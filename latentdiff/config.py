@@ -594,7 +594,11 @@ class TrainConfig:
     allow_tf32: bool = True
     channels_last: bool = False
     compile: bool = False
-    """``torch.compile`` the U-Net."""
+    """``torch.compile`` the U-Net's training forward (and so its backward); the probes, validation and export run it
+    uncompiled. The first step compiles: one to two minutes on a 2-core CPU with a cold cache."""
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    """``torch.compile``'s backend with ``compile``: ``inductor`` (generated kernels), or ``aot_eager`` (traced
+    forward and backward run by eager kernels: checks that the step traces, in seconds)."""
     gradient_checkpointing: bool = False
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -352,3 +353,23 @@ def test_stage1_step_cost_times_each_phase_of_each_variant_side_by_side():
     # one speed per phase (the tiny config's steps take a few milliseconds, too few to check the rounded ratios)
     speeds = [float(speed.rstrip("x")) for speed in second[-1].split(" / ")]
     assert len(speeds) == 3 and all(speed > 0 for speed in speeds)
+
+
+@pytest.mark.slow
+def test_stage2_step_cost_times_the_token_loss_eager_compiled_and_recomputed_side_by_side():
+    """bench/stage2_step_cost.py: a row per variant and one for the eager token-loss variant's maps recomputed by
+    hooks (none for the compiled one, whose hooks set per step would recompile it), the compiled variant's first step
+    reported apart, and the token loss's targets timed for both."""
+    loss = "train.attention_localization_weight=0.5 train.cache=true"
+    compiled = f"{loss} train.compile=true train.compile_backend=aot_eager"
+    process = _run("stage2_step_cost.py", "--config", "configs/tiny.yaml", "--variant", loss, "--variant", compiled,
+                   "--steps", "2", "--warmup", "1", "--rounds", "1", "--recomputed-maps")
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in process.stdout.splitlines()
+            if line.startswith("| train.")]
+    step_rows = [row for row in rows if len(row) == 6]
+    assert [row[0] for row in step_rows] == [loss, compiled, f"{loss}, maps recomputed by hooks"]
+    assert step_rows[0][-1] == "1.00x" and all(float(row[1]) > 0 for row in step_rows)
+    assert [row[0] for row in rows if len(row) == 3] == [loss, compiled]  # the targets, cold and cached
+    first_step = re.search(rf"^{re.escape(compiled)}: the first step, compiling, took ([0-9.]+) s$", process.stdout, re.M)
+    assert first_step and float(first_step.group(1)) > 0

@@ -401,6 +401,28 @@ def test_attention_localization_trains_and_logs_its_loss_and_needs_cached_shapes
     assert len(pixel_values) == 2 and all(value > 0 for value in pixel_values)
 
 
+def test_a_compiled_unet_trains_with_the_token_loss_and_the_probes_do_not_recompile_it(stage1, tmp_path):
+    """train.compile with the token loss (the default's loss): the maps are recorded inside the compiled forward, and
+    the caption-gap probe and validation (eval mode, no gradient, other batch sizes) run the eager U-Net, so the
+    training forward is traced once (``TORCH_LOGS=recompiles`` reports every recompilation). ``aot_eager`` traces
+    forward and backward as inductor would, without generating kernels."""
+    from latentdiff.testing import tensorboard_records
+
+    command = [sys.executable, TRAIN_LDM, "--config", TINY, f"output_dir={tmp_path}",
+               f"model.vae.pretrained={stage1 / 'vae'}", "train.attention_localization_weight=0.5", "train.cache=true",
+               "train.compile=true", "train.compile_backend=aot_eager", "train.max_steps=4", "train.log_every=2",
+               "train.caption_gap_steps=2", "train.validation_steps=2", "train.adherence_probe_prompts=1",
+               "train.checkpointing_steps=0", "train.report_to=tensorboard"]
+    result = subprocess.run(command, env={**_env(), "TORCH_LOGS": "recompiles"}, capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "Recompiling" not in result.stderr, result.stderr[-6000:]
+    _, _, scalars = tensorboard_records(tmp_path / "logs" / "ldm")
+    assert len(scalars["attention_localization"]) == 2
+    assert [step for step, _ in scalars["caption_gap/t750-1000/true"]] == [2, 4]
+    assert (tmp_path / "validation" / "step-000004.png").is_file() and (tmp_path / "pipeline" / "unet").is_dir()
+
+
 def test_the_low_noise_expert_stage_fine_tunes_a_copy_below_the_boundary_and_keeps_stage_2s_unet(stage1, tmp_path):
     import yaml
 
