@@ -253,6 +253,7 @@ def test_recording_only_the_named_blocks_of_a_unet_also_under_a_wrapper(pipe):
     assert counts[("up_blocks",)] == sum(name.startswith("up_blocks.") for name in names) > 0
     assert counts[("up_blocks",)] < counts[("mid_block", "up_blocks")] < counts[()]
 
+
 def test_a_compiled_unet_records_the_eager_maps_in_one_graph_kept_across_steps():
     """A recorder installed for the run and a ``torch.compile``-d U-Net (``train.compile`` with the token loss): the
     whole forward traces as one graph with the recording in it (``fullgraph``), a second step runs that graph again
