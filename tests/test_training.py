@@ -421,6 +421,13 @@ def test_a_compiled_unet_trains_with_the_token_loss_and_the_probes_do_not_recomp
     assert len(scalars["attention_localization"]) == 2
     assert [step for step, _ in scalars["caption_gap/t750-1000/true"]] == [2, 4]
     assert (tmp_path / "validation" / "step-000004.png").is_file() and (tmp_path / "pipeline" / "unet").is_dir()
+    # The expert stage, compiled too: its frozen text encoder's states enter the U-Net as stage 2's do (float32, asking
+    # for a gradient), so that Inductor's cache serves it stage 2's graph; here it trains and exports.
+    expert = subprocess.run([sys.executable, TRAIN_EXPERT, *command[2:], "low_noise_expert.max_steps=2",
+                             "train.validation_steps=0"], env=_env(), capture_output=True, text=True, timeout=300,
+                            cwd=ROOT)
+    assert expert.returncode == 0, expert.stderr[-6000:]
+    assert (tmp_path / "pipeline" / "unet_high_noise").is_dir()
 
 
 def test_the_low_noise_expert_stage_fine_tunes_a_copy_below_the_boundary_and_keeps_stage_2s_unet(stage1, tmp_path):
