@@ -527,7 +527,6 @@ def main(argv: list[str] | None = None) -> None:
                 vae = build_vae(config.model)
             if weight_dtype != torch.float32 and not train_text_encoder:
                 exported_text_encoder = build_text_encoder(config.model)
-        if accelerator.is_main_process:
             pipeline = make_pipeline(vae, exported_text_encoder, tokenizer, with_frozen_expert(exported_unet), noise_scheduler)
             folder = export_pipeline(pipeline, config, state, device=accelerator.device)
             with Image.open(os.path.join(folder, SAMPLES_FILE)) as samples:
