@@ -272,11 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     # The training step's forward, compiled with train.compile. The probes, validation and export call the eager
     # `unet` (the same weights): in eval mode, without gradients and at other batch sizes, the compiled one would
     # compile again for each.
-    unet_step = torch.compile(unet, backend=train.compile_backend) if train.compile else unet
-    # Diffusers' upsampling blocks call `is_torch_version`, a pure function behind functools.lru_cache, and TorchDynamo
-    # warns at every such call that it traces through the cache ("silent incorrectness is only a potential risk").
-    warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function at "
-                            r"'upsampling\.py")
+    unet_step = unet
+    if train.compile:
+        unet_step = torch.compile(unet, backend=train.compile_backend)
+        # Diffusers' upsampling blocks call `is_torch_version`, a pure function behind functools.lru_cache, and
+        # TorchDynamo warns at every such call that it traces through the cache ("silent incorrectness is only a
+        # potential risk").
+        warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function "
+                                r"at 'upsampling\.py")
 
     # 5. Resume: weights, optimizer, EMA, RNG states and the position in the data, from the newest
     # intact checkpoint.
