@@ -9,7 +9,9 @@ what the judge saw (one small object, one large object, none, several), with how
 passed; relations by the relation word
 ("to the left of", "to the right of", "above", "below"), with what the judge saw where it was wrong (the two
 objects reversed, on one row or column, or one of them missing), and counting by the number named, with how
-many objects the judge saw where it was wrong (one too many, one too few...), and the failed images of the tasks that
+many objects the judge saw where it was wrong (one too many, one too few...), the one-object prompts by task and by
+whether they name the background ("a circle on a white background"), with how many images drew nothing (forty-ninth
+round: the shape task's empty images come from those prompts), and the failed images of the tasks that
 name two different objects by what was drawn of the two (color, shape) pairs: both pairs, both colors and both
 shapes paired the other way, one shape for both, one color for both... With ``--text-distances`` it also
 loads the evaluated model and prints how far its text encoder puts captions that differ only in one word:
@@ -135,8 +137,14 @@ def two_object_outcome(image: Mapping[str, Any]) -> str:
     return "one pair only" if any(pair in drawn for pair in named) else "neither pair"
 
 
+def names_background(prompt: str) -> bool:
+    """Whether a prompt names its background ("... on a white background")."""
+    return prompt.endswith(" background")
+
+
 def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """``{"one_object": {drawn: Counter(passed)}, "relation": {word: Counter(outcome)}, "counting": {named:
+    """``{"one_object": {drawn: Counter(passed)}, "one_object_by_background": {(task, names background):
+    Counter("images", "passed", "none drawn")}, "relation": {word: Counter(outcome)}, "counting": {named:
     Counter(outcome)}, "two_objects": {task: Counter(outcome)}}`` for a results file's images.
 
     ``drawn`` is :func:`drawn_for_one_object`'s reading of an image of a one-object task
@@ -148,13 +156,17 @@ def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     relation: dict[str, collections.Counter] = {word: collections.Counter() for word in RELATION_WORDS}
     counting: dict[int, collections.Counter] = {}
     one_object: dict[str, collections.Counter] = {}
+    by_background: dict[tuple[str, bool], collections.Counter] = {}
     two_objects: dict[str, collections.Counter] = {}
     for image in images:
         if image["task"] in TWO_OBJECT_TASKS:
             outcome = "passed" if image["passed"] else two_object_outcome(image)
             two_objects.setdefault(image["task"], collections.Counter())[outcome] += 1
         if image["task"] in ONE_OBJECT_TASKS:
-            one_object.setdefault(drawn_for_one_object(image), collections.Counter())[image["passed"]] += 1
+            drawn = drawn_for_one_object(image)
+            one_object.setdefault(drawn, collections.Counter())[image["passed"]] += 1
+            by_background.setdefault((image["task"], names_background(image["prompt"])), collections.Counter()).update(
+                {"images": 1, "passed": int(image["passed"]), "none drawn": int(drawn == "none")})
         elif image["task"] == "relation":
             relation[relation_word(image["prompt"])][relation_outcome(image)] += 1
         elif image["task"] == "counting":
@@ -162,7 +174,8 @@ def breakdown(images: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             drawn = len(image["judged"]["objects"])
             outcome = "right" if image["passed"] else (f"{drawn - named:+d}" if drawn != named else "right number, wrong kind")
             counting.setdefault(named, collections.Counter())[outcome] += 1
-    return {"one_object": one_object, "relation": {word: outcomes for word, outcomes in relation.items() if outcomes},
+    return {"one_object": one_object, "one_object_by_background": by_background,
+            "relation": {word: outcomes for word, outcomes in relation.items() if outcomes},
             "counting": counting, "two_objects": two_objects}
 
 
@@ -207,6 +220,10 @@ def main() -> None:
             if drawn in parts["one_object"]:
                 passed, n = parts["one_object"][drawn][True], sum(parts["one_object"][drawn].values())
                 print(f"| {drawn} | {n} | {passed} ({passed / n:.2f}) |")
+        print("\n| task | its prompts | images | passed | none drawn |\n|---|---|---|---|---|")
+        for (task, background), counts in sorted(parts["one_object_by_background"].items()):
+            print(f"| {task} | {'naming the background' if background else 'not naming it'} | {counts['images']} | "
+                  f"{counts['passed']} ({counts['passed'] / counts['images']:.2f}) | {counts['none drawn']} |")
         print()
     if parts["relation"]:
         print_passed_and_failures("| relation | passed | where it failed |", parts["relation"])

@@ -68,6 +68,7 @@ def _add_sampling_arguments(
     seed: bool = True,
     interval: bool = True,
     rescale: bool = False,
+    carry: bool = False,
 ) -> None:
     """The sampling arguments; a default left ``None`` is the model's own (the pipeline resolves it)."""
     own = "the model's own from latentdiff.json, else Diffusers'"
@@ -98,6 +99,12 @@ def _add_sampling_arguments(
         )
     parser.add_argument("--negative-prompt", default=None,
                         help="what guidance steers away from (default: the model's own, else none; \"\" for none)")
+    if carry:
+        parser.add_argument(
+            "--negative-prompt-carry", default=None, metavar="REGEX",
+            help="append each prompt's match of REGEX to the negative prompt, e.g. ' on an? \\w+ background$' "
+                 "(default: the model's own, else none; \"\" for none)",
+        )
     _add_model_arguments(parser)
 
 
@@ -126,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("-n", "--num-images", type=int, default=4, help="images per prompt (default %(default)s)")
     generate.add_argument("--size", type=_size, default=None, help="HxW in pixels (default: the model's size)")
     generate.add_argument("--out", default="samples", help="output folder (default %(default)s)")
-    _add_sampling_arguments(generate, rescale=True)
+    _add_sampling_arguments(generate, rescale=True, carry=True)
 
     img2img = commands.add_parser(
         "img2img", help="image-to-image: redraw an image under a prompt",
@@ -233,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default all)")
     evaluate.add_argument("--max-prompts-per-task", type=int, default=None, metavar="N",
                           help="only the first N prompts of each task (a quick check; default all)")
-    _add_sampling_arguments(evaluate, steps=25, scheduler="dpm", rescale=True)
+    _add_sampling_arguments(evaluate, steps=25, scheduler="dpm", rescale=True, carry=True)
 
     push = commands.add_parser(
         "push", help="upload a pipeline folder to the Hub with a model card",
@@ -317,7 +324,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     guidance = pipe.sampling_default("guidance_scale", args.guidance)
     settings = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                     negative_prompt=args.negative_prompt, guidance_interval=args.guidance_interval,
-                    guidance_rescale=args.guidance_rescale)
+                    guidance_rescale=args.guidance_rescale, negative_prompt_carry=args.negative_prompt_carry)
     jobs = [(prompt, args.seed + index) for index, prompt in enumerate(p for p in args.prompt for _ in range(args.num_images))]
     digits = max(3, len(str(len(jobs) - 1)))
     images = []
@@ -566,6 +573,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         negative_prompt=args.negative_prompt,
+        negative_prompt_carry=args.negative_prompt_carry,
         guidance_interval=args.guidance_interval,
         guidance_rescale=args.guidance_rescale,
         tasks=args.tasks,

@@ -554,6 +554,9 @@ class TrainConfig:
     """The weight of TokenCompose's pixel loss beside the token loss: each object's pixels asked to attend to its
     words, and the other pixels not (the binary cross-entropy of a phrase's summed attention against its objects'
     mask; :func:`latentdiff.trainer.attention_localization.localization_pixel_loss`). Same needs. 0: off."""
+    attention_localization_background: bool = False
+    """Those losses also ask the background phrase's words ("white background") to attend outside every object's
+    box, as an object's words attend inside it; needs one of their weights."""
     attention_localization_blocks: tuple[Literal["down_blocks", "mid_block", "up_blocks"], ...] = ()
     """The U-Net's top-level blocks whose cross-attention layers those losses supervise; empty: every block.
     TokenCompose supervises the middle and decoder layers only (``[mid_block, up_blocks]``)."""
@@ -648,6 +651,11 @@ class SampleConfig:
     saved with the model and used when a call names none. On the shapes default, ``"a shape"`` (a generic object)
     makes guidance push toward the prompt's attributes rather than away from the crowded scenes the empty caption
     stands for (docs/conditioning.md, fifth round). ``null``: the empty caption."""
+    negative_prompt_carry: str | None = None
+    """A regular expression: the part of each prompt it matches is appended to the negative prompt (``LatentPipeline``'s
+    ``negative_prompt_carry``), so that guidance does not amplify it; saved with the model. On the shapes default, ``" on
+    an? \\w+ background$"``: "a circle on a white background" is guided away from "a shape on a white background", not
+    from "a shape" (docs/conditioning.md, forty-ninth round). ``null``: the negative prompt as it is."""
     scheduler: SchedulerName = "dpm"
     seed: int = 0
 
@@ -850,6 +858,12 @@ def check_values(config: Config) -> None:
             fail(f"train.{key}", getattr(config.train, key),
                  "0 unless data.source is shapes and train.cache is true (the loss reads each object's place from the "
                  "shapes data's scene records, beside the cached latents)")
+    if config.train.attention_localization_background and not (
+        config.train.attention_localization_weight or config.train.attention_localization_pixel_weight
+    ):
+        fail("train.attention_localization_background", True,
+             "false unless train.attention_localization_weight or train.attention_localization_pixel_weight is set "
+             "(it adds the background phrase to those losses)")
     if text.token_mixing_depthwise and not text.token_mixing_width:
         fail("model.text_encoder.token_mixing_depthwise", True, "false unless model.text_encoder.token_mixing_width is set")
     if text.token_mixing_gated and not text.token_mixing_width:
@@ -1018,6 +1032,12 @@ def check_values(config: Config) -> None:
                  "diffusion.adaptive_loss_weighting")
     elif config.train.high_band_parameters is not None:
         fail("train.high_band_parameters", config.train.high_band_parameters, "null without train.band_boundary")
+    carry = config.sample.negative_prompt_carry
+    if carry:
+        try:
+            re.compile(carry)
+        except re.error as error:
+            fail("sample.negative_prompt_carry", carry, f"a regular expression ({error})")
     interval = config.sample.guidance_interval
     if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
         fail("sample.guidance_interval", list(interval), "null or [low, high] timesteps with 0 <= low <= high")

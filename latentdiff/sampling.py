@@ -140,7 +140,8 @@ def sample_images(pipeline, prompts: list[str], sample: SampleConfig, device: to
     pipeline.set_progress_bar_config(disable=True)
     jobs = [(prompt, sample.seed + j) for prompt in prompts for j in range(sample.images_per_prompt)]
     settings = {"num_inference_steps": sample.num_inference_steps, "guidance_scale": sample.guidance_scale,
-                "guidance_interval": sample.guidance_interval, "negative_prompt": sample.negative_prompt}
+                "guidance_interval": sample.guidance_interval, "negative_prompt": sample.negative_prompt,
+                "negative_prompt_carry": sample.negative_prompt_carry}
     return [image for _, batch in generate(pipeline, jobs, batch_size, **settings) for image in batch]
 
 

@@ -433,7 +433,7 @@ class LatentInpaintPipeline(LatentDiffusionMixin, StableDiffusionInpaintPipeline
         num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
         guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
         if negative_prompt_embeds is None:
-            negative_prompt = self.sampling_default("negative_prompt", negative_prompt)
+            negative_prompt = self.carried_negative_prompt(prompt, self.sampling_default("negative_prompt", negative_prompt))
         # 1. Check inputs, before any model runs
         batch_size = self.check_all_inputs(locals())
         self._guidance_scale = guidance_scale

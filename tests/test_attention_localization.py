@@ -11,6 +11,8 @@ import torch
 from latentdiff.models.tokenizer import clip_tokenizer
 from latentdiff.trainer.attention_localization import (
     ObjectTokens,
+    background_mask,
+    caption_background_tokens,
     caption_object_tokens,
     localization_loss,
     localization_pixel_loss,
@@ -56,6 +58,25 @@ def test_an_object_mask_covers_its_box_on_the_grid():
     assert small.max() == 1 and small[1:3, 1:3].sum() == small.sum()
     both = object_masks(OBJECTS, [1, 2], 3).view(3, 3)
     assert both[0, 2] == 1 and both[2, 0] == 1 and both.sum() == 2
+
+
+def test_the_background_phrase_is_its_color_and_noun_and_its_mask_lies_outside_every_object():
+    vocabulary = ObjectTokens(clip_tokenizer(), background=True)
+    caption = "a red square at the top left on a white background"
+    ids = vocabulary.tokenizer(caption)["input_ids"]
+    (positions,) = caption_background_tokens(caption, vocabulary)
+    assert vocabulary.tokenizer.decode([ids[p] for p in positions]).replace("</w>", " ").split() == ["white", "background"]
+    assert caption_background_tokens("a red square", vocabulary) == []
+    mask = background_mask(OBJECTS, 3).view(3, 3)  # the four corner cells hold objects, the rest is background
+    corners = mask[[0, 0, 2, 2], [0, 2, 0, 2]]
+    assert (corners < 0.9).all() and mask[1].eq(1).all() and mask[:, 1].eq(1).all()
+    fine = background_mask(OBJECTS[:1], 30).view(30, 30)  # the large square's box, inside the top-left cell
+    assert fine[5, 5] < 1e-6 and fine[15:].eq(1).all() and fine[:, 15:].eq(1).all()
+    assert background_mask([], 4).eq(1).all()
+    # with background=True the phrase joins the supervised ones, with the background's mask; off, it does not
+    phrases = vocabulary.phrase_masks(caption, OBJECTS[:1], [3])
+    assert [p for p, _ in phrases][-1] == positions and torch.equal(phrases[-1][1][3], background_mask(OBJECTS[:1], 3))
+    assert len(ObjectTokens(clip_tokenizer()).phrase_masks(caption, OBJECTS[:1], [3])) == len(phrases) - 1
 
 
 def _maps(inside_share: float, caption: str, vocabulary, side: int = 3):

@@ -1212,11 +1212,19 @@ def test_eval_breakdown_splits_relations_by_word_and_counts_by_outcome():
         image("position", "a red circle at the top", False),
         image("shape", "a triangle", True, objects=[obj("red", "triangle", "at the top") | {"size": "small"}]),
         image("shape", "a triangle", False, objects=[obj("red", "circle", "at the top") | {"size": "small"}]),
+        image("shape", "a triangle on a white background", False),
         image("color", "a red shape", True, objects=[obj("red", "square", "at the top")]),
         image("single_object", "a red circle", True, objects=[obj(*red_circle, "at the top"), obj(*red_circle, "at the bottom")]),
         image("unseen", "a purple triangle", False),
     ])
-    assert parts["one_object"] == {"none": {False: 1}, "one small": {True: 1, False: 1}, "one large": {True: 1}, "several": {True: 1}}
+    assert parts["one_object"] == {"none": {False: 2}, "one small": {True: 1, False: 1}, "one large": {True: 1}, "several": {True: 1}}
+    assert parts["one_object_by_background"] == {
+        ("position", False): {"images": 1, "passed": 0, "none drawn": 1},
+        ("shape", False): {"images": 2, "passed": 1, "none drawn": 0},
+        ("shape", True): {"images": 1, "passed": 0, "none drawn": 1},
+        ("color", False): {"images": 1, "passed": 1, "none drawn": 0},
+        ("single_object", False): {"images": 1, "passed": 1, "none drawn": 0},
+    }
     assert parts["relation"] == {"to the left of": {"one line": 1}, "above": {"passed": 1, "reversed": 1, "one line": 1, "missing object": 1}}
     assert parts["counting"] == {2: {"right": 1, "+1": 1}, 3: {"+1": 1, "-1": 1, "right number, wrong kind": 1}}
     assert parts["two_objects"] == {"relation": {"passed": 1, "both pairs drawn": 3, "one pair only": 1}}

@@ -6,6 +6,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -207,6 +208,21 @@ def test_the_scale_equivariance_factor_must_divide_every_latent_edge_stage_1_tra
     message = "config key 'vae_train.scale_equivariance_factor': expected a divisor of the latent edge 4 (vae_train.crop_size=16"
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(overrides=["vae_train.scale_equivariance_weight=0.5", "vae_train.crop_size=16", "vae_train.scale_equivariance_factor=8"])
+
+
+def test_the_background_phrase_joins_the_token_losses_only_when_one_is_on():
+    message = "config key 'train.attention_localization_background': expected false unless train.attention_localization_weight"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=["train.attention_localization_weight=0", "train.attention_localization_background=true"])
+    shapes = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # the token loss on
+    assert load_config(shapes, ["train.attention_localization_background=true"]).train.attention_localization_background
+
+
+def test_a_negative_prompt_carry_that_is_no_regular_expression_is_refused():
+    message = "config key 'sample.negative_prompt_carry': expected a regular expression"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=["sample.negative_prompt_carry=(background"])
+    assert load_config(overrides=["sample.negative_prompt_carry= on a"]).sample.negative_prompt_carry == " on a"
 
 
 def test_the_config_command_prints_the_resolved_config_or_one_line_error():

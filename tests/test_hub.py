@@ -85,7 +85,8 @@ def test_write_model_card_for_the_trainer(saved_run, tmp_path):
     folder = tmp_path / "pipeline"
     LatentPipeline.from_pretrained(saved_run / "pipeline").save_pretrained(folder, model_card=False)
     config = load_config(overrides={"model.preset": "tiny", "sample.guidance_scale": 3.5,
-                                    "sample.guidance_interval": [0, 600], "sample.negative_prompt": "a shape"})
+                                    "sample.guidance_interval": [0, 600], "sample.negative_prompt": "a shape",
+                                    "sample.negative_prompt_carry": " on an? \\w+ background$"})
     write_model_card(folder, config=config, training_state=TrainingState(global_step=7, images_seen=448))
     metadata, body = front_matter_and_body((folder / "README.md").read_text())
     assert metadata["pipeline_tag"] == "text-to-image"
@@ -95,7 +96,9 @@ def test_write_model_card_for_the_trainer(saved_run, tmp_path):
     assert LatentPipeline.from_pretrained(folder).sampling_defaults["guidance_interval"] == [0.0, 600.0]
     assert "| default guidance interval | timesteps 0 to 600 (unguided outside) |" in body
     assert LatentPipeline.from_pretrained(folder).sampling_defaults["negative_prompt"] == "a shape"
+    assert LatentPipeline.from_pretrained(folder).sampling_defaults["negative_prompt_carry"] == " on an? \\w+ background$"
     assert '| default negative prompt | "a shape" (guidance steers away from it) |' in body
+    assert "| default negative prompt carry | each prompt's match of ` on an? \\w+ background$` appended" in body
     assert 'negative_prompt="a shape"' in body  # the stock Diffusers snippet passes it by hand
 
 

@@ -296,6 +296,38 @@ def test_the_model_negative_prompt_is_the_default_and_an_empty_one_turns_it_off(
         np.testing.assert_array_equal(run(loaded), steered)
 
 
+@pytest.mark.parametrize("pipeline_class", list(NEEDS))
+def test_the_negative_prompt_carry_appends_each_prompts_match_to_the_negative_prompt(components, pipeline_class, tmp_path):
+    """`negative_prompt_carry`: the part of each prompt that the regular expression matches is appended to the negative
+    prompt, so "a red circle on a white background" is guided away from "a shape on a white background"; a prompt
+    without a match keeps the negative prompt as it is; the model's saved carry is a call's default."""
+    pipe = make(pipeline_class, components)
+    carry = " on an? \\w+ background$"
+    full_strength = {"strength": 1.0} if pipeline_class is LatentImg2ImgPipeline else {}
+
+    def draw(prompts, **kwargs):
+        return pipe(prompts, num_inference_steps=2, output_type="np", guidance_scale=5.0,
+                    generator=[torch.Generator().manual_seed(0) for _ in prompts], **NEEDS[pipeline_class],
+                    **full_strength, **kwargs).images
+
+    prompts = ["a red circle on a white background", "a red circle"]
+    carried = draw(prompts, negative_prompt="a shape", negative_prompt_carry=carry)
+    by_hand = draw(prompts, negative_prompt=["a shape on a white background", "a shape"])
+    np.testing.assert_allclose(carried, by_hand, atol=1e-6)
+    plain = draw(prompts, negative_prompt="a shape")
+    assert np.abs(carried[0] - plain[0]).max() > 1e-4 and np.abs(carried[1] - plain[1]).max() < 1e-6
+    assert pipe.carried_negative_prompt(prompts, "a shape") == "a shape"  # no carry outside a call
+    with pytest.raises(ValueError, match="`negative_prompt_carry` '\\(' is not a valid regular expression"):
+        draw(prompts, negative_prompt_carry="(")
+    if pipeline_class is LatentPipeline:  # saved with the model: the default of a call; "" turns it off
+        pipe.sampling_defaults = {"guidance_scale": 5.0, "negative_prompt": "a shape", "negative_prompt_carry": carry}
+        pipe.save_pretrained(tmp_path, model_card=False)
+        pipe = LatentPipeline.from_pretrained(tmp_path)
+        pipe.set_progress_bar_config(disable=True)
+        np.testing.assert_allclose(draw(prompts), carried, atol=1e-6)
+        np.testing.assert_allclose(draw(prompts, negative_prompt_carry=""), plain, atol=1e-6)
+
+
 def test_guidance_between_zero_and_one_is_accepted(components):
     """Below 1 guidance is off (Diffusers' convention), so 0 <= w <= 1 all give the unguided image."""
     pipe = make(LatentPipeline, components)

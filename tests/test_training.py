@@ -393,7 +393,8 @@ def test_attention_localization_trains_and_logs_its_loss_and_needs_cached_shapes
                         "train.attention_localization_pixel_weight=0.1", "train.cache=false", check=False)
     assert result.returncode == 2 and "train.attention_localization_pixel_weight" in result.stderr
     run_script(TRAIN_LDM, f"output_dir={tmp_path}", *common, "train.attention_localization_pixel_weight=0.1",
-               "train.cache=true", "train.max_steps=4", "train.log_every=2", "train.report_to=tensorboard")
+               "train.attention_localization_background=true", "train.cache=true", "train.max_steps=4",
+               "train.log_every=2", "train.report_to=tensorboard")
     _, _, scalars = tensorboard_records(tmp_path / "logs" / "ldm")
     values = [value for _, value in scalars["attention_localization"]]
     assert len(values) == 2 and all(0 < value <= 1 for value in values)

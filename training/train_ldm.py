@@ -334,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
                         pipeline, config.data.shapes.holdout, train.adherence_probe_prompts,
                         train.adherence_probe_steps, config.sample.guidance_scale,
                         guidance_interval=config.sample.guidance_interval, negative_prompt=config.sample.negative_prompt,
+                        negative_prompt_carry=config.sample.negative_prompt_carry,
                     )
                 accelerator.log(probe, step=step)
                 adherence_history.append({"step": step, **probe})
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     # TokenCompose's token and pixel losses on the objects' places (train.attention_localization_weight and
     # train.attention_localization_pixel_weight), logged beside the loss.
     localizing = train.attention_localization_weight or train.attention_localization_pixel_weight
-    localized_words = ObjectTokens(tokenizer) if localizing else None
+    localized_words = ObjectTokens(tokenizer, background=train.attention_localization_background) if localizing else None
     # Kept on the U-Net for the run (the same processors at every step, so a compiled forward traces them once); it
     # records only inside `recording()`, and the probes and validation run the stock processors.
     attention_recorder = None

@@ -204,10 +204,11 @@ def _model_negative_prompt(pipeline: Any, negative_prompt: str | None) -> str | 
 
 def _call_settings(
     steps: int | None, guidance: float | None, negative_prompt: str | None, guidance_interval: Sequence[float] | None = None,
-    guidance_rescale: float | None = None,
+    guidance_rescale: float | None = None, negative_prompt_carry: str | None = None,
 ) -> dict[str, Any]:
     return {"num_inference_steps": steps, "guidance_scale": guidance, "negative_prompt": negative_prompt,
-            "guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale}
+            "guidance_interval": guidance_interval, "guidance_rescale": guidance_rescale,
+            "negative_prompt_carry": negative_prompt_carry}
 
 
 @contextlib.contextmanager
@@ -268,6 +269,7 @@ def evaluate_adherence(
     negative_prompt: str | None = None,
     guidance_interval: Sequence[float] | None = None,
     guidance_rescale: float | None = None,
+    negative_prompt_carry: str | None = None,
     callback_on_step_end: Any = None,
     progress: bool = True,
 ) -> AdherenceResults:
@@ -284,6 +286,8 @@ def evaluate_adherence(
             own (``pipeline.sampling_defaults``), else every step.
         guidance_rescale: the guided prediction's rescale toward the conditional one's standard deviation, in [0, 1]
             (Lin et al. 2024, Sec. 3.4; the pipeline's ``guidance_rescale``); ``None``: the pipeline's default, 0.
+        negative_prompt_carry: a regular expression whose match in each prompt is appended to the negative prompt
+            (the pipeline's ``negative_prompt_carry``); ``None``: the model's own, ``""``: none.
         seed: base seed; image ``j`` of a prompt uses :func:`image_seed` ``(seed, prompt, j)``.
         batch_size: images per pipeline call (prompts are mixed freely; images do not depend on it).
         callback_on_step_end: passed to every pipeline call (a Diffusers ``PipelineCallback``, e.g.
@@ -307,7 +311,8 @@ def evaluate_adherence(
     started = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=f"eval {SHAPES_SUITE_VERSION}", unit="img", disable=not progress)
     with _sampler(pipeline, scheduler), bar:
-        settings = _call_settings(steps, guidance, negative_prompt, guidance_interval, guidance_rescale)
+        settings = _call_settings(steps, guidance, negative_prompt, guidance_interval, guidance_rescale,
+                                  negative_prompt_carry)
         settings["callback_on_step_end"] = callback_on_step_end
         for start, batch in generate(pipeline, jobs, batch_size, **settings):
             for (spec, image_index), (_, job_seed), image in zip(specs[start:], jobs[start:], batch):
@@ -337,6 +342,7 @@ def evaluate_adherence(
         "seed": seed,
         "images_per_prompt": images_per_prompt,
         "negative_prompt": _model_negative_prompt(pipeline, negative_prompt),
+        "negative_prompt_carry": _model_setting(pipeline, "negative_prompt_carry", negative_prompt_carry) or None,
         "guidance_rescale": float(guidance_rescale or 0.0),
         "batch_size": batch_size,
     }
@@ -386,6 +392,7 @@ def format_report(results: AdherenceResults) -> str:
         + (f" ({settings['guidance_source']})" if "guidance_source" in settings else "")
         + (f" at timesteps {interval[0]:g}-{interval[1]:g}" if (interval := settings.get("guidance_interval")) else "")
         + (f", negative prompt {negative!r}" if (negative := settings.get("negative_prompt")) else "")
+        + (f" with the prompt's match of {carry!r} appended" if (carry := settings.get("negative_prompt_carry")) else "")
         + (f", guidance rescale {rescale:g}" if (rescale := settings.get("guidance_rescale")) else "")
         + (f"\nholdout {extra['holdout']} from {extra['holdout_source']}" if "holdout" in extra else "")
     )
@@ -532,6 +539,7 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = 32,
     negative_prompt: str | None = None,
+    negative_prompt_carry: str | None = None,
     guidance_interval: Sequence[float] | None = None,
     guidance_rescale: float | None = None,
     tasks: Sequence[str] | None = None,
@@ -563,9 +571,10 @@ def evaluate_model(
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULER_NAMES)}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    from ..pipelines.pipeline_latent import check_guidance_interval, check_unit_interval
+    from ..pipelines.pipeline_latent import check_guidance_interval, check_negative_prompt_carry, check_unit_interval
 
     check_guidance_interval(guidance_interval)
+    check_negative_prompt_carry(negative_prompt_carry)
     if guidance_rescale is not None:
         check_unit_interval("guidance_rescale", guidance_rescale)
     holdout, holdout_source = model_holdout(model)
@@ -591,6 +600,7 @@ def evaluate_model(
         seed=seed,
         batch_size=batch_size,
         negative_prompt=negative_prompt,
+        negative_prompt_carry=negative_prompt_carry,
         guidance_interval=guidance_interval,
         guidance_rescale=guidance_rescale,
         callback_on_step_end=callback_on_step_end,

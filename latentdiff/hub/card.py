@@ -233,6 +233,10 @@ def _card_for_folder(
         model_rows["default guidance interval"] = f"timesteps {low:g} to {high:g} (unguided outside)"
     if defaults.get("negative_prompt"):
         model_rows["default negative prompt"] = f'"{defaults["negative_prompt"]}" (guidance steers away from it)'
+    if defaults.get("negative_prompt_carry"):
+        model_rows["default negative prompt carry"] = (
+            f'each prompt\'s match of `{defaults["negative_prompt_carry"]}` appended to the negative prompt'
+        )
     lines += ["## Model", "", _markdown_table(model_rows), ""]
 
     if training_summary or training_config is not None:

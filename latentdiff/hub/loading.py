@@ -199,7 +199,8 @@ def read_sampling_defaults(folder: str | None) -> dict[str, Any]:
 
     From ``latentdiff.json`` if present, else from the ``sample`` section of the run's ``config.yaml``.
     Keys: ``guidance_scale``, ``num_inference_steps``, ``scheduler`` (a name of
-    :mod:`latentdiff.models.schedulers`), ``example_prompt``, and ``guidance_interval`` and ``negative_prompt`` where the model has them.
+    :mod:`latentdiff.models.schedulers`), ``example_prompt``, and ``guidance_interval``, ``negative_prompt`` and ``negative_prompt_carry`` where the model
+    has them.
     """
     run_files = find_run_files(folder, sample_grid=None)
     if SAMPLING_DEFAULTS_FILE in run_files:
@@ -235,6 +236,8 @@ def _sampling_defaults_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
         defaults["guidance_interval"] = list(sample["guidance_interval"])
     if sample.get("negative_prompt"):
         defaults["negative_prompt"] = str(sample["negative_prompt"])
+    if sample.get("negative_prompt_carry"):
+        defaults["negative_prompt_carry"] = str(sample["negative_prompt_carry"])
     if sample.get("prompts"):
         defaults["example_prompt"] = list(sample["prompts"])[0]
     return defaults

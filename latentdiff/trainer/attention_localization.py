@@ -18,6 +18,12 @@ an object should attend to that object's words, the pixels outside it should not
 phrase's tokens of A(p), M(p))``, with the maps of a grid's layers averaged first (:func:`localization_pixel_loss`).
 The token loss alone is met by a word that attends to a corner of its object, or by an object whose pixels read
 other words; the pixel loss asks every pixel of the object to read its words.
+
+Not in the paper: with ``ObjectTokens(..., background=True)`` (``train.attention_localization_background``) the
+background phrase ("white background") is supervised too, its words asked to attend outside every object's box
+(:func:`background_mask`). Why: the shapes default's shape prompts that name the background ("a circle on a white
+background") drew an empty background in 22 of 144 images, those that do not ("a circle") in 1 of 48
+(docs/conditioning.md, forty-ninth round).
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ from typing import Any
 
 import torch
 
-from ..data.shapes import COLORS, GRID, SHAPES, SIZE_FRACTIONS, SIZES
+from ..data.shapes import BACKGROUNDS, COLORS, GRID, SHAPES, SIZE_FRACTIONS, SIZES
 from ..pipelines.attention_binding import object_token_groups, word_token_ids
 
-__all__ = ["ObjectTokens", "caption_object_tokens", "object_masks", "localization_loss", "localization_pixel_loss"]
+__all__ = [
+    "ObjectTokens", "caption_object_tokens", "caption_background_tokens", "object_masks", "background_mask",
+    "localization_loss", "localization_pixel_loss",
+]
 
 _PLURAL = {shape + "s": shape for shape in SHAPES}
 
@@ -45,10 +54,15 @@ class ObjectTokens:
     30-55 ms on 2 cores, 1.4-3 ms once cached (``bench/stage2_step_cost.py``; docs/conditioning.md, forty-fourth
     round). At most ``max_cached`` pairs are kept (the oldest dropped first), a few kilobytes each."""
 
-    def __init__(self, tokenizer, max_cached: int = 100_000):
+    def __init__(self, tokenizer, max_cached: int = 100_000, background: bool = False):
         self.tokenizer = tokenizer
         self.nouns = word_token_ids(tokenizer, (*SHAPES, *_PLURAL))
         self.modifiers = word_token_ids(tokenizer, (*COLORS, *SIZES))
+        self.background = background
+        """Also supervise the background phrase ("white background"): its words asked to attend outside every
+        object (:func:`caption_background_tokens`, :func:`background_mask`)."""
+        self.background_nouns = word_token_ids(tokenizer, ("background",))
+        self.background_colors = word_token_ids(tokenizer, BACKGROUNDS)
         self.max_cached = max_cached
         self._phrase_masks: dict[tuple, list[tuple[list[int], dict[int, torch.Tensor]]]] = {}
 
@@ -65,6 +79,11 @@ class ObjectTokens:
                 (positions, {side: object_masks(objects, named, side) for side in sides})
                 for positions, named in caption_object_tokens(caption, objects, self)
             ]
+            if self.background:
+                phrases += [
+                    (positions, {side: background_mask(objects, side) for side in sides})
+                    for positions in caption_background_tokens(caption, self)
+                ]
             if len(self._phrase_masks) >= self.max_cached:
                 del self._phrase_masks[next(iter(self._phrase_masks))]
             self._phrase_masks[key] = phrases
@@ -94,6 +113,17 @@ def caption_object_tokens(
     return phrases
 
 
+def caption_background_tokens(caption: str, vocabulary: ObjectTokens) -> list[list[int]]:
+    """The token positions of each background phrase of ``caption``: the word "background" and the background color
+    right before it ("on a white background": white, background)."""
+    tokenizer = vocabulary.tokenizer
+    ids = tokenizer(caption, truncation=True, max_length=tokenizer.model_max_length)["input_ids"]
+    return [
+        [*modifiers, *noun]
+        for modifiers, noun in object_token_groups(ids, vocabulary.background_nouns, vocabulary.background_colors)
+    ]
+
+
 def _coverage(low: float, high: float, side: int) -> torch.Tensor:
     """The share of each of ``side`` equal cells of [0, 1] that the interval [low, high] covers."""
     edges = torch.arange(side + 1, dtype=torch.float32) / side
@@ -101,10 +131,9 @@ def _coverage(low: float, high: float, side: int) -> torch.Tensor:
             * side)
 
 
-def object_masks(objects: Sequence[Mapping[str, Any]], indices: Sequence[int], side: int) -> torch.Tensor:
-    """The pixels of a ``side`` x ``side`` grid that the named objects' bounding boxes cover, as the share of each
-    pixel covered (flattened, ``side * side``), scaled so that the most covered pixel is 1: an object smaller than
-    a pixel of a coarse grid still marks its pixel."""
+def _box_cover(objects: Sequence[Mapping[str, Any]], indices: Sequence[int], side: int) -> torch.Tensor:
+    """The share of each pixel of a ``side`` x ``side`` grid that the named objects' bounding boxes cover (the
+    largest where boxes overlap)."""
     mask = torch.zeros(side, side)
     for k in indices:
         obj = objects[k]
@@ -113,12 +142,27 @@ def object_masks(objects: Sequence[Mapping[str, Any]], indices: Sequence[int], s
         columns = _coverage((center_x - half) / GRID, (center_x + half) / GRID, side)
         rows = _coverage((center_y - half) / GRID, (center_y + half) / GRID, side)
         mask = torch.maximum(mask, rows[:, None] * columns[None, :])
+    return mask
+
+
+def object_masks(objects: Sequence[Mapping[str, Any]], indices: Sequence[int], side: int) -> torch.Tensor:
+    """The pixels of a ``side`` x ``side`` grid that the named objects' bounding boxes cover, as the share of each
+    pixel covered (flattened, ``side * side``), scaled so that the most covered pixel is 1: an object smaller than
+    a pixel of a coarse grid still marks its pixel."""
+    mask = _box_cover(objects, indices, side)
     return (mask / mask.max().clamp_min(1e-8)).flatten()
+
+
+def background_mask(objects: Sequence[Mapping[str, Any]], side: int) -> torch.Tensor:
+    """The pixels of a ``side`` x ``side`` grid outside every object's bounding box, as the share of each pixel left
+    uncovered (flattened, ``side * side``); at most three of the nine cells hold an object, so some pixel is 1."""
+    return (1 - _box_cover(objects, range(len(objects)), side)).flatten()
 
 
 def _named_phrases(captions, scenes, vocabulary: ObjectTokens, sides) -> list[tuple[int, list[int], dict]]:
     """``(image, token positions, {side: mask})`` for every noun phrase of the batch that names objects of its image's
-    scene (an empty caption or no scene: none): the supervised pairs of both losses."""
+    scene, and every background phrase if ``vocabulary.background`` (an empty caption or no scene: none): the
+    supervised pairs of both losses."""
     return [
         (image, positions, masks)
         for image, (caption, objects) in enumerate(zip(captions, scenes))

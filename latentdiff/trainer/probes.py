@@ -119,7 +119,7 @@ class CaptionGapProbe:
 
 def adherence_probe(
     pipeline, holdout, prompts_per_task: int, steps: int, guidance: float, device=None, guidance_interval=None,
-    negative_prompt=None,
+    negative_prompt=None, negative_prompt_carry=None,
 ) -> dict[str, float]:
     """Overall and per-task accuracy of ``pipeline`` on ``prompts_per_task`` prompts of each task of the
     shapes suite, one image each, ``steps`` DPM-Solver++ steps: a quick curve, not ``latentdiff eval``."""
@@ -129,7 +129,8 @@ def adherence_probe(
     suite = select_prompts(shapes_suite(holdout), max_prompts_per_task=prompts_per_task)
     results = evaluate_adherence(
         pipeline, suite, images_per_prompt=1, steps=steps, scheduler="dpm", guidance=guidance,
-        guidance_interval=guidance_interval, negative_prompt=negative_prompt, progress=False,
+        guidance_interval=guidance_interval, negative_prompt=negative_prompt,
+        negative_prompt_carry=negative_prompt_carry, progress=False,
     )
     logs = {"adherence_probe/overall": results.overall or 0.0}
     for task, entry in results.summary["tasks"].items():
