@@ -147,8 +147,10 @@ def test_the_patient_cpu_preset_is_the_default_recipe_with_more_images():
     shapes = dataclasses.replace(default.data.shapes, num_samples=patient.data.shapes.num_samples)
     assert patient.data == dataclasses.replace(default.data, shapes=shapes)
     assert patient.output_dir != default.output_dir
+    # its sampling as measured: the default's without the background phrase carried into the negative prompt
+    assert patient.sample == dataclasses.replace(default.sample, negative_prompt_carry=None)
     assert dataclasses.replace(patient, output_dir=default.output_dir, data=default.data, train=default.train,
-                               vae_train=default.vae_train) == default
+                               vae_train=default.vae_train, sample=default.sample) == default
 
 
 def test_a_config_file_applies_over_its_base_file(tmp_path):

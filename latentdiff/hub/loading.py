@@ -199,8 +199,8 @@ def read_sampling_defaults(folder: str | None) -> dict[str, Any]:
 
     From ``latentdiff.json`` if present, else from the ``sample`` section of the run's ``config.yaml``.
     Keys: ``guidance_scale``, ``num_inference_steps``, ``scheduler`` (a name of
-    :mod:`latentdiff.models.schedulers`), ``example_prompt``, and ``guidance_interval``, ``negative_prompt`` and ``negative_prompt_carry`` where the model
-    has them.
+    :mod:`latentdiff.models.schedulers`), ``example_prompt``, and ``guidance_interval``, ``negative_prompt`` and
+    ``negative_prompt_carry`` where the model has them.
     """
     run_files = find_run_files(folder, sample_grid=None)
     if SAMPLING_DEFAULTS_FILE in run_files:
